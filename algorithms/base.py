@@ -1,0 +1,83 @@
+"""The algorithm interface.
+
+An algorithm is pure tensor code in three parts, each run where its inputs live:
+
+- `advantages(rewards)`: on the controller, over the whole rollout batch
+  ([prompts, group] rewards -> [prompts, group] sequence advantages).
+- `token_weights(batch)`: on the controller, over one whole optimizer-step
+  mini-batch, *before* it is split into micro-batches and learner ranks. The
+  loss of the mini-batch is sum_tokens weight * token_loss, so every
+  normaliser (token counts, sequence counts, group sizes) lives in the weights
+  and the result cannot depend on how the mini-batch is cut.
+- `token_loss(t)`: on the learners, per micro-batch, on flat token tensors.
+
+The runtime never knows which algorithm runs; it reads `needs` to decide what
+to compute (reference log-probs, entropy with gradient).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class AlgoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Needs:
+    reference: bool = False  # log-probs of a frozen reference policy
+    entropy_grad: bool = False  # entropy enters the loss (not only metrics)
+
+
+@dataclass
+class MiniBatchView:
+    """Flat per-token view of a mini-batch, as the controller holds it.
+
+    Token tensors are 1-D over all response tokens of all sequences,
+    concatenated in sequence order; `seq_index` maps tokens to sequences.
+    """
+
+    seq_index: torch.Tensor  # [T] long
+    lengths: torch.Tensor  # [S] response lengths
+    advantages: torch.Tensor  # [T]
+    group_index: torch.Tensor  # [S] long, group id of each sequence
+    num_sequences: int
+
+
+@dataclass
+class TokenTensors:
+    """What a learner hands to `token_loss` for one micro-batch (flat over tokens)."""
+
+    logp: torch.Tensor  # [T] log pi_theta(y_t), with grad
+    old_logp: torch.Tensor  # [T] at rollout-batch time
+    advantages: torch.Tensor  # [T]
+    entropy: torch.Tensor  # [T] (with grad iff needs.entropy_grad)
+    ref_logp: torch.Tensor | None  # [T] if needs.reference
+    seq_index: torch.Tensor  # [T] local sequence index within the micro-batch
+
+
+class Algorithm:
+    name: ClassVar[str]
+    Config: ClassVar[type[AlgoConfig]] = AlgoConfig
+    needs: ClassVar[Needs] = Needs()
+
+    def __init__(self, cfg: AlgoConfig):
+        self.cfg = cfg
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_weights(self, batch: MiniBatchView) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_loss(self, t: TokenTensors) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-token loss [T] and per-token metric tensors.
+
+        Metric names ending in '_max' / '_min' are reduced by max / min over the
+        mini-batch; all others are averaged over its tokens.
+        """
+        raise NotImplementedError

@@ -1,0 +1,246 @@
+"""Typed experiment config: YAML file + dotted command-line overrides.
+
+Everything is validated before any worker starts; every error is a
+`ConfigError` whose message names the file and the dotted key.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; printed as one line by the CLI."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    # "tiny": a small Llama built in code with the task's character tokenizer.
+    # "hf": a local Hugging Face directory (config.json + weights + tokenizer).
+    kind: Literal["tiny", "hf"] = "tiny"
+    path: str | None = None
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.kind == "hf" and not self.path:
+            raise ValueError("model.path is required when model.kind is 'hf'")
+        if self.kind == "tiny" and self.hidden_size % self.num_heads:
+            raise ValueError("model.hidden_size must be divisible by model.num_heads")
+        return self
+
+
+class TaskConfig(Section):
+    name: str = "arithmetic"  # a key of rlpost.rewards.TASKS
+    args: dict[str, Any] = Field(default_factory=dict)
+    train_size: int = Field(4096, gt=0)
+    eval_size: int = Field(256, gt=0)
+
+
+class WarmupConfig(Section):
+    """Supervised stage on the task's demonstrations before RL (0 steps: skip)."""
+
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(3e-3, gt=0)
+
+
+class VLLMConfig(Section):
+    kv_cache_gb: int = Field(1, gt=0)
+    max_model_len: int = Field(128, gt=0)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, gt=0)
+    enforce_eager: bool = True
+
+
+class RolloutConfig(Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    num_workers: int = Field(1, gt=0)
+    prompts_per_step: int = Field(32, gt=0)
+    n: int = Field(8, gt=0, description="samples per prompt (group size G)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(8, gt=0)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+
+class AlgorithmConfig(Section):
+    """`name` picks the module; the other keys are validated by that module's Config."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "grpo"
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class LearnerConfig(Section):
+    num_learners: int = Field(1, gt=0)
+    zero_stage: int = Field(1, ge=0, le=3)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    mini_batch_size: int = Field(128, gt=0, description="sequences per optimizer step")
+    micro_batch_size: int = Field(32, gt=0, description="sequences per forward/backward per learner")
+    epochs: int = Field(1, gt=0, description="passes over each rollout batch")
+    logprob_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the output head")
+    gradient_checkpointing: bool = False
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start a local cluster
+    num_cpus: int | None = Field(None, gt=0)
+    gpus_per_learner: float = Field(0.0, ge=0)
+    gpus_per_rollout_worker: float = Field(0.0, ge=0)
+
+
+class TrackingConfig(Section):
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "rlpost"
+    entity: str | None = None
+    group: str | None = None
+    log_every: int = Field(1, gt=0)
+
+
+class TrainConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    mode: Literal["ray", "inprocess"] = "ray"
+    steps: int = Field(50, ge=0)
+    eval_every: int = Field(0, ge=0, description="0: evaluate only before and after RL")
+    save_every: int = Field(0, ge=0, description="0: only a final checkpoint")
+    output_dir: str = "runs"
+    resume: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check_batch_shape(self) -> "TrainConfig":
+        rollout_seqs = self.rollout.prompts_per_step * self.rollout.n
+        lc = self.learner
+        if rollout_seqs % lc.mini_batch_size:
+            raise ValueError(
+                f"learner.mini_batch_size ({lc.mini_batch_size}) must divide the rollout batch "
+                f"(rollout.prompts_per_step * rollout.n = {rollout_seqs})")
+        if lc.mini_batch_size % (lc.num_learners * lc.micro_batch_size):
+            raise ValueError(
+                f"learner.mini_batch_size ({lc.mini_batch_size}) must be a multiple of "
+                f"learner.num_learners * learner.micro_batch_size "
+                f"({lc.num_learners} * {lc.micro_batch_size})")
+        if self.mode == "inprocess" and lc.num_learners > 1:
+            raise ValueError("mode 'inprocess' runs one learner; set learner.num_learners=1 "
+                             "or mode=ray")
+        if self.rollout.prompts_per_step % self.rollout.num_workers:
+            raise ValueError(
+                f"rollout.num_workers ({self.rollout.num_workers}) must divide "
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step})")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    got = first.get("input")
+    where = f"key '{key}': " if key else ""
+    msg = first["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{source}: {where}{msg}"
+    return f"{source}: {where}{msg} (got {got!r})"
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """Load YAML (or start from defaults when path is None), apply overrides, validate."""
+    source = str(path) if path is not None else "<defaults>"
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {source}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{source}:{line} is not valid YAML") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of keys")
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(tree, key, value)
+    if overrides:
+        source += " (with overrides)"
+    try:
+        cfg = TrainConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e)) from None
+    _check_references(cfg, source)
+    return cfg
+
+
+def _check_references(cfg: TrainConfig, source: str) -> None:
+    """Names and paths that point outside the config: checked now, not in a worker."""
+    from rlpost.algorithms import build_algorithm_config
+    from rlpost.rewards import TASKS
+
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"{source}: key 'task.name': unknown task {cfg.task.name!r}; "
+                          f"known: {', '.join(sorted(TASKS))}")
+    try:
+        build_algorithm_config(cfg.algorithm.name, cfg.algorithm.params())
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if cfg.model.kind == "hf" and not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"{source}: key 'model.path': directory not found: {cfg.model.path}")
+    if cfg.resume and not (Path(cfg.resume) / "config.yaml").is_file():
+        raise ConfigError(f"{source}: key 'resume': {cfg.resume} is not a run directory "
+                          f"(no config.yaml)")
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    tree = cfg.model_dump(mode="json")
+    return yaml.safe_dump(tree, sort_keys=False)

