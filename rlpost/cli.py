@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,19 @@ def load_train_config(config: str, overrides: list[str]):
     return load_config(saved, rest + [f"resume={resume}"])
 
 
+def quiet_libraries() -> None:
+    """Keep the console for rlpost's progress lines. Set before the libraries load;
+    Ray workers started from here inherit the environment."""
+    for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                       "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING"}.items():
+        os.environ.setdefault(key, value)
+    import torch
+
+    if not torch.cuda.is_available():
+        # DeepSpeed would otherwise warn in every process that it fell back to the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlpost", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlpost: error: {e}", file=sys.stderr)
         return 2
 
+    quiet_libraries()
     from rlpost.trainer import train
 
     result = train(cfg)

@@ -53,7 +53,9 @@ class WarmupConfig(Section):
 
     steps: int = Field(0, ge=0)
     batch_size: int = Field(64, gt=0)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
 
 
 class VLLMConfig(Section):
@@ -89,6 +91,8 @@ class LearnerConfig(Section):
     num_learners: int = Field(1, gt=0)
     zero_stage: int = Field(1, ge=0, le=3)
     lr: float = Field(1e-3, gt=0)
+    lr_warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear LR warm-up")
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     mini_batch_size: int = Field(128, gt=0, description="sequences per optimizer step")

@@ -25,8 +25,8 @@ from rlpost.metrics import MetricSums
 from rlpost.models import load_tokenizer, materialise_initial_model
 from rlpost.rewards import Problem, build_task
 from rlpost.tracking import Tracker
-from rlpost.workers.group import WorkerGroup, free_port
-from rlpost.workers.learner import Learner, checkpoint_tags, set_threads
+from rlpost.workers.group import WorkerGroup
+from rlpost.workers.learner import LRSchedule, checkpoint_tags, set_threads, start_learner_group
 from rlpost.workers.rollout import RolloutWorker
 
 
@@ -52,6 +52,7 @@ class Trainer:
         self.eval_problems = [p for p in held_out if p.prompt not in seen][:cfg.task.eval_size]
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
         self.tracker: Tracker | None = None
+        self._orders: dict[int, list[int]] = {}
         self.rollout: WorkerGroup | None = None
         self.learners: WorkerGroup | None = None
 
@@ -64,17 +65,18 @@ class Trainer:
     def decode_response(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.train_problems)))
+            random.Random(derive_seed(self.cfg.seed, "epoch", epoch)).shuffle(order)
+            self._orders = {epoch: order}  # steps only move forward: keep one epoch
+        return self._orders[epoch]
+
     def prompts_for_step(self, step: int) -> list[Problem]:
         """Step s (1-based) takes the next prompts_per_step problems of a seeded epoch order."""
         per = self.cfg.rollout.prompts_per_step
-        start = (step - 1) * per
-        out = []
-        for pos in range(start, start + per):
-            epoch, idx = divmod(pos, len(self.train_problems))
-            order = list(range(len(self.train_problems)))
-            random.Random(derive_seed(self.cfg.seed, "epoch", epoch)).shuffle(order)
-            out.append(self.train_problems[order[idx]])
-        return out
+        positions = (divmod(pos, len(self.train_problems)) for pos in range((step - 1) * per, step * per))
+        return [self.train_problems[self.epoch_order(epoch)[idx]] for epoch, idx in positions]
 
     def generate(self, problems: list[Problem], n: int, temperature: float, seed: int
                  ) -> list[list]:
@@ -86,21 +88,17 @@ class Trainer:
         return [c for part in self.rollout.call("generate", per_rank=chunks) for c in part]
 
     # ----- stages --------------------------------------------------------------
-    def start_learners(self, model_dir: Path, algorithm: tuple[str, dict], lr: float) -> WorkerGroup:
-        lc = self.cfg.learner
-        addr, port = "127.0.0.1", free_port()
-        pad = self.tokenizer.pad_token_id
-        return WorkerGroup(
-            Learner, lc.num_learners,
-            lambda rank: dict(cfg=self.cfg, model_dir=str(model_dir), algorithm=algorithm, lr=lr,
-                              rank=rank, world_size=lc.num_learners, master_addr=addr,
-                              master_port=port, pad_id=pad),
-            use_ray=self.use_ray, num_cpus=1, num_gpus=self.cfg.ray.gpus_per_learner)
+    def start_learners(self, model_dir: Path, algorithm: tuple[str, dict],
+                       schedule: LRSchedule) -> WorkerGroup:
+        return start_learner_group(self.cfg, model_dir, algorithm, schedule,
+                                   pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray)
 
     def warmup(self, model_dir: Path, out_dir: Path) -> None:
         """Supervised warm-up on the task's demonstrations; writes a HF model to out_dir."""
-        wc, lc = self.cfg.warmup, self.cfg.learner
-        learners = self.start_learners(model_dir, ("sft", {}), wc.lr)
+        wc = self.cfg.warmup
+        sft = build_algorithm("sft", {})
+        learners = self.start_learners(model_dir, ("sft", {}), LRSchedule(
+            wc.lr, wc.lr_warmup_steps, wc.lr_schedule, total_steps=wc.steps))
         rng = random.Random(derive_seed(self.cfg.seed, "warmup"))
         eos = self.tokenizer.eos_token_id
         t0 = time.time()
@@ -109,13 +107,7 @@ class Trainer:
                             response_ids=self.tokenizer.encode(self.task.demonstration(p, rng),
                                                                add_special_tokens=False) + [eos])
                      for p in rng.sample(self.train_problems, wc.batch_size)]
-            weights = self.algorithm_weights(build_algorithm("sft", {}), batch)
-            for s, w in zip(batch, weights):
-                s.weights = w
-            parts = shard(batch, lc.num_learners, lc.micro_batch_size)
-            merged = MetricSums()
-            for m in learners.call("train_minibatch", per_rank=[(p,) for p in parts]):
-                merged.merge(m)
+            merged = self.train_minibatch(learners, sft, batch)
             if step % max(1, wc.steps // 10) == 0 or step == wc.steps:
                 nll = merged.result()["loss"]
                 self.tracker.print_line(f"warm-up {step}/{wc.steps} | nll {nll:.3f} | "
@@ -124,13 +116,19 @@ class Trainer:
         learners.shutdown()
         self.tokenizer.save_pretrained(out_dir)
 
-    @staticmethod
-    def algorithm_weights(algorithm, samples: list[Sample]) -> list[torch.Tensor]:
-        """Aggregation weights over one whole mini-batch, split back per sequence."""
-        w = algorithm.token_weights(view(samples))
-        return list(w.split([s.num_tokens for s in samples]))
+    def train_minibatch(self, learners: WorkerGroup, algorithm, samples: list[Sample]) -> MetricSums:
+        """One optimizer step: aggregation weights over the whole mini-batch, then
+        split across learner ranks and micro-batches."""
+        weights = algorithm.token_weights(view(samples))
+        for s, w in zip(samples, weights.split([s.num_tokens for s in samples])):
+            s.weights = w
+        parts = shard(samples, self.cfg.learner.num_learners, self.cfg.learner.micro_batch_size)
+        merged = MetricSums()
+        for m in learners.call("train_minibatch", per_rank=[(p,) for p in parts]):
+            merged.merge(m)
+        return merged
 
-    def evaluate(self, step: int) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         problems = self.eval_problems
         seed = derive_seed(self.cfg.seed, "eval-sample")
         greedy = self.generate(problems, 1, 0.0, seed)
@@ -184,12 +182,7 @@ class Trainer:
             shuffled = [s for g in order for s in samples[g * cfg.rollout.n:(g + 1) * cfg.rollout.n]]
             for start in range(0, len(shuffled), lc.mini_batch_size):
                 mini = shuffled[start:start + lc.mini_batch_size]
-                for s, w in zip(mini, self.algorithm_weights(self.algorithm, mini)):
-                    s.weights = w
-                merged = MetricSums()
-                parts = shard(mini, lc.num_learners, lc.micro_batch_size)
-                for m in self.learners.call("train_minibatch", per_rank=[(p,) for p in parts]):
-                    merged.merge(m)
+                merged = self.train_minibatch(self.learners, self.algorithm, mini)
                 for k, v in merged.result().items():
                     update.add_mean(k, v)
         times["update"] = time.perf_counter() - t
@@ -274,8 +267,12 @@ class Trainer:
             start_model = models / "warmup"
             if not (start_model / "tokenizer_config.json").is_file():  # written last
                 self.warmup(initial, start_model)
-        self.learners = self.start_learners(start_model, (cfg.algorithm.name, cfg.algorithm.params()),
-                                            cfg.learner.lr)
+        lc = cfg.learner
+        optimizer_steps = cfg.steps * lc.epochs * (cfg.rollout.prompts_per_step * cfg.rollout.n
+                                                   // lc.mini_batch_size)
+        self.learners = self.start_learners(
+            start_model, (cfg.algorithm.name, cfg.algorithm.params()),
+            LRSchedule(lc.lr, lc.lr_warmup_steps, lc.lr_schedule, total_steps=optimizer_steps))
         self.rollout = WorkerGroup(
             RolloutWorker, cfg.rollout.num_workers,
             lambda rank: dict(model_dir=str(start_model), cfg=cfg.rollout, dtype=cfg.model.dtype,
@@ -286,34 +283,31 @@ class Trainer:
             self.load_checkpoint(*checkpoint)
             first = checkpoint[1]["step"] + 1
             self.tracker.print_line(f"resumed {run_dir} after step {first - 1}")
-        before = self.evaluate(0)
+        after = None
         if not checkpoint:
-            self.tracker.log(before, step=0)
+            after = self.evaluate()
+            self.tracker.log(after, step=0)
         for step in range(first, cfg.steps + 1):
             metrics = self.rl_step(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                metrics.update(self.evaluate(step))
-            if step == cfg.steps:
-                metrics.update(self.evaluate(step))
+            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                after = self.evaluate()
+                metrics.update(after)
             self.tracker.log(metrics, step=step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 self.save_checkpoint(step)
-        after = self.evaluate(cfg.steps)
+        if after is None:  # resumed a run whose steps were all done
+            after = self.evaluate()
         final = run_dir / "final_model"
         self.learners.call("save_pretrained", str(final))
         self.tokenizer.save_pretrained(final)
         self.shutdown()
-        baseline = self.baseline_accuracy(before)
-        return Result(run_dir, baseline, after["eval/accuracy_greedy"])
+        return Result(run_dir, self.accuracy_at_step_0(), after["eval/accuracy_greedy"])
 
-    def baseline_accuracy(self, before: dict) -> float:
-        """Greedy accuracy before RL: of this run's step 0, kept in metrics.jsonl across resumes."""
+    def accuracy_at_step_0(self) -> float:
+        """Greedy accuracy before RL, from metrics.jsonl (it survives resumes)."""
         with open(self.run_dir / "metrics.jsonl") as f:
-            for line in f:
-                row = json.loads(line)
-                if row["step"] == 0 and "eval/accuracy_greedy" in row:
-                    return row["eval/accuracy_greedy"]
-        return before["eval/accuracy_greedy"]
+            rows = (json.loads(line) for line in f)
+            return next(r["eval/accuracy_greedy"] for r in rows if r["step"] == 0)
 
     def start_ray(self) -> None:
         import os

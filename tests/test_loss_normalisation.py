@@ -16,8 +16,8 @@ from rlpost.algorithms import build_algorithm
 from rlpost.batch import Sample, shard, view
 from rlpost.config import ModelConfig, TrainConfig
 from rlpost.models import load_model, materialise_initial_model
-from rlpost.workers.group import WorkerGroup, free_port
-from rlpost.workers.learner import Learner
+from rlpost.workers.group import WorkerGroup
+from rlpost.workers.learner import LRSchedule, start_learner_group
 
 ALGO = ("grpo", {"clip_eps_low": 0.2, "clip_eps_high": 0.2, "loss_agg": "token-mean"})
 RTOL, ATOL = 1e-5, 1e-7
@@ -68,12 +68,10 @@ def reference(model_dir, samples):
 
 def learner_group(model_dir, world: int, zero_stage: int) -> WorkerGroup:
     cfg = TrainConfig(mode="ray" if world > 1 else "inprocess")
+    cfg.learner.num_learners = world
     cfg.learner.zero_stage = zero_stage
     cfg.learner.grad_clip = 0.0
-    port = free_port()
-    return WorkerGroup(Learner, world, lambda r: dict(
-        cfg=cfg, model_dir=str(model_dir), algorithm=ALGO, lr=1e-3, rank=r, world_size=world,
-        master_addr="127.0.0.1", master_port=port, pad_id=0), use_ray=world > 1)
+    return start_learner_group(cfg, model_dir, ALGO, LRSchedule(1e-3), pad_id=0, use_ray=world > 1)
 
 
 def run_split(group: WorkerGroup, samples, micro: int, apply: bool):

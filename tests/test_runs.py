@@ -25,6 +25,8 @@ def test_inprocess_and_ray_give_the_same_metrics(tmp_path):
     a, b = read_metrics(local), read_metrics(on_ray)
     assert sorted(a) == [0, 1, 2, 3, 4]
     assert a[4]["loss"] != 0 and "clip_frac_low" in a[4] and "eval/accuracy_greedy" in a[2]
+    # the engine samples with the weights the learner holds after each sync
+    assert max(a[s]["logprob_gap/rollout_vs_learner_max"] for s in range(1, 5)) < 1e-4
     assert_same_metrics(a, b, range(5))
 
 

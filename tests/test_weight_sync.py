@@ -9,12 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlpost.batch import Sample, view
 from rlpost.algorithms import build_algorithm
+from rlpost.batch import Sample, view
 from rlpost.config import ModelConfig, TrainConfig
 from rlpost.models import materialise_initial_model
-from rlpost.workers.learner import Learner
-from rlpost.workers.group import free_port
+from rlpost.workers.learner import Learner, LRSchedule
 from rlpost.workers.rollout import RolloutWorker
 
 TOL = 1e-5
@@ -36,8 +35,8 @@ def test_engine_matches_learner_after_sync(engine, tmp_path):
                                           "0123456789+=", seed=0, out_dir=tmp_path / "m", max_len=64)
     cfg = TrainConfig(mode="inprocess")
     cfg.rollout.engine = engine
-    learner = Learner(cfg, str(model_dir), ("sft", {}), lr=1e-2, rank=0, world_size=1,
-                      master_addr="127.0.0.1", master_port=free_port(), pad_id=0)
+    learner = Learner(cfg, str(model_dir), ("sft", {}), LRSchedule(1e-2), rank=0, world_size=1, pad_id=0)
+    learner.setup(*learner.rendezvous())
     samples = fixed_samples()
     weights = build_algorithm("sft", {}).token_weights(view(samples))
     for s, w in zip(samples, weights.split([s.num_tokens for s in samples])):

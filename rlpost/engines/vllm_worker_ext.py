@@ -9,8 +9,14 @@ anything heavy at module level.  Methods are called from the driver with
 from __future__ import annotations
 
 import io
+import logging
 
 import torch
+
+# vLLM warns "RotaryEmbedding: Failed to load weights" on every push: its cos/sin
+# cache is a buffer that no checkpoint holds, and vLLM puts its own values back.
+# Only that logger is raised to ERROR; the logprob-gap metric checks each push.
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
 
 class WeightSyncExtension:

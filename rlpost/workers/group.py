@@ -11,8 +11,9 @@ from typing import Any, Callable
 
 
 def free_port() -> int:
+    """A port free on every interface of this node (other nodes may connect to it)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -42,8 +43,6 @@ class WorkerGroup:
             ).remote(**make_kwargs(rank))
             for rank in range(num_workers)
         ]
-        # Constructors that join a process group block until every rank exists,
-        # so wait for all of them together.
         ray.get([w.ping.remote() for w in self.workers])
 
     def __len__(self) -> int:

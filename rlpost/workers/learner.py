@@ -4,7 +4,9 @@ The same class runs as a Ray actor or as a plain object in the in-process mode.
 """
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from rlpost.config import TrainConfig
 from rlpost.metrics import MetricSums
 from rlpost.models import load_model
 from rlpost.token_ops import chunked_logprobs
+from rlpost.workers.group import WorkerGroup, free_port
 
 
 class PolicyModel(nn.Module):
@@ -33,6 +36,23 @@ class PolicyModel(nn.Module):
                                 self.chunk_size, temperature)
 
 
+@dataclass(frozen=True)
+class LRSchedule:
+    lr: float
+    warmup_steps: int = 0
+    kind: str = "constant"  # or "cosine": decays to 10% of lr at total_steps
+    total_steps: int = 1
+
+    def factor(self, step: int) -> float:
+        """LR multiplier after `step` optimizer steps."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "cosine":
+            progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+
 def set_threads() -> None:
     # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; rollout and learning
     # take turns, so each may use every core of the machine.
@@ -40,28 +60,45 @@ def set_threads() -> None:
 
 
 class Learner:
-    def __init__(self, cfg: TrainConfig, model_dir: str, algorithm: tuple[str, dict], lr: float,
-                 rank: int, world_size: int, master_addr: str, master_port: int, pad_id: int):
-        set_threads()
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        import deepspeed
+    """Built in two phases: the constructor only records its arguments, so that every
+    rank exists before `setup` joins the process group at rank 0's `rendezvous`."""
 
-        self.cfg, self.rank, self.world_size, self.pad_id = cfg, rank, world_size, pad_id
+    def __init__(self, cfg: TrainConfig, model_dir: str, algorithm: tuple[str, dict],
+                 schedule: LRSchedule, rank: int, world_size: int, pad_id: int):
+        set_threads()
+        self.cfg, self.model_dir, self.schedule = cfg, model_dir, schedule
+        self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
         self.temperature = cfg.rollout.temperature
         self.algorithm = build_algorithm(*algorithm)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port on it (the caller uses rank 0's)."""
+        import ray
+
+        address = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        return address, free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        import deepspeed
+
+        cfg, model_dir, schedule = self.cfg, self.model_dir, self.schedule
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             torch.cuda.set_device(0)  # Ray gives each learner actor one GPU
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
-                                   auto_mpi_discovery=False, rank=rank, world_size=world_size,
-                                   distributed_port=master_port)
+                                   auto_mpi_discovery=False, rank=self.rank,
+                                   world_size=self.world_size, distributed_port=master_port)
         lc = cfg.learner
         lm = load_model(model_dir, cfg.model.dtype)
         if lc.gradient_checkpointing:
             lm.gradient_checkpointing_enable()
         policy = PolicyModel(lm, lc.logprob_chunk_size)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=lc.weight_decay)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=schedule.lr, weight_decay=lc.weight_decay)
+        # Adam moves every parameter by about lr on its first steps, whatever the
+        # gradient's size; a linear warm-up keeps the first RL updates small.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
         ds_config = {
             "train_micro_batch_size_per_gpu": lc.micro_batch_size,
             # Accumulation boundaries are set by hand in train_minibatch, so that
@@ -74,7 +111,8 @@ class Learner:
             "steps_per_print": 2**31,
             "wall_clock_breakdown": False,
         }
-        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_config)
+        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=ds_config)
         self.device = self.engine.device
         self.ref = None
         if self.algorithm.needs.reference:
@@ -95,11 +133,12 @@ class Learner:
             batch = collate(mb, self.pad_id)
             inputs = self._inputs(batch)
             logp, ent = self.engine(*inputs, temperature=self.temperature)
-            ref = self.ref(*inputs, temperature=self.temperature)[0] if with_ref and self.ref else None
             sizes = [s.num_tokens for s in mb]
-            for i, (lp, h) in enumerate(zip(logp.cpu().split(sizes), ent.cpu().split(sizes))):
-                out.append({"logp": lp, "entropy": h,
-                            "ref_logp": ref.cpu().split(sizes)[i] if ref is not None else None})
+            refs = [None] * len(mb)
+            if with_ref and self.ref is not None:
+                refs = self.ref(*inputs, temperature=self.temperature)[0].cpu().split(sizes)
+            for lp, h, ref in zip(logp.cpu().split(sizes), ent.cpu().split(sizes), refs):
+                out.append({"logp": lp, "entropy": h, "ref_logp": ref})
         self.engine.train()
         return out
 
@@ -134,6 +173,7 @@ class Learner:
             self.engine.backward((loss * self.world_size).float(), scale_wrt_gas=False)
         if not apply:
             return metrics
+        metrics.add_mean("lr", self.engine.get_lr()[0])
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -190,3 +230,16 @@ class Learner:
 def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return sorted((p.name for p in ckpt_dir.glob("step_*") if p.is_dir()),
                   key=lambda t: int(t.split("_")[1]))
+
+
+def start_learner_group(cfg: TrainConfig, model_dir: Path | str, algorithm: tuple[str, dict],
+                        schedule: LRSchedule, pad_id: int, use_ray: bool) -> WorkerGroup:
+    """All ranks of a learner group, joined in one process group at rank 0's node."""
+    n = cfg.learner.num_learners
+    group = WorkerGroup(
+        Learner, n, lambda rank: dict(cfg=cfg, model_dir=str(model_dir), algorithm=algorithm,
+                                      schedule=schedule, rank=rank, world_size=n, pad_id=pad_id),
+        use_ray=use_ray, num_cpus=1, num_gpus=cfg.ray.gpus_per_learner)
+    address, port = group.call("rendezvous")[0]
+    group.call("setup", address, port)
+    return group
