@@ -2,8 +2,9 @@
 
 An algorithm is pure tensor code in three parts, each run where its inputs live:
 
-- `advantages(rewards)`: on the controller, over the whole rollout batch
-  ([prompts, group] rewards -> [prompts, group] sequence advantages).
+- `advantages(rewards, lengths)`: on the controller, over the whole rollout
+  batch ([prompts, group] rewards and response lengths -> [prompts, group]
+  sequence advantages).
 - `token_weights(batch)`: on the controller, over one whole optimizer-step
   mini-batch, *before* it is split into micro-batches and learner ranks. The
   loss of the mini-batch is sum_tokens weight * token_loss, so every
@@ -68,11 +69,15 @@ class Algorithm:
     def __init__(self, cfg: AlgoConfig):
         self.cfg = cfg
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+    def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def token_weights(self, batch: MiniBatchView) -> torch.Tensor:
         raise NotImplementedError
+
+    def weight_metrics(self, batch: MiniBatchView, weights: torch.Tensor) -> dict[str, float]:
+        """Per-mini-batch diagnostics of the aggregation weights (logged as step means)."""
+        return {}
 
     def token_loss(self, t: TokenTensors) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-token loss [T] and per-token metric tensors.

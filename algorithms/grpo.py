@@ -1,33 +1,35 @@
-"""GRPO: group-normalised advantages, PPO clipped surrogate, KL to a reference."""
+"""GRPO and its relatives: the advantage estimator, the aggregation, the clip range,
+dual-clip and a KL term are config choices (ALGORITHMS.md section 1)."""
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from rlpost.algorithms.aggregation import AGGREGATIONS
+from rlpost.algorithms.advantages import ADVANTAGES
+from rlpost.algorithms.aggregation import AGGREGATIONS, side_weights
 from rlpost.algorithms.base import AlgoConfig, Algorithm, MiniBatchView, Needs, TokenTensors
 
 
 class GRPOConfig(AlgoConfig):
-    clip_eps_low: float = Field(0.2, ge=0)
-    clip_eps_high: float = Field(0.2, ge=0)
-    dual_clip: float | None = Field(None, gt=1, description="c of dual-clip; None: off")
+    advantage: Literal["grpo", "dr_grpo", "rloo", "hapo"] = "grpo"
     std_eps: float = Field(1e-6, gt=0)
-    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    clip_eps_low: float = Field(0.2, ge=0)
+    clip_eps_high: float = Field(0.2, ge=0, description="0.28 with eps_low 0.2: DAPO clip-higher")
+    dual_clip: float | None = Field(None, gt=1, description="c of dual-clip; None: off")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant",
+                      "balanced"] = "token-mean"
+    loss_agg_constant: float | None = Field(None, gt=0, description="C of loss_agg 'constant'")
     kl_coef: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
 
-
-def group_normalised_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
-    """(r - mean_g r) / (std_g r + eps) per row; std with Bessel's correction (as TRL
-    and verl compute it). A group of one has advantage 0."""
-    if rewards.shape[1] < 2:
-        return torch.zeros_like(rewards)
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True)
-    return (rewards - mean) / (std + eps)
+    @model_validator(mode="after")
+    def _constant_given(self) -> "GRPOConfig":
+        if self.loss_agg == "constant" and self.loss_agg_constant is None:
+            raise ValueError("loss_agg 'constant' needs algorithm.loss_agg_constant "
+                             "(e.g. max response length x sequences per mini-batch)")
+        return self
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -48,11 +50,16 @@ class GRPO(Algorithm):
         super().__init__(cfg)
         self.needs = Needs(reference=cfg.kl_coef > 0)
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        return group_normalised_advantages(rewards, self.cfg.std_eps)
+    def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return ADVANTAGES[self.cfg.advantage](rewards, lengths, self.cfg.std_eps)
 
     def token_weights(self, batch: MiniBatchView) -> torch.Tensor:
-        return AGGREGATIONS[self.cfg.loss_agg](batch)
+        return AGGREGATIONS[self.cfg.loss_agg](batch, self.cfg.loss_agg_constant)
+
+    def weight_metrics(self, batch: MiniBatchView, weights: torch.Tensor) -> dict[str, float]:
+        # token-mean weighs the two sides by token share, BA by response count
+        positive, negative = side_weights(batch, weights)
+        return {"agg/positive_side_weight": positive, "agg/negative_side_weight": negative}
 
     def token_loss(self, t: TokenTensors):
         c = self.cfg

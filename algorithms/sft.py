@@ -10,7 +10,7 @@ from rlpost.algorithms.base import Algorithm, MiniBatchView, TokenTensors
 class SFT(Algorithm):
     name = "sft"
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+    def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         raise TypeError("sft is a supervised loss; it computes no advantages")
 
     def token_weights(self, batch: MiniBatchView) -> torch.Tensor:

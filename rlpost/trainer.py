@@ -119,13 +119,16 @@ class Trainer:
     def train_minibatch(self, learners: WorkerGroup, algorithm, samples: list[Sample]) -> MetricSums:
         """One optimizer step: aggregation weights over the whole mini-batch, then
         split across learner ranks and micro-batches."""
-        weights = algorithm.token_weights(view(samples))
+        batch = view(samples)
+        weights = algorithm.token_weights(batch)
         for s, w in zip(samples, weights.split([s.num_tokens for s in samples])):
             s.weights = w
         parts = shard(samples, self.cfg.learner.num_learners, self.cfg.learner.micro_batch_size)
         merged = MetricSums()
         for m in learners.call("train_minibatch", per_rank=[(p,) for p in parts]):
             merged.merge(m)
+        for name, value in algorithm.weight_metrics(batch, weights).items():
+            merged.add_mean(name, value)
         return merged
 
     def evaluate(self) -> dict[str, float]:
@@ -159,8 +162,10 @@ class Trainer:
                 samples.append(Sample(prompt_ids=prompt_ids[g], response_ids=c.ids, group=g,
                                       reward=reward, truncated=c.truncated,
                                       rollout_logp=c.logprobs))
-        rewards = torch.tensor([s.reward for s in samples]).view(len(problems), cfg.rollout.n)
-        advantages = self.algorithm.advantages(rewards).flatten()
+        shape = (len(problems), cfg.rollout.n)
+        rewards = torch.tensor([s.reward for s in samples]).view(shape)
+        lengths = torch.tensor([s.num_tokens for s in samples]).view(shape)
+        advantages = self.algorithm.advantages(rewards, lengths).flatten()
         for s, a in zip(samples, advantages.tolist()):
             s.advantages = torch.full((s.num_tokens,), a)
         times["reward"] = time.perf_counter() - t

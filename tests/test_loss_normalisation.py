@@ -1,10 +1,11 @@
 """The GRPO loss and its gradients do not depend on how a mini-batch is cut.
 
-One mini-batch of 8 sequences of different lengths is trained on DeepSpeed
-learners split into 1, 2 and 4 micro-batches per rank, on 1 rank (in this
-process) and on 2 ranks (Ray actors, gloo). Loss, gradients (ZeRO-0) and the
-global gradient norm (ZeRO-2) must equal an independent computation of the
-formula with full logits: token-mean of max(-A*rho, -A*clip(rho, 0.8, 1.2)).
+One mini-batch of 8 sequences of different lengths (2 groups of 4) is trained
+on DeepSpeed learners split into 1, 2 and 4 micro-batches per rank, on 1 rank
+(in this process) and on 2 ranks (Ray actors, gloo). Loss, gradients (ZeRO-0)
+and the global gradient norm (ZeRO-2) must equal an independent computation of
+the formula with full logits: l = max(-A*rho, -A*clip(rho, 0.8, 1.2)) per
+token, aggregated by token-mean, seq-mean-token-mean or balanced aggregation.
 Tolerance: fp32, rtol 1e-5 / atol 1e-7 on losses and gradients.
 """
 from __future__ import annotations
@@ -19,8 +20,11 @@ from rlpost.models import load_model, materialise_initial_model
 from rlpost.workers.group import WorkerGroup
 from rlpost.workers.learner import LRSchedule, start_learner_group
 
-ALGO = ("grpo", {"clip_eps_low": 0.2, "clip_eps_high": 0.2, "loss_agg": "token-mean"})
 RTOL, ATOL = 1e-5, 1e-7
+
+
+def algo(loss_agg: str = "token-mean") -> tuple[str, dict]:
+    return "grpo", {"clip_eps_low": 0.2, "clip_eps_high": 0.2, "loss_agg": loss_agg}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def model_dir(tmp_path_factory):
                                      "0123456789+=", seed=0, out_dir=d, max_len=64)
 
 
-def make_samples(seed: int = 0) -> list[Sample]:
+def make_samples(seed: int = 0, loss_agg: str = "token-mean") -> list[Sample]:
     g = torch.Generator().manual_seed(seed)
     samples = []
     for i, (p_len, r_len) in enumerate([(4, 1), (6, 5), (3, 9), (5, 2), (7, 3), (4, 7), (6, 1), (3, 4)]):
@@ -40,16 +44,33 @@ def make_samples(seed: int = 0) -> list[Sample]:
                               advantages=torch.full((r_len,), adv),
                               # old log-probs far enough from the current ones that clipping fires
                               old_logp=torch.log(torch.rand(r_len, generator=g) * 0.2 + 0.02)))
-    weights = build_algorithm(*ALGO).token_weights(view(samples))
+    weights = build_algorithm(*algo(loss_agg)).token_weights(view(samples))
     for s, w in zip(samples, weights.split([s.num_tokens for s in samples])):
         s.weights = w
     return samples
 
 
-def reference(model_dir, samples):
-    """Independent: full logits, log_softmax, the clipped surrogate, token-mean."""
+def aggregate(per_seq: list[torch.Tensor], samples: list[Sample], loss_agg: str) -> torch.Tensor:
+    """ALGORITHMS.md "Aggregation", written out from the per-sequence token sums."""
+    lengths = [s.num_tokens for s in samples]
+    if loss_agg == "token-mean":
+        return torch.stack(per_seq).sum() / sum(lengths)
+    if loss_agg == "seq-mean-token-mean":
+        return torch.stack([l / n for l, n in zip(per_seq, lengths)]).mean()
+    groups = []  # balanced: (k/G) m+ + (n-/G) m- per group, averaged over groups
+    for g in sorted({s.group for s in samples}):
+        idx = [i for i, s in enumerate(samples) if s.group == g]
+        pos = [i for i in idx if samples[i].advantages[0] > 0]
+        neg = [i for i in idx if samples[i].advantages[0] < 0]
+        side = lambda ids: sum(per_seq[i] for i in ids) / sum(lengths[i] for i in ids)  # noqa: E731
+        groups.append(len(pos) / len(idx) * side(pos) + len(neg) / len(idx) * side(neg))
+    return torch.stack(groups).mean()
+
+
+def reference(model_dir, samples, loss_agg: str = "token-mean"):
+    """Independent: full logits, log_softmax, the clipped surrogate, the aggregation."""
     model = load_model(model_dir)
-    losses, n_tokens = [], 0
+    losses = []
     for s in samples:
         ids = torch.tensor([s.prompt_ids + s.response_ids])
         logits = model(input_ids=ids).logits[0].float()
@@ -58,20 +79,20 @@ def reference(model_dir, samples):
         ratio = torch.exp(logp - s.old_logp)
         a = s.advantages
         losses.append(torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)).sum())
-        n_tokens += s.num_tokens
-    loss = torch.stack(losses).sum() / n_tokens
+    loss = aggregate(losses, samples, loss_agg)
     loss.backward()
     grads = {"lm." + n: p.grad.clone() for n, p in model.named_parameters()}
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
     return loss.item(), grads, norm
 
 
-def learner_group(model_dir, world: int, zero_stage: int) -> WorkerGroup:
+def learner_group(model_dir, world: int, zero_stage: int, loss_agg: str = "token-mean") -> WorkerGroup:
     cfg = TrainConfig(mode="ray" if world > 1 else "inprocess")
     cfg.learner.num_learners = world
     cfg.learner.zero_stage = zero_stage
     cfg.learner.grad_clip = 0.0
-    return start_learner_group(cfg, model_dir, ALGO, LRSchedule(1e-3), pad_id=0, use_ray=world > 1)
+    return start_learner_group(cfg, model_dir, algo(loss_agg), LRSchedule(1e-3), pad_id=0,
+                               use_ray=world > 1)
 
 
 def run_split(group: WorkerGroup, samples, micro: int, apply: bool):
@@ -91,13 +112,14 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_loss_and_gradients_match_formula_for_every_split(model_dir, world, request):
+@pytest.mark.parametrize("world, loss_agg", [(1, "token-mean"), (2, "token-mean"),
+                                             (2, "seq-mean-token-mean"), (2, "balanced")])
+def test_loss_and_gradients_match_formula_for_every_split(model_dir, world, loss_agg, request):
     if world > 1:
         request.getfixturevalue("ray_cluster")
-    samples = make_samples()
-    ref_loss, ref_grads, _ = reference(model_dir, samples)
-    group = learner_group(model_dir, world, zero_stage=0)
+    samples = make_samples(loss_agg=loss_agg)
+    ref_loss, ref_grads, _ = reference(model_dir, samples, loss_agg)
+    group = learner_group(model_dir, world, zero_stage=0, loss_agg=loss_agg)
     try:
         for micro in (8 // world, 4 // world, 2 // world):  # 1, 2 and 4 micro-batches per rank
             metrics = run_split(group, samples, micro, apply=False)
