@@ -17,7 +17,7 @@ to compute (reference log-probs, entropy with gradient).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -59,6 +59,7 @@ class TokenTensors:
     entropy: torch.Tensor  # [T] (with grad iff needs.entropy_grad)
     ref_logp: torch.Tensor | None  # [T] if needs.reference
     seq_index: torch.Tensor  # [T] local sequence index within the micro-batch
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # from `token_inputs`
 
 
 class Algorithm:
@@ -74,6 +75,12 @@ class Algorithm:
 
     def token_weights(self, batch: MiniBatchView) -> torch.Tensor:
         raise NotImplementedError
+
+    def token_inputs(self, entropy: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra per-token inputs of `token_loss`, computed on the controller over the
+        whole rollout batch from the old policy's entropies [T] (flat, in sequence
+        order), so that batch statistics do not depend on the split."""
+        return {}
 
     def weight_metrics(self, batch: MiniBatchView, weights: torch.Tensor) -> dict[str, float]:
         """Per-mini-batch diagnostics of the aggregation weights (logged as step means)."""

@@ -32,6 +32,28 @@ class GRPOConfig(AlgoConfig):
         return self
 
 
+def clipped_surrogate(log_ratio: torch.Tensor, adv: torch.Tensor, eps_low, eps_high,
+                      dual_clip: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)) per token, capped at -c A for
+    A < 0 under dual-clip. The clip range may be a float or a per-token tensor."""
+    ratio = log_ratio.exp()
+    lower = torch.as_tensor(1.0 - eps_low, dtype=ratio.dtype)
+    upper = torch.as_tensor(1.0 + eps_high, dtype=ratio.dtype)
+    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, min=lower, max=upper))
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
+    r, lr = ratio.detach(), log_ratio.detach()
+    metrics = {
+        "clip_frac_low": ((r < lower) & (adv < 0)).float(),
+        "clip_frac_high": ((r > upper) & (adv > 0)).float(),
+        "ratio_min": r,
+        "ratio_max": r,
+        # k3 estimate of KL(old || current) on the sampled tokens
+        "approx_kl": lr.exp() - 1.0 - lr,
+    }
+    return loss, metrics
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Estimators of KL(pi_theta || pi_ref) at the sampled token, x = pi_ref / pi_theta."""
     log_x = (ref_logp - logp).clamp(-20.0, 20.0)
@@ -63,21 +85,12 @@ class GRPO(Algorithm):
 
     def token_loss(self, t: TokenTensors):
         c = self.cfg
-        adv = t.advantages
-        log_ratio = t.logp - t.old_logp
-        ratio = log_ratio.exp()
-        clipped = ratio.clamp(1.0 - c.clip_eps_low, 1.0 + c.clip_eps_high)
-        loss = torch.maximum(-adv * ratio, -adv * clipped)
-        if c.dual_clip is not None:
-            loss = torch.where(adv < 0, torch.minimum(loss, -c.dual_clip * adv), loss)
-        metrics = {
-            "clip_frac_low": ((ratio < 1.0 - c.clip_eps_low) & (adv < 0)).float(),
-            "clip_frac_high": ((ratio > 1.0 + c.clip_eps_high) & (adv > 0)).float(),
-            "ratio_min": ratio.detach(),
-            "ratio_max": ratio.detach(),
-            # k3 estimate of KL(old || current) on the sampled tokens
-            "approx_kl": (log_ratio.detach().exp() - 1.0 - log_ratio.detach()),
-        }
+        loss, metrics = clipped_surrogate(t.logp - t.old_logp, t.advantages, c.clip_eps_low,
+                                          c.clip_eps_high, c.dual_clip)
+        return self.add_kl(t, loss, metrics)
+
+    def add_kl(self, t: TokenTensors, loss: torch.Tensor, metrics: dict):
+        c = self.cfg
         if c.kl_coef > 0:
             kl = kl_penalty(t.logp, t.ref_logp, c.kl_estimator)
             loss = loss + c.kl_coef * kl

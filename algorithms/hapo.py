@@ -16,7 +16,10 @@ Nature". All four parts are keyed to a normalised log-entropy h_hat in [-1, 1]:
 4. `redistribute_advantages`: A~ = A (1 + beta h_hat) inside / outside a
    neutral zone of the ratio, chosen by the sign of h_hat (no gradient).
 
-`hapo_token_loss` puts 3 and 4 into the PPO clipped surrogate with dual clip.
+`hapo_token_loss` puts 3 and 4 into the PPO clipped surrogate with dual clip,
+and the `HAPO` algorithm (`algorithm.name: hapo`) trains with it: h_hat comes
+from the old policy's entropies over the whole rollout batch. Part 2 (adaptive
+temperature inside the rollout engines) is not wired into the engines yet.
 Every part can be switched off for ablation (tau = 0, adaptive_clip=False,
 redistribute=False or beta = 0, alpha = 0, dual_clip=None).
 
@@ -36,8 +39,13 @@ uses the previous rollout batch's), h_hat is clamped to [-1, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
+
+from rlpost.algorithms.base import TokenTensors
+from rlpost.algorithms.grpo import GRPO, GRPOConfig, clipped_surrogate
 
 ENTROPY_FLOOR = 1e-8
 
@@ -161,38 +169,49 @@ def hapo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token HAPO loss [T] and per-token metric tensors.
 
-    rho = exp(logp - old_logp); per-token clip bounds (adaptive, or the base ones);
-    advantages redistributed (or not); loss = max(-A rho, -A clip(rho, 1 - eps_low_t,
-    1 + eps_high_t)), and for A < 0 capped at -c A (dual clip; None: off). A here is
-    the advantage actually used (redistributed when `redistribute`), also for the clip
+    Per-token clip bounds (adaptive, or the base ones), advantages redistributed (or
+    not), then GRPO's clipped surrogate with dual clip (None: off). A here is the
+    advantage actually used (redistributed when `redistribute`), also for the clip
     fractions and the dual clip. h_hat carries no gradient.
-
-    Metrics (per token, averaged over the mini-batch unless named *_min / *_max):
-    clip_frac_low, clip_frac_high, h_hat, neutral_frac, ratio_min, ratio_max, approx_kl.
     """
     h = h_hat.detach()
     log_ratio = logp - old_logp
-    ratio = log_ratio.exp()
     if adaptive_clip:
         eps_low_t, eps_high_t = adaptive_clip_bounds(h, eps_low, eps_high, alpha)
     else:
         eps_low_t = torch.full_like(h, eps_low)
         eps_high_t = torch.full_like(h, eps_high)
+    ratio = log_ratio.detach().exp()
     a = redistribute_advantages(adv, ratio, h, eps_low_t, eps_high_t, beta) if redistribute else adv.detach()
-    lower, upper = 1.0 - eps_low_t, 1.0 + eps_high_t
-    clipped = torch.minimum(torch.maximum(ratio, lower), upper)
-    loss = torch.maximum(-a * ratio, -a * clipped)
-    if dual_clip is not None:
-        loss = torch.where(a < 0, torch.minimum(loss, -dual_clip * a), loss)
-    r = ratio.detach()
-    lr = log_ratio.detach()
-    metrics = {
-        "clip_frac_low": ((r < lower) & (a < 0)).float(),
-        "clip_frac_high": ((r > upper) & (a > 0)).float(),
-        "h_hat": h,
-        "neutral_frac": neutral_zone(r, eps_low_t, eps_high_t).float(),
-        "ratio_min": r,
-        "ratio_max": r,
-        "approx_kl": lr.exp() - 1.0 - lr,
-    }
+    loss, metrics = clipped_surrogate(log_ratio, a, eps_low_t, eps_high_t, dual_clip)
+    metrics["h_hat"] = h
+    metrics["neutral_frac"] = neutral_zone(ratio, eps_low_t, eps_high_t).float()
     return loss, metrics
+
+
+class HAPOConfig(GRPOConfig):
+    """HAPO recipe defaults: token-level group-average advantages, dual clip 10."""
+
+    advantage: Literal["grpo", "dr_grpo", "rloo", "hapo"] = "hapo"
+    dual_clip: float | None = Field(10.0, gt=1)
+    entropy_quantile: float = Field(0.8, ge=0, le=1, description="q of the pivot")
+    alpha: float = Field(1.0, ge=0, description="adaptive clip strength")
+    beta: float = Field(1.0, ge=0, description="advantage redistribution strength")
+    adaptive_clip: bool = True
+    redistribute: bool = True
+
+
+class HAPO(GRPO):
+    name = "hapo"
+    Config = HAPOConfig
+
+    def token_inputs(self, entropy: torch.Tensor) -> dict[str, torch.Tensor]:
+        stats = entropy_stats(entropy, q=self.cfg.entropy_quantile)
+        return {"h_hat": normalised_log_entropy(entropy, stats)}
+
+    def token_loss(self, t: TokenTensors):
+        c = self.cfg
+        loss, metrics = hapo_token_loss(t.logp, t.old_logp, t.advantages, t.extra["h_hat"],
+                                        c.clip_eps_low, c.clip_eps_high, c.alpha, c.beta,
+                                        c.dual_clip, c.adaptive_clip, c.redistribute)
+        return self.add_kl(t, loss, metrics)

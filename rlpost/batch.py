@@ -28,13 +28,14 @@ class Sample:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithm's token_inputs
 
     @property
     def num_tokens(self) -> int:
         return len(self.response_ids)
 
 
-def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], pad_id: int) -> dict:
     """Right-padded input ids plus flat per-response-token tensors.
 
     `pred_pos[k]` is the flat index into [B * L] of the hidden state that
@@ -60,6 +61,7 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         "targets": torch.cat(targets),
         "seq_index": torch.cat(seq_index),
     }
+    out["extra"] = {k: torch.cat([s.extra[k] for s in samples]) for k in samples[0].extra}
     for name in TOKEN_FIELDS:
         values = [getattr(s, name) for s in samples]
         if all(v is not None for v in values):

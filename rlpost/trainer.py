@@ -176,6 +176,10 @@ class Trainer:
             "logprobs", per_rank=[(p, self.algorithm.needs.reference) for p in parts]) for r in part]
         for s, r in zip(samples, results):
             s.old_logp, s.ref_logp = r["logp"], r["ref_logp"]
+        entropy = torch.cat([r["entropy"] for r in results])
+        for name, values in self.algorithm.token_inputs(entropy).items():
+            for s, v in zip(samples, values.split([s.num_tokens for s in samples])):
+                s.extra[name] = v
         times["logprob"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -195,7 +199,7 @@ class Trainer:
         t = time.perf_counter()
         self.sync_weights()
         times["weight_sync"] = time.perf_counter() - t
-        return self.step_metrics(samples, results, update, times)
+        return self.step_metrics(samples, entropy, update, times)
 
     def sync_weights(self) -> None:
         weights = self.learners.call("export_weights")[0]
@@ -205,11 +209,10 @@ class Trainer:
             weights = ray.put(weights)
         self.rollout.call("update_weights", weights)
 
-    def step_metrics(self, samples, logprob_results, update: MetricSums, times) -> dict[str, float]:
+    def step_metrics(self, samples, entropy, update: MetricSums, times) -> dict[str, float]:
         rewards = torch.tensor([s.reward for s in samples])
         lengths = torch.tensor([s.num_tokens for s in samples], dtype=torch.float)
         gap = torch.cat([(torch.tensor(s.rollout_logp) - s.old_logp).abs() for s in samples])
-        entropy = torch.cat([r["entropy"] for r in logprob_results])
         n_tokens = int(lengths.sum())
         step_time = sum(times.values())
         out = {

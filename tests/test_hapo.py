@@ -266,3 +266,29 @@ def test_full_pipeline_from_entropies():
     loss, m = hapo_token_loss(torch.zeros(5), torch.zeros(5), adv, h_hat, redistribute=False)
     torch.testing.assert_close(loss, -adv)
     torch.testing.assert_close(m["h_hat"], torch.tensor(H_HAT), atol=1e-5, rtol=0)
+
+
+# ---- the `hapo` algorithm module ----------------------------------------------------------
+
+def test_hapo_algorithm_defaults_and_inputs():
+    algo = build_algorithm("hapo", {})
+    assert algo.cfg.advantage == "hapo" and algo.cfg.dual_clip == 10.0
+    assert algo.cfg.entropy_quantile == 0.8 and algo.cfg.alpha == 1.0 and algo.cfg.beta == 1.0
+    entropy = torch.tensor([0.1, 1.0, 2.0, 0.5, 3.0])
+    h_hat = algo.token_inputs(entropy)["h_hat"]
+    assert h_hat[0].item() == pytest.approx(-1.0) and h_hat[4].item() == pytest.approx(1.0)
+    assert h_hat.argsort().tolist() == entropy.argsort().tolist()
+
+
+def test_hapo_algorithm_loss_is_hapo_token_loss():
+    algo = build_algorithm("hapo", {"alpha": 0.5, "beta": 0.5})
+    logp = torch.tensor([-1.0, -0.5, -2.0, -0.1])
+    old = torch.tensor([-1.3, -0.5, -1.2, -0.4])
+    adv = torch.tensor([1.0, -1.0, 2.0, -0.5])
+    h_hat = torch.tensor([-1.0, 0.2, 1.0, -0.3])
+    t = TokenTensors(logp=logp, old_logp=old, advantages=adv, entropy=torch.zeros(4), ref_logp=None,
+                     seq_index=torch.zeros(4, dtype=torch.long), extra={"h_hat": h_hat})
+    loss, metrics = algo.token_loss(t)
+    expected, _ = hapo_token_loss(logp, old, adv, h_hat, 0.2, 0.2, 0.5, 0.5, 10.0)
+    torch.testing.assert_close(loss, expected)
+    assert {"h_hat", "neutral_frac", "clip_frac_low", "clip_frac_high"} <= set(metrics)

@@ -63,3 +63,11 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     got = read_metrics(run)
     assert sorted(got) == sorted(full)
     assert_same_metrics(full, got, range(7))
+
+
+def test_hapo_trains_in_process(tmp_path):
+    metrics = read_metrics(run_train(tmp_path, "algorithm.name=hapo", "steps=2", "eval_every=0"))
+    for step in (1, 2):
+        m = metrics[step]
+        assert -1.0 <= m["h_hat"] <= 1.0 and 0.0 <= m["neutral_frac"] <= 1.0
+        assert m["agg/positive_side_weight"] + m["agg/negative_side_weight"] <= 1.0 + 1e-9

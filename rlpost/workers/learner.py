@@ -161,7 +161,8 @@ class Learner:
                 get = lambda k: batch[k].to(self.device) if k in batch else None  # noqa: E731
                 t = TokenTensors(logp=logp, old_logp=get("old_logp"), advantages=get("advantages"),
                                  entropy=entropy if needs.entropy_grad else entropy.detach(),
-                                 ref_logp=get("ref_logp"), seq_index=get("seq_index"))
+                                 ref_logp=get("ref_logp"), seq_index=get("seq_index"),
+                                 extra={k: v.to(self.device) for k, v in batch["extra"].items()})
                 token_loss, token_metrics = self.algorithm.token_loss(t)
                 loss = (token_loss.double() * get("weights")).sum()
                 metrics.add_total("loss", loss.item())
