@@ -8,7 +8,7 @@ is the GRPO std epsilon (read by "grpo" and by the GRPO fallback of "hapo").
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -62,6 +62,8 @@ def hapo_token_level(rewards: torch.Tensor, lengths: torch.Tensor,
     no_signal = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)) | (total <= 0)
     return torch.where(no_signal, torch.zeros_like(a), a)
 
+
+AdvantageName = Literal["grpo", "dr_grpo", "rloo", "hapo"]
 
 ADVANTAGES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
     "grpo": lambda rewards, lengths, eps: grpo(rewards, eps),

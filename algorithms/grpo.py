@@ -7,13 +7,13 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from rlpost.algorithms.advantages import ADVANTAGES
+from rlpost.algorithms.advantages import ADVANTAGES, AdvantageName
 from rlpost.algorithms.aggregation import AGGREGATIONS, side_weights
 from rlpost.algorithms.base import AlgoConfig, Algorithm, MiniBatchView, Needs, TokenTensors
 
 
 class GRPOConfig(AlgoConfig):
-    advantage: Literal["grpo", "dr_grpo", "rloo", "hapo"] = "grpo"
+    advantage: AdvantageName = "grpo"
     std_eps: float = Field(1e-6, gt=0)
     clip_eps_low: float = Field(0.2, ge=0)
     clip_eps_high: float = Field(0.2, ge=0, description="0.28 with eps_low 0.2: DAPO clip-higher")

@@ -39,11 +39,10 @@ uses the previous rollout batch's), h_hat is clamped to [-1, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from pydantic import Field
 
+from rlpost.algorithms.advantages import AdvantageName
 from rlpost.algorithms.base import TokenTensors
 from rlpost.algorithms.grpo import GRPO, GRPOConfig, clipped_surrogate
 
@@ -192,7 +191,7 @@ def hapo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
 class HAPOConfig(GRPOConfig):
     """HAPO recipe defaults: token-level group-average advantages, dual clip 10."""
 
-    advantage: Literal["grpo", "dr_grpo", "rloo", "hapo"] = "hapo"
+    advantage: AdvantageName = "hapo"
     dual_clip: float | None = Field(10.0, gt=1)
     entropy_quantile: float = Field(0.8, ge=0, le=1, description="q of the pivot")
     alpha: float = Field(1.0, ge=0, description="adaptive clip strength")

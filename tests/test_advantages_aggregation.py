@@ -273,3 +273,11 @@ def test_weight_sums():
         fractions.append(sum(a != 0 for a in advs) / len(advs))
     assert balanced(b).sum().item() == pytest.approx(sum(fractions) / len(fractions))
     assert 0 < sum(fractions) / len(fractions) < 1  # the draw has zero advantages in it
+
+
+def test_every_configurable_advantage_is_registered():
+    from typing import get_args
+
+    from rlpost.algorithms.advantages import AdvantageName
+
+    assert set(get_args(AdvantageName)) == set(ADVANTAGES)
