@@ -24,6 +24,8 @@ def build_algorithm_config(name: str, params: dict) -> AlgoConfig:
         key = "algorithm." + ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
             raise ConfigError(f"unknown key '{key}' for algorithm {name!r}") from None
+        if first["type"] == "value_error":  # a check across keys: its message names them
+            raise ConfigError(first["msg"].removeprefix("Value error, ")) from None
         raise ConfigError(f"key '{key}': {first['msg']} (got {first.get('input')!r})") from None
 
 

@@ -7,7 +7,8 @@ counts, sequence counts, group sizes) is a mini-batch quantity and the loss
 cannot depend on the split.
 
 `AGGREGATIONS` maps a name to a callable `(b, constant) -> float64 weights [T]`;
-only "constant" reads `constant` (from the config), the others ignore it.
+only "constant" reads `constant` (from the config), the others ignore it. These
+callables see every token; `aggregate` applies one under the view's token mask.
 """
 from __future__ import annotations
 
@@ -113,3 +114,24 @@ AGGREGATIONS: dict[str, Callable[[MiniBatchView, float | None], torch.Tensor]] =
     "constant": constant_normaliser,
     "balanced": balanced,
 }
+
+
+def aggregate(name: str, b: MiniBatchView, constant: float | None = None) -> torch.Tensor:
+    """`AGGREGATIONS[name]` over the tokens `b.token_mask` keeps: the weights are
+    those of the mini-batch with the masked tokens deleted, so masked tokens weigh 0
+    and leave every normaliser (token counts, |o_i|, N+ and N-). A sequence whose
+    tokens are all masked leaves the sequence counts too (S, G and the number of
+    groups); a sequence without tokens stays, as it does without a mask."""
+    fn = AGGREGATIONS[name]
+    if b.token_mask is None:
+        return fn(b, constant)
+    kept = b.token_mask.bool()
+    kept_lengths = torch.zeros(b.num_sequences, dtype=torch.long).index_add_(0, b.seq_index, kept.long())
+    stays = (kept_lengths > 0) | (b.lengths == 0)
+    new_index = torch.cumsum(stays.long(), 0) - 1
+    reduced = MiniBatchView(seq_index=new_index[b.seq_index[kept]], lengths=kept_lengths[stays],
+                            advantages=b.advantages[kept], group_index=b.group_index[stays],
+                            num_sequences=int(stays.sum().item()))
+    weights = torch.zeros(b.seq_index.numel(), dtype=torch.float64)
+    weights[kept] = fn(reduced, constant)
+    return weights

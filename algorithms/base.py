@@ -4,7 +4,9 @@ An algorithm is pure tensor code in three parts, each run where its inputs live:
 
 - `advantages(rewards, lengths)`: on the controller, over the whole rollout
   batch ([prompts, group] rewards and response lengths -> [prompts, group]
-  sequence advantages).
+  sequence advantages). Then, optionally and also over the whole rollout batch,
+  `select_samples` (which rollouts train) and, once the old policy's entropies
+  are known, `token_inputs` and `token_mask` (which tokens enter the loss).
 - `token_weights(batch)`: on the controller, over one whole optimizer-step
   mini-batch, *before* it is split into micro-batches and learner ranks. The
   loss of the mini-batch is sum_tokens weight * token_loss, so every
@@ -28,6 +30,12 @@ class AlgoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Key of `Sample.extra` that carries the loss mask (bool per token) from `token_mask`
+# to `MiniBatchView.token_mask`. It also reaches `TokenTensors.extra`, where it is not
+# needed: the weights already hold it.
+TOKEN_MASK = "token_mask"
+
+
 @dataclass(frozen=True)
 class Needs:
     reference: bool = False  # log-probs of a frozen reference policy
@@ -47,6 +55,9 @@ class MiniBatchView:
     advantages: torch.Tensor  # [T]
     group_index: torch.Tensor  # [S] long, group id of each sequence
     num_sequences: int
+    # [T] bool, the tokens that enter the loss; None: all. Aggregations drop the
+    # others from every normaliser (see aggregation.aggregate).
+    token_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -72,6 +83,18 @@ class Algorithm:
 
     def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def select_samples(self, advantages: torch.Tensor, step: int) -> torch.Tensor | None:
+        """Which rollouts of each group train, as a bool mask shaped like the sequence
+        advantages [prompts, group]; None: all. `step` is the RL step (1-based)."""
+        return None
+
+    def token_mask(self, entropy: torch.Tensor, advantages: torch.Tensor,
+                   valid: torch.Tensor | None, step: int) -> torch.Tensor | None:
+        """The tokens that enter the loss, over the whole rollout batch (flat, in
+        sequence order): the runtime's `valid` tokens (None: all), narrowed by the
+        algorithm's token selection. None: all tokens."""
+        return valid
 
     def token_weights(self, batch: MiniBatchView) -> torch.Tensor:
         raise NotImplementedError

@@ -45,6 +45,7 @@ from pydantic import Field
 from rlpost.algorithms.advantages import AdvantageName
 from rlpost.algorithms.base import TokenTensors
 from rlpost.algorithms.grpo import GRPO, GRPOConfig, clipped_surrogate
+from rlpost.algorithms.selection import quantile_linear
 
 ENTROPY_FLOOR = 1e-8
 
@@ -80,19 +81,6 @@ def _standardise(e: torch.Tensor, p: float, s: float) -> torch.Tensor:
     if s == 0.0:
         return torch.zeros_like(e)
     return (e - p) / s
-
-
-def quantile_linear(x: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile of a 1-D tensor with linear interpolation, as torch.quantile's
-    default: sorted x at rank q (n - 1), interpolated between its neighbours. Written
-    out because torch.quantile refuses inputs of more than 2^24 elements."""
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile q must be in [0, 1], got {q}")
-    v = x.sort().values
-    rank = q * (v.numel() - 1)
-    lo = int(rank // 1)
-    hi = min(lo + 1, v.numel() - 1)
-    return torch.lerp(v[lo], v[hi], torch.tensor(rank - lo, dtype=v.dtype))
 
 
 def entropy_stats(entropy: torch.Tensor, mask: torch.Tensor | None = None, q: float = 0.8) -> EntropyStats:
@@ -213,4 +201,4 @@ class HAPO(GRPO):
         loss, metrics = hapo_token_loss(t.logp, t.old_logp, t.advantages, t.extra["h_hat"],
                                         c.clip_eps_low, c.clip_eps_high, c.alpha, c.beta,
                                         c.dual_clip, c.adaptive_clip, c.redistribute)
-        return self.add_kl(t, loss, metrics)
+        return self.add_regularisers(t, loss, metrics)

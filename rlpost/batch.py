@@ -2,8 +2,10 @@
 
 A `Sample` is one prompt + response. Per-token fields (advantages, old and
 reference log-probs, aggregation weights) are 1-D tensors over the response
-tokens. Micro-batches are right-padded only to their own longest sequence and
-carry their token fields flat, so nothing is padded in the response dimension.
+tokens and travel flat. A micro-batch is either packed (all sequences end to
+end in one row, attention kept within each by position ids / cu_seqlens) or
+right-padded to its own longest sequence; `plan` cuts micro-batches by a token
+budget so that neither wastes compute on a fixed sequence count.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlpost.algorithms.base import MiniBatchView
+from rlpost.algorithms.base import TOKEN_MASK, MiniBatchView
 
 TOKEN_FIELDS = ("advantages", "old_logp", "ref_logp", "weights")
 
@@ -34,33 +36,59 @@ class Sample:
     def num_tokens(self) -> int:
         return len(self.response_ids)
 
+    # Samples cross to Ray actors by the hundred: pickling a torch tensor costs tens
+    # of microseconds, a numpy array a few, and that made up most of a Ray step.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in TOKEN_FIELDS:
+            if state[name] is not None:
+                state[name] = state[name].numpy()
+        state["extra"] = {k: v.numpy() for k, v in self.extra.items()}
+        return state
 
-def collate(samples: list[Sample], pad_id: int) -> dict:
-    """Right-padded input ids plus flat per-response-token tensors.
+    def __setstate__(self, state: dict) -> None:
+        for name in TOKEN_FIELDS:
+            if state[name] is not None:
+                state[name] = torch.from_numpy(state[name])
+        state["extra"] = {k: torch.from_numpy(v) for k, v in state["extra"].items()}
+        self.__dict__.update(state)
 
-    `pred_pos[k]` is the flat index into [B * L] of the hidden state that
-    predicts response token k (the position just before it).
+
+def collate(samples: list[Sample], pad_id: int, packed: bool = False) -> dict:
+    """Model inputs plus flat per-response-token tensors.
+
+    Padded: `input_ids`/`attention_mask` [B, L]. Packed: `input_ids` and
+    `position_ids` [1, T] with positions restarting at each sequence, plus
+    `cu_seqlens` [B + 1] and `max_seqlen` for variable-length attention.
+    `pred_pos[k]` is the flat index (into [B * L], or [T]) of the hidden state
+    that predicts response token k (the position just before it).
     """
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     width = max(lengths)
-    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
     pred_pos, targets, seq_index = [], [], []
+    start = 0
     for b, s in enumerate(samples):
-        ids = s.prompt_ids + s.response_ids
-        input_ids[b, :len(ids)] = torch.tensor(ids)
-        attention_mask[b, :len(ids)] = 1
-        p = len(s.prompt_ids)
-        pred_pos.append(torch.arange(p - 1, len(ids) - 1) + b * width)
+        p, n = len(s.prompt_ids), lengths[b]
+        offset = start if packed else b * width
+        pred_pos.append(torch.arange(p - 1, n - 1) + offset)
         targets.append(torch.tensor(s.response_ids, dtype=torch.long))
         seq_index.append(torch.full((len(s.response_ids),), b, dtype=torch.long))
-    out = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "pred_pos": torch.cat(pred_pos),
-        "targets": torch.cat(targets),
-        "seq_index": torch.cat(seq_index),
-    }
+        start += n
+    out = {"pred_pos": torch.cat(pred_pos), "targets": torch.cat(targets),
+           "seq_index": torch.cat(seq_index)}
+    if packed:
+        out["input_ids"] = torch.tensor([t for s in samples for t in s.prompt_ids + s.response_ids]
+                                        ).unsqueeze(0)
+        out["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+        out["cu_seqlens"] = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        out["max_seqlen"] = width
+    else:
+        input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for b, s in enumerate(samples):
+            input_ids[b, :lengths[b]] = torch.tensor(s.prompt_ids + s.response_ids)
+            attention_mask[b, :lengths[b]] = 1
+        out["input_ids"], out["attention_mask"] = input_ids, attention_mask
     out["extra"] = {k: torch.cat([s.extra[k] for s in samples]) for k in samples[0].extra}
     for name in TOKEN_FIELDS:
         values = [getattr(s, name) for s in samples]
@@ -72,6 +100,7 @@ def collate(samples: list[Sample], pad_id: int) -> dict:
 
 def view(samples: list[Sample]) -> MiniBatchView:
     lengths = torch.tensor([s.num_tokens for s in samples], dtype=torch.long)
+    masked = bool(samples) and TOKEN_MASK in samples[0].extra
     return MiniBatchView(
         seq_index=torch.repeat_interleave(torch.arange(len(samples)), lengths),
         lengths=lengths,
@@ -79,22 +108,57 @@ def view(samples: list[Sample]) -> MiniBatchView:
         samples[0].advantages is not None else torch.zeros(int(lengths.sum())),
         group_index=torch.tensor([s.group for s in samples], dtype=torch.long),
         num_sequences=len(samples),
+        token_mask=torch.cat([s.extra[TOKEN_MASK].bool() for s in samples]) if masked else None,
     )
 
 
-def shard(samples: list, num_ranks: int, micro_batch_size: int) -> list[list[list]]:
-    """Split a list across ranks (contiguous blocks), then into micro-batches.
+def plan(lengths: list[int], num_ranks: int, max_tokens: int | None = None,
+         max_seqs: int | None = None, packed: bool = True) -> list[list[list[int]]]:
+    """Assign sequences (by index) to ranks and micro-batches: [rank][micro][index].
 
-    Returns [rank][micro][item]. Every rank gets the same number of
-    micro-batches so that all ranks step together; a rank may get an empty
-    trailing micro-batch only when the list does not divide evenly.
+    Ranks get about equal token counts (longest first, each to the rank with
+    the fewest tokens so far). Within a rank, micro-batches are filled first-fit
+    longest first under `max_tokens` (what the model computes: the sum of
+    lengths when packed, longest x count when padded) and `max_seqs`; a
+    sequence longer than the budget gets a micro-batch of its own. Every rank
+    gets the same number of micro-batches (possibly empty) so that ranks step
+    together. Any partition gives the same loss, since aggregation weights are
+    fixed over the whole mini-batch beforehand.
     """
-    per_rank = -(-len(samples) // num_ranks)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    ranks: list[list[int]] = [[] for _ in range(num_ranks)]
+    load = [0] * num_ranks
+    for i in order:
+        r = min(range(num_ranks), key=lambda k: (load[k], k))
+        ranks[r].append(i)
+        load[r] += lengths[i]
+
+    def cost(micro: list[int], i: int) -> int:
+        if packed:
+            return sum(lengths[j] for j in micro) + lengths[i]
+        return max(lengths[micro[0]], lengths[i]) * (len(micro) + 1)
+
     out = []
-    for r in range(num_ranks):
-        block = samples[r * per_rank:(r + 1) * per_rank]
-        out.append([block[i:i + micro_batch_size] for i in range(0, len(block), micro_batch_size)])
+    for members in ranks:
+        micros: list[list[int]] = []
+        for i in members:
+            fit = next((m for m in micros
+                        if (max_seqs is None or len(m) < max_seqs)
+                        and (max_tokens is None or cost(m, i) <= max_tokens)), None)
+            if fit is None:
+                micros.append([i])
+            else:
+                fit.append(i)
+        out.append(micros)
     most = max(len(m) for m in out)
-    for m in out:
-        m.extend([] for _ in range(most - len(m)))
+    for micros in out:
+        micros.extend([] for _ in range(most - len(micros)))
     return out
+
+
+def shard(samples: list[Sample], num_ranks: int, max_tokens: int | None = None,
+          max_seqs: int | None = None, packed: bool = True) -> list[list[list[Sample]]]:
+    """`plan` applied to samples: [rank][micro][Sample]."""
+    lengths = [len(s.prompt_ids) + s.num_tokens for s in samples]
+    return [[[samples[i] for i in micro] for micro in rank]
+            for rank in plan(lengths, num_ranks, max_tokens, max_seqs, packed)]

@@ -75,6 +75,31 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(8, gt=0)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    # DAPO pieces (ALGORITHMS.md section 1), for every RL algorithm
+    dynamic_sampling: bool = Field(False, description="drop groups whose rewards are all equal "
+                                   "and refill the batch with further rounds of prompts")
+    max_extra_rounds: int = Field(3, ge=0, description="dynamic sampling: at most this many extra "
+                                  "rounds of prompts_per_step prompts per step")
+    overlong_buffer: int = Field(0, ge=0, description="L_c of the overlong reward shaping; 0: off")
+    overlong_max_length: int | None = Field(None, gt=0, description="L_max; None: max_new_tokens")
+    mask_truncated: bool = Field(False, description="responses cut by max_new_tokens weigh 0 "
+                                 "in the loss")
+
+    @property
+    def overlong_limit(self) -> int:
+        """L_max of the overlong reward shaping."""
+        return self.overlong_max_length or self.max_new_tokens
+
+    @model_validator(mode="after")
+    def _check_overlong(self) -> "RolloutConfig":
+        if self.overlong_max_length is not None and not self.overlong_buffer:
+            raise ValueError("rollout.overlong_max_length is set but rollout.overlong_buffer is 0 "
+                             "(shaping off); set rollout.overlong_buffer (L_c) > 0")
+        if self.overlong_buffer > self.overlong_limit:
+            raise ValueError(f"rollout.overlong_buffer ({self.overlong_buffer}) must not exceed "
+                             f"L_max = rollout.overlong_max_length or rollout.max_new_tokens "
+                             f"({self.overlong_limit})")
+        return self
 
 
 class AlgorithmConfig(Section):
@@ -96,7 +121,13 @@ class LearnerConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     mini_batch_size: int = Field(128, gt=0, description="sequences per optimizer step")
-    micro_batch_size: int = Field(32, gt=0, description="sequences per forward/backward per learner")
+    micro_batch_tokens: int | None = Field(
+        8192, gt=0, description="token budget of one forward/backward per learner "
+        "(prompt + response tokens; padded micro-batches count their padding); None: no budget")
+    micro_batch_size: int | None = Field(None, gt=0, description="cap on sequences per micro-batch")
+    packing: Literal["auto", "packed", "padded"] = Field(
+        "auto", description="packed rows (varlen attention) or right-padded micro-batches; "
+        "auto: packed on CUDA with bf16/fp16, else padded")
     epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     logprob_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the output head")
     gradient_checkpointing: bool = False
@@ -143,11 +174,6 @@ class TrainConfig(Section):
             raise ValueError(
                 f"learner.mini_batch_size ({lc.mini_batch_size}) must divide the rollout batch "
                 f"(rollout.prompts_per_step * rollout.n = {rollout_seqs})")
-        if lc.mini_batch_size % (lc.num_learners * lc.micro_batch_size):
-            raise ValueError(
-                f"learner.mini_batch_size ({lc.mini_batch_size}) must be a multiple of "
-                f"learner.num_learners * learner.micro_batch_size "
-                f"({lc.num_learners} * {lc.micro_batch_size})")
         if self.mode == "inprocess" and lc.num_learners > 1:
             raise ValueError("mode 'inprocess' runs one learner; set learner.num_learners=1 "
                              "or mode=ray")

@@ -1,8 +1,10 @@
 """Log-probs and entropies of chosen tokens, computed chunk by chunk.
 
-The output head is applied to at most `chunk_size` hidden states at a time and
-each chunk is recomputed in the backward pass (activation checkpointing), so
-no [tokens x vocab] tensor is ever kept: peak memory is [chunk x vocab].
+The output head is applied to at most `chunk_size` hidden states at a time,
+and no [tokens x vocab] tensor is ever kept: the forward pass saves only the
+hidden states, log-normalisers and entropies, and the backward pass recomputes
+each chunk's logits to form its gradient in place. Peak memory is about two
+[chunk x vocab] fp32 tensors plus an fp32 gradient buffer of the head.
 """
 from __future__ import annotations
 
@@ -11,15 +13,74 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_logprob_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits(hidden, weight, bias, temperature: float) -> torch.Tensor:
+    z = nn.functional.linear(hidden, weight, bias).float()
+    return z / temperature if temperature != 1.0 else z
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in fp32 without rounding each chunk's product to bf16 first."""
+    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_((a @ b).float())
+
+
+class _ChunkedLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk_size: int):
+        n = hidden.shape[0]
+        logp, entropy, log_z = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+        for s in range(0, n, chunk_size):
+            z = _logits(hidden[s:s + chunk_size], weight, bias, temperature)
+            lz = torch.logsumexp(z, dim=-1)
+            logp[s:s + chunk_size] = z.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - lz
+            log_q = z.sub_(lz[:, None])
+            entropy[s:s + chunk_size] = -(log_q.exp() * log_q).sum(-1)
+            log_z[s:s + chunk_size] = lz
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            e = s + ctx.chunk_size
+            h = hidden[s:e]
+            log_q = _logits(h, weight, bias, ctx.temperature).sub_(log_z[s:e, None])
+            p = log_q.exp()
+            # d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H)
+            g = torch.zeros_like(p)
+            if grad_logp is not None:
+                g.sub_(p * grad_logp[s:e, None])
+                g.scatter_add_(-1, targets[s:e, None], grad_logp[s:e, None])
+            if grad_entropy is not None:
+                g.sub_(log_q.add_(entropy[s:e, None]).mul_(p).mul_(grad_entropy[s:e, None]))
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+            g = g.to(weight.dtype)
+            if want_h:
+                grad_h[s:e] = g @ weight
+            if want_w:
+                _accumulate(grad_w, g.t(), h)
+            if want_b:
+                grad_b.add_(g.float().sum(0))
+        return (grad_h, grad_w.to(weight.dtype) if want_w else None,
+                grad_b.to(bias.dtype) if want_b else None, None, None, None)
+
+
+def _checkpointed_chunk(head: nn.Module, hidden, targets, temperature: float):
     logits = head(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
     log_z = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
-    probs = torch.softmax(logits, dim=-1)
-    entropy = log_z - (probs * logits).sum(-1)
+    entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logp, entropy
 
 
@@ -27,17 +88,14 @@ def chunked_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tenso
                      chunk_size: int = 1024, temperature: float = 1.0
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [N, H] (the states that predict each target), targets [N] -> logp [N], entropy [N]."""
-    logps, entropies = [], []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = checkpoint(_chunk_logprob_entropy, head, h, y, temperature,
-                                 use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprob_entropy(head, h, y, temperature)
-        logps.append(lp)
-        entropies.append(ent)
-    if not logps:
+    if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
-    return torch.cat(logps), torch.cat(entropies)
+    if not hasattr(head.weight, "ds_id"):
+        return _ChunkedLogProb.apply(hidden, head.weight, head.bias, targets, temperature, chunk_size)
+    # ZeRO-3 partitions the head: it must be called as a module so DeepSpeed gathers
+    # it, so each chunk goes through activation checkpointing instead.
+    outs = [checkpoint(_checkpointed_chunk, head, hidden[s:s + chunk_size],
+                       targets[s:s + chunk_size], temperature, use_reentrant=False)
+            for s in range(0, hidden.shape[0], chunk_size)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

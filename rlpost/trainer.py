@@ -6,19 +6,22 @@
 
 Every random choice is seeded from (seed, step), so a resumed run repeats the
 steps an uninterrupted one would have taken, and the in-process and Ray modes
-take the same ones.
+take the same ones. Prompts are read from one seeded stream whose position is
+checkpointed (dynamic sampling reads a varying number of prompts per step).
 """
 from __future__ import annotations
 
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from rlpost.algorithms import build_algorithm
+from rlpost.algorithms.base import TOKEN_MASK
+from rlpost.algorithms.dapo import informative_groups, overlong_penalty
 from rlpost.batch import Sample, shard, view
 from rlpost.config import TrainConfig, dump_config
 from rlpost.metrics import MetricSums
@@ -41,6 +44,18 @@ class Result:
     accuracy_after: float
 
 
+@dataclass
+class Rollouts:
+    """What one RL step generated: the groups it trains on and, for metrics, every
+    scored sample of every generation round."""
+
+    groups: list[list[Sample]] = field(default_factory=list)  # rollout.n samples each
+    generated: list[Sample] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # task score per generated sample
+    rounds: int = 0
+    dropped_groups: int = 0  # by dynamic sampling
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
@@ -53,6 +68,7 @@ class Trainer:
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
         self.tracker: Tracker | None = None
         self._orders: dict[int, list[int]] = {}
+        self.data_position = 0  # prompts taken from the epoch stream so far
         self.rollout: WorkerGroup | None = None
         self.learners: WorkerGroup | None = None
 
@@ -72,10 +88,10 @@ class Trainer:
             self._orders = {epoch: order}  # steps only move forward: keep one epoch
         return self._orders[epoch]
 
-    def prompts_for_step(self, step: int) -> list[Problem]:
-        """Step s (1-based) takes the next prompts_per_step problems of a seeded epoch order."""
-        per = self.cfg.rollout.prompts_per_step
-        positions = (divmod(pos, len(self.train_problems)) for pos in range((step - 1) * per, step * per))
+    def take_prompts(self, count: int) -> list[Problem]:
+        """The next `count` problems of the stream of seeded epoch orders."""
+        start, self.data_position = self.data_position, self.data_position + count
+        positions = [divmod(pos, len(self.train_problems)) for pos in range(start, start + count)]
         return [self.train_problems[self.epoch_order(epoch)[idx]] for epoch, idx in positions]
 
     def generate(self, problems: list[Problem], n: int, temperature: float, seed: int
@@ -90,8 +106,10 @@ class Trainer:
     # ----- stages --------------------------------------------------------------
     def start_learners(self, model_dir: Path, algorithm: tuple[str, dict],
                        schedule: LRSchedule) -> WorkerGroup:
-        return start_learner_group(self.cfg, model_dir, algorithm, schedule,
-                                   pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray)
+        group = start_learner_group(self.cfg, model_dir, algorithm, schedule,
+                                    pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray)
+        self.packed = group.call("is_packed")[0]  # micro-batch budgets count tokens differently
+        return group
 
     def warmup(self, model_dir: Path, out_dir: Path) -> None:
         """Supervised warm-up on the task's demonstrations; writes a HF model to out_dir."""
@@ -123,7 +141,7 @@ class Trainer:
         weights = algorithm.token_weights(batch)
         for s, w in zip(samples, weights.split([s.num_tokens for s in samples])):
             s.weights = w
-        parts = shard(samples, self.cfg.learner.num_learners, self.cfg.learner.micro_batch_size)
+        parts = self.shard(samples)
         merged = MetricSums()
         for m in learners.call("train_minibatch", per_rank=[(p,) for p in parts]):
             merged.merge(m)
@@ -131,11 +149,17 @@ class Trainer:
             merged.add_mean(name, value)
         return merged
 
+    def shard(self, samples: list[Sample]) -> list[list[list[Sample]]]:
+        lc = self.cfg.learner
+        return shard(samples, lc.num_learners, lc.micro_batch_tokens, lc.micro_batch_size,
+                     self.packed)
+
     def evaluate(self) -> dict[str, float]:
         problems = self.eval_problems
         seed = derive_seed(self.cfg.seed, "eval-sample")
         greedy = self.generate(problems, 1, 0.0, seed)
         sampled = self.generate(problems, 1, self.cfg.rollout.temperature, seed)
+        self.compute_times()  # evaluation's generation counts in no RL step
 
         def acc(groups):
             return sum(self.task.score(self.decode_response(g[0].ids), p)
@@ -144,51 +168,119 @@ class Trainer:
         return {"eval/accuracy_greedy": acc(greedy), "eval/accuracy_sampled": acc(sampled)}
 
     # ----- the RL step ---------------------------------------------------------
+    def collect(self, step: int, times: dict[str, float]) -> Rollouts:
+        """Generate and score this step's groups. With dynamic sampling, groups whose
+        rewards are all equal are dropped and further rounds of prompts_per_step
+        prompts are generated, at most max_extra_rounds, until prompts_per_step
+        groups are kept; surplus groups are discarded and a short batch trains as
+        it is."""
+        cfg, rc = self.cfg, self.cfg.rollout
+        out = Rollouts()
+        for extra in range(1 + (rc.max_extra_rounds if rc.dynamic_sampling else 0)):
+            t = time.perf_counter()
+            problems = self.take_prompts(rc.prompts_per_step)
+            # the first round keeps the seed of a run without dynamic sampling
+            seed = derive_seed(cfg.seed, "rollout", step, *(("round", extra) if extra else ()))
+            completions = self.generate(problems, rc.n, rc.temperature, seed)
+            times["rollout"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            groups = [self.score(problem, group) for problem, group in zip(problems, completions)]
+            scored = [s for g in groups for s in g]
+            out.generated += scored
+            out.scores += [s.reward for s in scored]
+            if rc.overlong_buffer:
+                lengths = torch.tensor([s.num_tokens for s in scored])
+                penalties = overlong_penalty(lengths, rc.overlong_limit, rc.overlong_buffer)
+                for s, penalty in zip(scored, penalties.tolist()):
+                    s.reward += penalty
+            out.rounds += 1
+            if rc.dynamic_sampling:
+                informative = informative_groups(torch.tensor([[s.reward for s in g] for g in groups]))
+                out.dropped_groups += len(groups) - int(informative.sum())
+                groups = [g for g, keep in zip(groups, informative.tolist()) if keep]
+            out.groups += groups
+            times["reward"] += time.perf_counter() - t
+            if len(out.groups) >= rc.prompts_per_step:
+                break
+        if len(out.groups) < rc.prompts_per_step:
+            self.tracker.print_line(f"step {step}: dynamic sampling kept {len(out.groups)} of "
+                                    f"{rc.prompts_per_step} groups after {out.rounds - 1} extra "
+                                    f"rounds; training on those")
+        out.groups = out.groups[:rc.prompts_per_step]
+        for g, group in enumerate(out.groups):
+            for s in group:
+                s.group = g
+        return out
+
+    def score(self, problem: Problem, completions: list) -> list[Sample]:
+        """One group of samples, rewarded with the task score."""
+        prompt_ids = self.encode_prompt(problem.prompt)
+        return [Sample(prompt_ids=prompt_ids, response_ids=c.ids,
+                       reward=self.task.score(self.decode_response(c.ids), problem),
+                       truncated=c.truncated, rollout_logp=c.logprobs) for c in completions]
+
     def rl_step(self, step: int) -> dict[str, float]:
         cfg, lc = self.cfg, self.cfg.learner
-        times: dict[str, float] = {}
-        t = time.perf_counter()
-        problems = self.prompts_for_step(step)
-        groups = self.generate(problems, cfg.rollout.n, cfg.rollout.temperature,
-                               derive_seed(cfg.seed, "rollout", step))
-        times["rollout"] = time.perf_counter() - t
+        times = {"rollout": 0.0, "reward": 0.0}
+        rollouts = self.collect(step, times)
+        selection: dict[str, float] = {}
+        if not rollouts.groups:  # dynamic sampling kept nothing: no update this step
+            return self.step_metrics(rollouts, [], None, MetricSums(), times, selection)
 
         t = time.perf_counter()
-        samples: list[Sample] = []
-        prompt_ids = [self.encode_prompt(p.prompt) for p in problems]
-        for g, (problem, completions) in enumerate(zip(problems, groups)):
-            for c in completions:
-                reward = self.task.score(self.decode_response(c.ids), problem)
-                samples.append(Sample(prompt_ids=prompt_ids[g], response_ids=c.ids, group=g,
-                                      reward=reward, truncated=c.truncated,
-                                      rollout_logp=c.logprobs))
-        shape = (len(problems), cfg.rollout.n)
-        rewards = torch.tensor([s.reward for s in samples]).view(shape)
-        lengths = torch.tensor([s.num_tokens for s in samples]).view(shape)
-        advantages = self.algorithm.advantages(rewards, lengths).flatten()
-        for s, a in zip(samples, advantages.tolist()):
+        batch = [s for g in rollouts.groups for s in g]
+        shape = (len(rollouts.groups), cfg.rollout.n)
+        rewards = torch.tensor([s.reward for s in batch]).view(shape)
+        lengths = torch.tensor([s.num_tokens for s in batch]).view(shape)
+        advantages = self.algorithm.advantages(rewards, lengths)
+        for s, a in zip(batch, advantages.flatten().tolist()):
             s.advantages = torch.full((s.num_tokens,), a)
-        times["reward"] = time.perf_counter() - t
+        keep = self.algorithm.select_samples(advantages, step)
+        samples = batch
+        if keep is not None:
+            samples = [s for s, kept in zip(batch, keep.flatten().tolist()) if kept]
+            selection["selection/sample_frac"] = len(samples) / len(batch)
+        times["reward"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        parts = shard(samples, lc.num_learners, lc.micro_batch_size)
-        results = [r for part in self.learners.call(
-            "logprobs", per_rank=[(p, self.algorithm.needs.reference) for p in parts]) for r in part]
-        for s, r in zip(samples, results):
-            s.old_logp, s.ref_logp = r["logp"], r["ref_logp"]
-        entropy = torch.cat([r["entropy"] for r in results])
+        parts = self.shard(samples)
+        results = self.learners.call("logprobs", per_rank=[(p, self.algorithm.needs.reference)
+                                                           for p in parts])
+        entropies = {}
+        for rank, rank_results in zip(parts, results):
+            for micro, r in zip([m for m in rank if m], rank_results):
+                sizes = [s.num_tokens for s in micro]
+                refs = r["ref_logp"].split(sizes) if r["ref_logp"] is not None else [None] * len(micro)
+                for s, lp, h, ref in zip(micro, r["logp"].split(sizes), r["entropy"].split(sizes), refs):
+                    s.old_logp, s.ref_logp = lp, ref
+                    entropies[id(s)] = h
+        entropy = torch.cat([entropies[id(s)] for s in samples])
         for name, values in self.algorithm.token_inputs(entropy).items():
             for s, v in zip(samples, values.split([s.num_tokens for s in samples])):
                 s.extra[name] = v
+        sizes = [s.num_tokens for s in samples]
+        valid = None
+        if cfg.rollout.mask_truncated:
+            valid = torch.tensor([not s.truncated for s in samples]).repeat_interleave(torch.tensor(sizes))
+        mask = self.algorithm.token_mask(entropy, torch.cat([s.advantages for s in samples]), valid, step)
+        if mask is not None:
+            for s, m in zip(samples, mask.split(sizes)):
+                s.extra[TOKEN_MASK] = m
+            selection["selection/token_frac"] = mask.double().mean().item()
         times["logprob"] = time.perf_counter() - t
 
         t = time.perf_counter()
         update = MetricSums()
+        groups: dict[int, list[Sample]] = {}
+        for s in samples:
+            groups.setdefault(s.group, []).append(s)
+        group_lists = list(groups.values())
         for epoch in range(lc.epochs):
-            order = list(range(len(problems)))
+            order = list(range(len(group_lists)))
             random.Random(derive_seed(cfg.seed, "shuffle", step, epoch)).shuffle(order)
             # whole groups stay together; mini-batches are cut from the shuffled groups
-            shuffled = [s for g in order for s in samples[g * cfg.rollout.n:(g + 1) * cfg.rollout.n]]
+            shuffled = [s for g in order for s in group_lists[g]]
             for start in range(0, len(shuffled), lc.mini_batch_size):
                 mini = shuffled[start:start + lc.mini_batch_size]
                 merged = self.train_minibatch(self.learners, self.algorithm, mini)
@@ -199,7 +291,17 @@ class Trainer:
         t = time.perf_counter()
         self.sync_weights()
         times["weight_sync"] = time.perf_counter() - t
-        return self.step_metrics(samples, entropy, update, times)
+        return self.step_metrics(rollouts, samples, entropy, update, times, selection)
+
+    def compute_times(self) -> dict[str, float]:
+        """Seconds of generation, log-prob forward and update compute since the last
+        call, each from the slowest worker: a group's workers run in parallel."""
+        out: dict[str, float] = {}
+        for group in (self.rollout, self.learners):
+            for seconds in group.call("take_compute_times"):
+                for name, value in seconds.items():
+                    out[name] = max(out.get(name, 0.0), value)
+        return out
 
     def sync_weights(self) -> None:
         weights = self.learners.call("export_weights")[0]
@@ -209,26 +311,42 @@ class Trainer:
             weights = ray.put(weights)
         self.rollout.call("update_weights", weights)
 
-    def step_metrics(self, samples, entropy, update: MetricSums, times) -> dict[str, float]:
-        rewards = torch.tensor([s.reward for s in samples])
-        lengths = torch.tensor([s.num_tokens for s in samples], dtype=torch.float)
-        gap = torch.cat([(torch.tensor(s.rollout_logp) - s.old_logp).abs() for s in samples])
+    def step_metrics(self, rollouts: Rollouts, samples: list[Sample], entropy: torch.Tensor | None,
+                     update: MetricSums, times: dict[str, float],
+                     selection: dict[str, float]) -> dict[str, float]:
+        """Rewards, accuracy and lengths over every generated sample (the policy's
+        behaviour); entropy and log-prob gaps over the samples trained on."""
+        rc = self.cfg.rollout
+        generated = rollouts.generated
+        rewards = torch.tensor([s.reward for s in generated])
+        lengths = torch.tensor([s.num_tokens for s in generated], dtype=torch.float)
         n_tokens = int(lengths.sum())
         step_time = sum(times.values())
         out = {
             "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item() if len(samples) > 1 else 0.0,
-            f"accuracy/{self.cfg.task.name}": (rewards == 1).float().mean().item(),
+            "reward/std": rewards.std().item() if len(generated) > 1 else 0.0,
+            f"accuracy/{self.cfg.task.name}": (torch.tensor(rollouts.scores) == 1).float().mean().item(),
             "response_length/mean": lengths.mean().item(),
             "response_length/max": lengths.max().item(),
-            "response_length/clipped_frac": sum(s.truncated for s in samples) / len(samples),
-            "rollout_entropy": entropy.mean().item(),
-            "logprob_gap/rollout_vs_learner_mean": gap.mean().item(),
-            "logprob_gap/rollout_vs_learner_max": gap.max().item(),
+            "response_length/clipped_frac": sum(s.truncated for s in generated) / len(generated),
             "tokens": n_tokens,
             "tokens_per_sec": n_tokens / step_time,
             "time/step": step_time,
         }
+        if samples:
+            gap = torch.cat([(torch.tensor(s.rollout_logp) - s.old_logp).abs() for s in samples])
+            out.update({"rollout_entropy": entropy.mean().item(),
+                        "logprob_gap/rollout_vs_learner_mean": gap.mean().item(),
+                        "logprob_gap/rollout_vs_learner_max": gap.max().item()})
+        if rc.overlong_buffer:
+            out["overlong/penalty_mean"] = overlong_penalty(lengths, rc.overlong_limit,
+                                                            rc.overlong_buffer).mean().item()
+        if rc.dynamic_sampling:
+            out["dynamic_sampling/dropped_group_frac"] = (
+                rollouts.dropped_groups / (rollouts.rounds * rc.prompts_per_step))
+            out["dynamic_sampling/extra_rounds"] = rollouts.rounds - 1
+            out["dynamic_sampling/kept_groups"] = len(rollouts.groups)
+        out.update(selection)
         out.update({f"time/{k}": v for k, v in times.items()})
         out.update(update.result())
         return out
@@ -239,7 +357,7 @@ class Trainer:
         tag = f"step_{step}"
         self.learners.call("save_checkpoint", str(ckpt_dir), tag)
         state = {"step": step,
-                 "data_position": step * self.cfg.rollout.prompts_per_step,
+                 "data_position": self.data_position,
                  "python_rng": random.getstate(),
                  "torch_rng": torch.get_rng_state().tolist()}
         (ckpt_dir / tag / "trainer_state.json").write_text(json.dumps(state))
@@ -257,6 +375,7 @@ class Trainer:
         version, internal, gauss = state["python_rng"]  # JSON turned the tuples into lists
         random.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self.data_position = state["data_position"]
         self.sync_weights()
 
     # ----- the whole job -----------------------------------------------------------
@@ -297,6 +416,7 @@ class Trainer:
             self.tracker.log(after, step=0)
         for step in range(first, cfg.steps + 1):
             metrics = self.rl_step(step)
+            metrics.update(overhead_metrics(metrics, self.compute_times()))
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 after = self.evaluate()
                 metrics.update(after)
@@ -338,6 +458,17 @@ class Trainer:
         self.rollout = self.learners = None
         if self.tracker is not None:
             self.tracker.close()
+
+
+def overhead_metrics(metrics: dict[str, float], compute: dict[str, float]) -> dict[str, float]:
+    """The workers' compute seconds in an RL step, and the framework overhead: what
+    the step's wall time spent beyond that compute, the reward phase and the weight
+    sync (none when dynamic sampling dropped every group)."""
+    out = {f"time/compute/{name}": compute.get(name, 0.0) for name in ("generate", "logprob", "update")}
+    step = metrics["time/step"]
+    overhead = step - sum(out.values()) - metrics["time/reward"] - metrics.get("time/weight_sync", 0.0)
+    out.update({"time/framework_overhead": overhead, "time/framework_overhead_frac": overhead / step})
+    return out
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:

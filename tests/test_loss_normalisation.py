@@ -1,8 +1,9 @@
 """The GRPO loss and its gradients do not depend on how a mini-batch is cut.
 
 One mini-batch of 8 sequences of different lengths (2 groups of 4) is trained
-on DeepSpeed learners split into 1, 2 and 4 micro-batches per rank, on 1 rank
-(in this process) and on 2 ranks (Ray actors, gloo). Loss, gradients (ZeRO-0)
+on DeepSpeed learners split into 1, 2 and 4 micro-batches per rank (by sequence
+count when padded, by token budget when packed into one row), on 1 rank (in
+this process) and on 2 ranks (Ray actors, gloo). Loss, gradients (ZeRO-0)
 and the global gradient norm (ZeRO-2) must equal an independent computation of
 the formula with full logits: l = max(-A*rho, -A*clip(rho, 0.8, 1.2)) per
 token, aggregated by token-mean, seq-mean-token-mean or balanced aggregation.
@@ -86,8 +87,10 @@ def reference(model_dir, samples, loss_agg: str = "token-mean"):
     return loss.item(), grads, norm
 
 
-def learner_group(model_dir, world: int, zero_stage: int, loss_agg: str = "token-mean") -> WorkerGroup:
+def learner_group(model_dir, world: int, zero_stage: int, loss_agg: str = "token-mean",
+                  packing: str = "padded") -> WorkerGroup:
     cfg = TrainConfig(mode="ray" if world > 1 else "inprocess")
+    cfg.learner.packing = packing
     cfg.learner.num_learners = world
     cfg.learner.zero_stage = zero_stage
     cfg.learner.grad_clip = 0.0
@@ -95,8 +98,8 @@ def learner_group(model_dir, world: int, zero_stage: int, loss_agg: str = "token
                                use_ray=world > 1)
 
 
-def run_split(group: WorkerGroup, samples, micro: int, apply: bool):
-    parts = shard(samples, len(group), micro)
+def run_split(group: WorkerGroup, samples, apply: bool, **split):
+    parts = shard(samples, len(group), **split)
     results = group.call("train_minibatch", per_rank=[(p, apply) for p in parts])
     merged = results[0]
     for m in results[1:]:
@@ -112,17 +115,24 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("world, loss_agg", [(1, "token-mean"), (2, "token-mean"),
-                                             (2, "seq-mean-token-mean"), (2, "balanced")])
-def test_loss_and_gradients_match_formula_for_every_split(model_dir, world, loss_agg, request):
+# The 8 sequences hold 78 prompt + response tokens; the longest is 13 (12 splits it off alone).
+SPLITS = {"padded": [dict(max_seqs=m) for m in (8, 4, 2)],  # per rank: 1, 2, 4 micro-batches
+          "packed": [dict(max_tokens=t) for t in (None, 40, 20, 12)]}
+
+
+@pytest.mark.parametrize("world, loss_agg, packing", [
+    (1, "token-mean", "padded"), (1, "token-mean", "packed"), (2, "token-mean", "padded"),
+    (2, "seq-mean-token-mean", "padded"), (2, "balanced", "padded"), (2, "balanced", "packed")])
+def test_loss_and_gradients_match_formula_for_every_split(model_dir, world, loss_agg, packing,
+                                                          request):
     if world > 1:
         request.getfixturevalue("ray_cluster")
     samples = make_samples(loss_agg=loss_agg)
     ref_loss, ref_grads, _ = reference(model_dir, samples, loss_agg)
-    group = learner_group(model_dir, world, zero_stage=0, loss_agg=loss_agg)
+    group = learner_group(model_dir, world, zero_stage=0, loss_agg=loss_agg, packing=packing)
     try:
-        for micro in (8 // world, 4 // world, 2 // world):  # 1, 2 and 4 micro-batches per rank
-            metrics = run_split(group, samples, micro, apply=False)
+        for split in SPLITS[packing]:
+            metrics = run_split(group, samples, apply=False, packed=packing == "packed", **split)
             assert metrics["loss"] == pytest.approx(ref_loss, rel=RTOL, abs=ATOL)
             grads = group.call("gradients")[0]
             group.call("zero_grad")
@@ -139,7 +149,7 @@ def test_zero2_two_ranks_grad_norm_matches_formula(model_dir, ray_cluster):
     for world in (1, 2):
         group = learner_group(model_dir, world, zero_stage=2)
         try:
-            metrics = run_split(group, samples, micro=2, apply=True)
+            metrics = run_split(group, samples, apply=True, max_seqs=2)
         finally:
             group.shutdown()
         assert metrics["loss"] == pytest.approx(ref_loss, rel=RTOL, abs=ATOL)

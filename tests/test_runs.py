@@ -19,6 +19,22 @@ def assert_same_metrics(a: dict, b: dict, steps):
             assert b[step][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
 
 
+def assert_step_time_adds_up(run_dir):
+    """The workers' compute fits in the controller's wall time of its phase (nothing
+    from evaluation leaks into the next step), and compute, reward, weight sync and
+    framework overhead make up the step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in (r for r in rows if r["step"] > 0):
+        compute = {name: row[f"time/compute/{name}"] for name in ("generate", "logprob", "update")}
+        assert 0 < compute["generate"] <= row["time/rollout"], row["step"]
+        assert 0 < compute["logprob"] <= row["time/logprob"], row["step"]
+        assert 0 < compute["update"] <= row["time/update"], row["step"]
+        overhead = row["time/framework_overhead"]
+        parts = sum(compute.values()) + row["time/reward"] + row["time/weight_sync"] + overhead
+        assert parts == pytest.approx(row["time/step"]) and overhead >= 0
+        assert row["time/framework_overhead_frac"] == pytest.approx(overhead / row["time/step"])
+
+
 def test_inprocess_and_ray_give_the_same_metrics(tmp_path):
     local = run_train(tmp_path / "inprocess", "mode=inprocess")
     on_ray = run_train(tmp_path / "ray", "mode=ray")
@@ -28,6 +44,8 @@ def test_inprocess_and_ray_give_the_same_metrics(tmp_path):
     # the engine samples with the weights the learner holds after each sync
     assert max(a[s]["logprob_gap/rollout_vs_learner_max"] for s in range(1, 5)) < 1e-4
     assert_same_metrics(a, b, range(5))
+    assert_step_time_adds_up(local)
+    assert_step_time_adds_up(on_ray)
 
 
 def test_run_directory_contents(tmp_path):

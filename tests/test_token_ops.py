@@ -9,19 +9,23 @@ from rlpost.token_ops import chunked_logprobs
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_matches_naive(chunk, temperature):
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("zero3", [False, True])
+def test_chunked_matches_naive(chunk, temperature, bias, zero3):
     torch.manual_seed(0)
     n, h, v = 50, 16, 97
-    head = torch.nn.Linear(h, v, bias=False)
+    head = torch.nn.Linear(h, v, bias=bias)
+    if zero3:
+        head.weight.ds_id = 0  # what DeepSpeed marks ZeRO-3 partitioned parameters with
     hidden = torch.randn(n, h, requires_grad=True)
     targets = torch.randint(0, v, (n,))
     weights = torch.randn(n)
 
     logp, ent = chunked_logprobs(hidden, head, targets, chunk_size=chunk, temperature=temperature)
     ((logp * weights).sum() + ent.sum()).backward()
-    got = (hidden.grad.clone(), head.weight.grad.clone())
+    got = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+    head.zero_grad()
     hidden.grad = None
-    head.weight.grad = None
 
     logits = head(hidden) / temperature
     full = logits.log_softmax(-1)
@@ -33,6 +37,22 @@ def test_chunked_matches_naive(chunk, temperature):
     torch.testing.assert_close(ent, ref_ent, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[0], hidden.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], head.weight.grad, rtol=1e-5, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(got[2], head.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_through_log_probs_only():
+    """Entropy as a metric (no gradient through it), as in the clipped RL loss."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 33, bias=False)
+    hidden = torch.randn(20, 8, requires_grad=True)
+    targets = torch.randint(0, 33, (20,))
+    logp, _ = chunked_logprobs(hidden, head, targets, chunk_size=6)
+    logp.sum().backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    head(hidden).log_softmax(-1).gather(-1, targets[:, None]).sum().backward()
+    torch.testing.assert_close(got, hidden.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_entropy_of_uniform_is_log_vocab():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from rlpost.algorithms import TokenTensors, build_algorithm
+from rlpost.attention import packed_kwargs, use_varlen_attention, varlen_available
 from rlpost.batch import Sample, collate
 from rlpost.config import TrainConfig
 from rlpost.metrics import MetricSums
@@ -29,8 +32,9 @@ class PolicyModel(nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, pred_pos, targets, temperature: float = 1.0):
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids, pred_pos, targets, temperature: float = 1.0, **attention):
+        """`attention`: `packed_kwargs` of the micro-batch (mask, or positions and cu_seqlens)."""
+        hidden = self.lm.base_model(input_ids=input_ids, use_cache=False, **attention).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_pos)
         return chunked_logprobs(hidden, self.lm.get_output_embeddings(), targets,
                                 self.chunk_size, temperature)
@@ -51,6 +55,33 @@ class LRSchedule:
             progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
             return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
+
+
+class ComputeClock:
+    """Seconds a worker spends in its compute (generation, forward, backward,
+    optimizer step), summed per name until taken: the controller compares them
+    with its wall times to see what the framework itself costs."""
+
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        # CUDA runs asynchronously: without a barrier on both sides, kernels queued
+        # before the region would count in it and its own would count after it.
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def take(self) -> dict[str, float]:
+        """The sums since the last take."""
+        seconds, self.seconds = self.seconds, {}
+        return seconds
 
 
 def set_threads() -> None:
@@ -87,6 +118,7 @@ class Learner:
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             torch.cuda.set_device(0)  # Ray gives each learner actor one GPU
+        self.clock = ComputeClock(cuda=on_gpu)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                    auto_mpi_discovery=False, rank=self.rank,
                                    world_size=self.world_size, distributed_port=master_port)
@@ -94,15 +126,22 @@ class Learner:
         lm = load_model(model_dir, cfg.model.dtype)
         if lc.gradient_checkpointing:
             lm.gradient_checkpointing_enable()
+        # "auto": pack where the varlen kernel exists. Elsewhere SDPA attends over a packed
+        # row's whole block mask, and padded micro-batches win for short responses
+        # (docs/performance.md).
+        varlen = varlen_available(torch.device("cuda" if on_gpu else "cpu"), lm.dtype)
+        self.packed = lc.packing == "packed" or (lc.packing == "auto" and varlen)
+        if self.packed and varlen:
+            use_varlen_attention(lm)
         policy = PolicyModel(lm, lc.logprob_chunk_size)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=schedule.lr, weight_decay=lc.weight_decay)
         # Adam moves every parameter by about lr on its first steps, whatever the
         # gradient's size; a linear warm-up keeps the first RL updates small.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
         ds_config = {
-            "train_micro_batch_size_per_gpu": lc.micro_batch_size,
-            # Accumulation boundaries are set by hand in train_minibatch, so that
-            # the number of micro-batches may vary between calls.
+            # Nominal: micro-batches are cut by token budget and accumulation
+            # boundaries are set by hand in train_minibatch, so both may vary.
+            "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": lc.grad_clip,
             "zero_optimization": {"stage": lc.zero_stage},
@@ -116,29 +155,33 @@ class Learner:
         self.device = self.engine.device
         self.ref = None
         if self.algorithm.needs.reference:
-            self.ref = PolicyModel(load_model(model_dir, cfg.model.dtype), lc.logprob_chunk_size)
+            ref_lm = load_model(model_dir, cfg.model.dtype)
+            if self.packed and varlen:
+                use_varlen_attention(ref_lm)
+            self.ref = PolicyModel(ref_lm, lc.logprob_chunk_size)
             self.ref.to(self.device).eval().requires_grad_(False)
 
-    def _inputs(self, batch: dict) -> tuple:
-        return tuple(batch[k].to(self.device) for k in ("input_ids", "attention_mask", "pred_pos", "targets"))
+    def _inputs(self, batch: dict) -> dict:
+        return {"input_ids": batch["input_ids"].to(self.device),
+                "pred_pos": batch["pred_pos"].to(self.device),
+                "targets": batch["targets"].to(self.device),
+                "temperature": self.temperature, **packed_kwargs(batch, self.device)}
 
     @torch.no_grad()
     def logprobs(self, micro_batches: list[list[Sample]], with_ref: bool = False) -> list[dict]:
-        """Per sequence: log-probs (and entropies, reference log-probs) of its response tokens."""
+        """Per micro-batch: log-probs, entropies (and reference log-probs) of its response
+        tokens, flat in sequence order (a few tensors cross back, not three per sequence)."""
         self.engine.eval()
         out = []
         for mb in micro_batches:
             if not mb:
                 continue
-            batch = collate(mb, self.pad_id)
-            inputs = self._inputs(batch)
-            logp, ent = self.engine(*inputs, temperature=self.temperature)
-            sizes = [s.num_tokens for s in mb]
-            refs = [None] * len(mb)
-            if with_ref and self.ref is not None:
-                refs = self.ref(*inputs, temperature=self.temperature)[0].cpu().split(sizes)
-            for lp, h, ref in zip(logp.cpu().split(sizes), ent.cpu().split(sizes), refs):
-                out.append({"logp": lp, "entropy": h, "ref_logp": ref})
+            inputs = self._inputs(collate(mb, self.pad_id, self.packed))
+            with self.clock("logprob"):
+                logp, ent = self.engine(**inputs)
+                ref = self.ref(**inputs)[0] if with_ref and self.ref is not None else None
+            out.append({"logp": logp.cpu(), "entropy": ent.cpu(),
+                        "ref_logp": ref.cpu() if ref is not None else None})
         self.engine.train()
         return out
 
@@ -156,26 +199,30 @@ class Learner:
         for i, mb in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             if mb:
-                batch = collate(mb, self.pad_id)
-                logp, entropy = self.engine(*self._inputs(batch), temperature=self.temperature)
+                batch = collate(mb, self.pad_id, self.packed)
+                inputs = self._inputs(batch)
                 get = lambda k: batch[k].to(self.device) if k in batch else None  # noqa: E731
-                t = TokenTensors(logp=logp, old_logp=get("old_logp"), advantages=get("advantages"),
-                                 entropy=entropy if needs.entropy_grad else entropy.detach(),
-                                 ref_logp=get("ref_logp"), seq_index=get("seq_index"),
-                                 extra={k: v.to(self.device) for k, v in batch["extra"].items()})
-                token_loss, token_metrics = self.algorithm.token_loss(t)
-                loss = (token_loss.double() * get("weights")).sum()
+                with self.clock("update"):
+                    logp, entropy = self.engine(**inputs)
+                    t = TokenTensors(logp=logp, old_logp=get("old_logp"), advantages=get("advantages"),
+                                     entropy=entropy if needs.entropy_grad else entropy.detach(),
+                                     ref_logp=get("ref_logp"), seq_index=get("seq_index"),
+                                     extra={k: v.to(self.device) for k, v in batch["extra"].items()})
+                    token_loss, token_metrics = self.algorithm.token_loss(t)
+                    loss = (token_loss.double() * get("weights")).sum()
                 metrics.add_total("loss", loss.item())
                 metrics.add_tokens("entropy", entropy)
                 for name, values in token_metrics.items():
                     metrics.add_tokens(name, values)
             else:  # keeps this rank's collectives in step with the others
                 loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters())
-            self.engine.backward((loss * self.world_size).float(), scale_wrt_gas=False)
+            with self.clock("update"):
+                self.engine.backward((loss * self.world_size).float(), scale_wrt_gas=False)
         if not apply:
             return metrics
         metrics.add_mean("lr", self.engine.get_lr()[0])
-        self.engine.step()
+        with self.clock("update"):
+            self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics.add_mean("grad_norm", float(grad_norm))
@@ -218,6 +265,12 @@ class Learner:
         path, _ = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         if path is None:
             raise FileNotFoundError(f"no learner checkpoint {tag!r} in {ckpt_dir}")
+
+    def take_compute_times(self) -> dict[str, float]:
+        return self.clock.take()
+
+    def is_packed(self) -> bool:
+        return self.packed
 
     def ping(self) -> int:
         return self.rank

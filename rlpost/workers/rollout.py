@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from rlpost.config import RolloutConfig
 from rlpost.engines.base import Completion
-from rlpost.workers.learner import set_threads
+from rlpost.workers.learner import ComputeClock, set_threads
 
 
 def make_engine(model_dir: str, cfg: RolloutConfig, dtype: str, seed: int):
@@ -21,16 +21,22 @@ class RolloutWorker:
         set_threads()
         self.rank = rank
         self.engine = make_engine(model_dir, cfg, dtype, seed)
+        # engines hand back host lists, so no CUDA barrier is needed around them
+        self.clock = ComputeClock()
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int) -> list[list[Completion]]:
-        return self.engine.generate(prompts, n, temperature, top_p, max_new_tokens, seed)
+        with self.clock("generate"):
+            return self.engine.generate(prompts, n, temperature, top_p, max_new_tokens, seed)
 
     def update_weights(self, state_dict) -> None:
         self.engine.update_weights(state_dict)
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return self.engine.sequence_logprobs(sequences)
+
+    def take_compute_times(self) -> dict[str, float]:
+        return self.clock.take()
 
     def ping(self) -> int:
         return self.rank

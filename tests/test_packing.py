@@ -1,0 +1,56 @@
+"""Micro-batch planning and packed collation."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rlpost.batch import Sample, collate, plan
+
+
+def test_plan_hand_example():
+    lengths = [5, 9, 3, 7, 2, 6]
+    # longest first, each to the lighter rank: r0 = 9, 5, 2 (16); r1 = 7, 6, 3 (16)
+    # packed, budget 10, first fit: r0 -> [9], [5, 2]; r1 -> [7, 3], [6]
+    assert plan(lengths, 2, max_tokens=10) == [[[1], [0, 4]], [[3, 2], [5]]]
+    # padded, budget 12 (longest x count): r0 -> [9], [5, 2]; r1 -> [7], [6, 3]
+    assert plan(lengths, 2, max_tokens=12, packed=False) == [[[1], [0, 4]], [[3], [5, 2]]]
+    # a sequence over the budget gets its own micro-batch; ranks are padded with empty ones
+    assert plan([20, 1, 1], 2, max_tokens=4) == [[[0]], [[1, 2]]]
+    assert plan([3, 3, 3], 2, max_seqs=1) == [[[0], [2]], [[1], []]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("packed", [True, False])
+def test_plan_properties(seed, packed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(5, 40), rng.randint(100, 400)]) for _ in range(rng.randint(1, 60))]
+    ranks, budget, cap = rng.randint(1, 4), rng.randint(64, 1024), rng.choice([None, 3])
+    out = plan(lengths, ranks, max_tokens=budget, max_seqs=cap, packed=packed)
+    assert len(out) == ranks and len({len(r) for r in out}) == 1
+    flat = sorted(i for r in out for m in r for i in m)
+    assert flat == list(range(len(lengths)))  # each sequence exactly once
+    for r in out:
+        for m in r:
+            cost = sum(lengths[i] for i in m) if packed else max(lengths[i] for i in m) * len(m) if m else 0
+            assert len(m) <= 1 or cost <= budget
+            assert cap is None or len(m) <= cap
+    loads = [sum(lengths[i] for m in r for i in m) for r in out]
+    assert max(loads) - min(loads) <= max(lengths)  # longest-first greedy balance
+
+
+def test_packed_collate_matches_padded():
+    samples = [Sample(prompt_ids=[1, 5, 6], response_ids=[7, 8]),
+               Sample(prompt_ids=[1, 4], response_ids=[9, 10, 11], advantages=None)]
+    packed, padded = collate(samples, 0, packed=True), collate(samples, 0)
+    assert packed["input_ids"].tolist() == [[1, 5, 6, 7, 8, 1, 4, 9, 10, 11]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]
+    assert packed["cu_seqlens"].tolist() == [0, 5, 10] and packed["max_seqlen"] == 5
+    # the hidden state before each response token: positions 2, 3 | 6, 7, 8
+    assert packed["pred_pos"].tolist() == [2, 3, 6, 7, 8]
+    assert padded["pred_pos"].tolist() == [2, 3, 6, 7, 8]  # width 5: row 1 starts at 5 as well
+    flat = padded["input_ids"].flatten()
+    assert torch.equal(flat[padded["pred_pos"] + 1], packed["targets"])
+    assert torch.equal(packed["targets"], torch.tensor([7, 8, 9, 10, 11]))
+    assert packed["seq_index"].tolist() == [0, 0, 1, 1, 1]
