@@ -26,18 +26,50 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_((a @ b).float())
 
 
+def _chunk_stats(z: torch.Tensor, targets: torch.Tensor):
+    """Log-prob of the target, entropy and log-normaliser of each row of logits z (fp32)."""
+    lz = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lz
+    log_q = z.sub_(lz[:, None])
+    return logp, -(log_q.exp() * log_q).sum(-1), lz
+
+
+def _chunk_grad(z: torch.Tensor, lz, entropy, targets, grad_logp, grad_entropy, inv_t: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d (pre-temperature) logits of a chunk, in `dtype`.
+
+    d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H)."""
+    log_q = z.sub_(lz[:, None])
+    g = log_q.add(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])
+    g = g.mul_(log_q.exp_()).neg_()
+    g.scatter_add_(-1, targets[:, None], grad_logp[:, None])
+    return g.mul_(inv_t).to(dtype)
+
+
+# On CUDA the elementwise passes over each [chunk x vocab] tensor are fused into a
+# few kernels; elsewhere (and for tests) they run eagerly.
+_compiled: dict = {}
+
+
+def _kernels(device: torch.device):
+    if device.type != "cuda":
+        return _chunk_stats, _chunk_grad
+    if not _compiled:
+        _compiled["stats"] = torch.compile(_chunk_stats, dynamic=True)
+        _compiled["grad"] = torch.compile(_chunk_grad, dynamic=True)
+    return _compiled["stats"], _compiled["grad"]
+
+
 class _ChunkedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk_size: int):
         n = hidden.shape[0]
+        stats, _ = _kernels(hidden.device)
         logp, entropy, log_z = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
         for s in range(0, n, chunk_size):
             z = _logits(hidden[s:s + chunk_size], weight, bias, temperature)
-            lz = torch.logsumexp(z, dim=-1)
-            logp[s:s + chunk_size] = z.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - lz
-            log_q = z.sub_(lz[:, None])
-            entropy[s:s + chunk_size] = -(log_q.exp() * log_q).sum(-1)
-            log_z[s:s + chunk_size] = lz
+            logp[s:s + chunk_size], entropy[s:s + chunk_size], log_z[s:s + chunk_size] = \
+                stats(z, targets[s:s + chunk_size])
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return logp, entropy
@@ -46,24 +78,19 @@ class _ChunkedLogProb(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        _, grad_of = _kernels(hidden.device)
+        zeros = torch.zeros_like(log_z)
+        grad_logp = zeros if grad_logp is None else grad_logp.float()
+        grad_entropy = zeros if grad_entropy is None else grad_entropy.float()
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             e = s + ctx.chunk_size
             h = hidden[s:e]
-            log_q = _logits(h, weight, bias, ctx.temperature).sub_(log_z[s:e, None])
-            p = log_q.exp()
-            # d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H)
-            g = torch.zeros_like(p)
-            if grad_logp is not None:
-                g.sub_(p * grad_logp[s:e, None])
-                g.scatter_add_(-1, targets[s:e, None], grad_logp[s:e, None])
-            if grad_entropy is not None:
-                g.sub_(log_q.add_(entropy[s:e, None]).mul_(p).mul_(grad_entropy[s:e, None]))
-            if ctx.temperature != 1.0:
-                g.div_(ctx.temperature)
-            g = g.to(weight.dtype)
+            g = grad_of(_logits(h, weight, bias, ctx.temperature), log_z[s:e], entropy[s:e],
+                        targets[s:e], grad_logp[s:e], grad_entropy[s:e], 1.0 / ctx.temperature,
+                        weight.dtype)
             if want_h:
                 grad_h[s:e] = g @ weight
             if want_w:
