@@ -101,8 +101,8 @@ def _vm_hwm_bytes() -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
-def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median seconds of `fn()` after `warmup` untimed calls, and every timing."""
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn()` after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -114,7 +114,7 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[floa
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), times
+    return statistics.median(times)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

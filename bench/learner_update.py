@@ -213,7 +213,7 @@ def run_arm(name: str, args, model_dir: str, samples, device, dtype, micro: int)
         update()  # warm-up: kernels, optimizer state
         with peak_memory(device) as mem:
             update()
-        seconds, _ = timed(update, device, args.repeats, warmup=0)
+        seconds = timed(update, device, args.repeats, warmup=0)
         return {"arm": label, "seconds": seconds, "peak": mem["bytes"]}
     finally:
         del holder, update

@@ -88,7 +88,7 @@ def main() -> None:
             head.weight.grad = None
         with peak_memory(device) as mem:
             step()
-        seconds, _ = timed(step, device, args.repeats, warmup=0)
+        seconds = timed(step, device, args.repeats, warmup=0)
         hidden.grad = weight.grad = None
         if head is not None:
             head.weight.grad = None
