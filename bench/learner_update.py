@@ -63,13 +63,6 @@ def make_samples(args, vocab: int):
     return samples
 
 
-def ds_config(args, bf16: bool) -> dict:
-    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "gradient_clipping": 1.0, "zero_optimization": {"stage": args.zero_stage},
-            "bf16": {"enabled": bf16}, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31}
-
-
 def surrogate(logp, old_logp, adv):
     ratio = torch.exp(logp - old_logp)
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
@@ -192,19 +185,17 @@ def run_arm(name: str, args, model_dir: str, samples, device, dtype, micro: int)
         holder, label, update = rlpost_arm(args, model_dir, samples, name.partition(":")[2] or "auto")
     else:
         from rlpost.workers.group import free_port
+        from rlpost.workers.learner import deepspeed_config, join_process_group
 
-        port = free_port()
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
-        deepspeed.init_distributed("nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, distributed_port=port)
+        join_process_group(0, 1, "127.0.0.1", free_port())
         lm = load_model(model_dir, "bfloat16" if dtype == torch.bfloat16 else "float32")
         if args.gradient_checkpointing:
             lm.gradient_checkpointing_enable()
         module = NaiveLoss(lm) if name == "naive" else TRLLoss(lm)
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6)
         holder, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                          config=ds_config(args, dtype == torch.bfloat16))
+                                          config=deepspeed_config(args.zero_stage, 1.0,
+                                                                  dtype == torch.bfloat16))
         make = naive_batches if name == "naive" else trl_batches
         batches = make(samples, micro)
         label = f"{name} (padded, {len(batches)} micro)"

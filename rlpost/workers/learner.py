@@ -84,6 +84,32 @@ class ComputeClock:
         return seconds
 
 
+def join_process_group(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    """This process's place in the learners' torch.distributed group (NCCL on CUDA, else gloo)."""
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False, rank=rank, world_size=world_size,
+                               distributed_port=master_port)
+
+
+def deepspeed_config(zero_stage: int, grad_clip: float, bf16: bool) -> dict:
+    return {
+        # Nominal: micro-batches are cut by token budget and accumulation
+        # boundaries are set by hand in train_minibatch, so both may vary.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31,
+        "wall_clock_breakdown": False,
+    }
+
+
 def set_threads() -> None:
     # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; rollout and learning
     # take turns, so each may use every core of the machine.
@@ -110,8 +136,6 @@ class Learner:
         return address, free_port()
 
     def setup(self, master_addr: str, master_port: int) -> None:
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         import deepspeed
 
         cfg, model_dir, schedule = self.cfg, self.model_dir, self.schedule
@@ -119,9 +143,7 @@ class Learner:
         if on_gpu:
             torch.cuda.set_device(0)  # Ray gives each learner actor one GPU
         self.clock = ComputeClock(cuda=on_gpu)
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
-                                   auto_mpi_discovery=False, rank=self.rank,
-                                   world_size=self.world_size, distributed_port=master_port)
+        join_process_group(self.rank, self.world_size, master_addr, master_port)
         lc = cfg.learner
         lm = load_model(model_dir, cfg.model.dtype)
         if lc.gradient_checkpointing:
@@ -138,18 +160,7 @@ class Learner:
         # Adam moves every parameter by about lr on its first steps, whatever the
         # gradient's size; a linear warm-up keeps the first RL updates small.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
-        ds_config = {
-            # Nominal: micro-batches are cut by token budget and accumulation
-            # boundaries are set by hand in train_minibatch, so both may vary.
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": lc.grad_clip,
-            "zero_optimization": {"stage": lc.zero_stage},
-            "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31,
-            "wall_clock_breakdown": False,
-        }
+        ds_config = deepspeed_config(lc.zero_stage, lc.grad_clip, cfg.model.dtype == "bfloat16")
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
         self.device = self.engine.device
