@@ -8,6 +8,8 @@ each chunk's logits to form its gradient in place. Peak memory is about two
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -46,18 +48,15 @@ def _chunk_grad(z: torch.Tensor, lz, entropy, targets, grad_logp, grad_entropy, 
     return g.mul_(inv_t).to(dtype)
 
 
-# On CUDA the elementwise passes over each [chunk x vocab] tensor are fused into a
-# few kernels; elsewhere (and for tests) they run eagerly.
-_compiled: dict = {}
+@functools.cache
+def _compiled_kernels():
+    return torch.compile(_chunk_stats, dynamic=True), torch.compile(_chunk_grad, dynamic=True)
 
 
 def _kernels(device: torch.device):
-    if device.type != "cuda":
-        return _chunk_stats, _chunk_grad
-    if not _compiled:
-        _compiled["stats"] = torch.compile(_chunk_stats, dynamic=True)
-        _compiled["grad"] = torch.compile(_chunk_grad, dynamic=True)
-    return _compiled["stats"], _compiled["grad"]
+    # On CUDA the elementwise passes over each [chunk x vocab] tensor are fused into a
+    # few kernels; elsewhere (and for tests) they run eagerly.
+    return _compiled_kernels() if device.type == "cuda" else (_chunk_stats, _chunk_grad)
 
 
 class _ChunkedLogProb(torch.autograd.Function):
