@@ -338,9 +338,9 @@ class Trainer:
             out.update({"rollout_entropy": entropy.mean().item(),
                         "logprob_gap/rollout_vs_learner_mean": gap.mean().item(),
                         "logprob_gap/rollout_vs_learner_max": gap.max().item()})
-        if rc.overlong_buffer:
-            out["overlong/penalty_mean"] = overlong_penalty(lengths, rc.overlong_limit,
-                                                            rc.overlong_buffer).mean().item()
+        if rc.overlong_buffer:  # collect added the penalty to each task score
+            out["overlong/penalty_mean"] = sum(s.reward - score for s, score in
+                                               zip(generated, rollouts.scores)) / len(generated)
         if rc.dynamic_sampling:
             out["dynamic_sampling/dropped_group_frac"] = (
                 rollouts.dropped_groups / (rollouts.rounds * rc.prompts_per_step))
