@@ -37,3 +37,14 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
         rows.setdefault(row["step"], {}).update(
             {k: v for k, v in row.items() if not k.startswith(UNTIMED) and k != "step"})
     return rows
+
+
+def assert_gradients_match(learners, reference: dict, rtol: float, atol: float) -> None:
+    """The learners' summed gradients (rank 0, ZeRO-0) equal `reference`; then cleared."""
+    import torch
+
+    grads = learners.call("gradients")[0]
+    learners.call("zero_grad")
+    assert set(grads) == set(reference)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=rtol, atol=atol, msg=name)

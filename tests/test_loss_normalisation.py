@@ -20,6 +20,7 @@ from rlpost.config import ModelConfig, TrainConfig
 from rlpost.models import load_model, materialise_initial_model
 from rlpost.workers.group import WorkerGroup
 from rlpost.workers.learner import LRSchedule, start_learner_group
+from run_helpers import assert_gradients_match
 
 RTOL, ATOL = 1e-5, 1e-7
 
@@ -134,11 +135,7 @@ def test_loss_and_gradients_match_formula_for_every_split(model_dir, world, loss
         for split in SPLITS[packing]:
             metrics = run_split(group, samples, apply=False, packed=packing == "packed", **split)
             assert metrics["loss"] == pytest.approx(ref_loss, rel=RTOL, abs=ATOL)
-            grads = group.call("gradients")[0]
-            group.call("zero_grad")
-            assert set(grads) == set(ref_grads)
-            for name, g in grads.items():
-                torch.testing.assert_close(g, ref_grads[name], rtol=RTOL, atol=ATOL, msg=name)
+            assert_gradients_match(group, ref_grads, RTOL, ATOL)
     finally:
         group.shutdown()
 
