@@ -6,7 +6,9 @@ An algorithm is pure tensor code in three parts, each run where its inputs live:
   batch ([prompts, group] rewards and response lengths -> [prompts, group]
   sequence advantages). Then, optionally and also over the whole rollout batch,
   `select_samples` (which rollouts train) and, once the old policy's entropies
-  are known, `token_inputs` and `token_mask` (which tokens enter the loss).
+  are known, `token_inputs`, `token_mask` (which tokens enter the loss),
+  `position_weights` (TW-GRPO) and `sampling_rule` (a per-token temperature
+  for the next rollout batch, HAPO).
 - `token_weights(batch)`: on the controller, over one whole optimizer-step
   mini-batch, *before* it is split into micro-batches and learner ranks. The
   loss of the mini-batch is sum_tokens weight * token_loss, so every
@@ -20,10 +22,13 @@ to compute (reference log-probs, entropy with gradient).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from rlpost.algorithms.hapo import TemperatureRule
 
 
 class AlgoConfig(BaseModel):
@@ -34,12 +39,16 @@ class AlgoConfig(BaseModel):
 # to `MiniBatchView.token_mask`. It also reaches `TokenTensors.extra`, where it is not
 # needed: the weights already hold it.
 TOKEN_MASK = "token_mask"
+# Key of `Sample.extra` that carries per-token multipliers of the aggregation weights
+# (TW-GRPO's position weights) to `MiniBatchView.token_scale`.
+TOKEN_SCALE = "token_scale"
 
 
 @dataclass(frozen=True)
 class Needs:
     reference: bool = False  # log-probs of a frozen reference policy
     entropy_grad: bool = False  # entropy enters the loss (not only metrics)
+    position_divergence: bool = False  # per group and response position (TW-GRPO)
 
 
 @dataclass
@@ -58,6 +67,8 @@ class MiniBatchView:
     # [T] bool, the tokens that enter the loss; None: all. Aggregations drop the
     # others from every normaliser (see aggregation.aggregate).
     token_mask: torch.Tensor | None = None
+    # [T] multipliers of the tokens' aggregation weights; None: all 1
+    token_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,6 +115,16 @@ class Algorithm:
         whole rollout batch from the old policy's entropies [T] (flat, in sequence
         order), so that batch statistics do not depend on the split."""
         return {}
+
+    def position_weights(self, divergence: torch.Tensor) -> torch.Tensor:
+        """Weights [L] of a group's response positions from their divergence D_t [L]
+        (`Learner.position_divergence`), when `needs.position_divergence`."""
+        raise NotImplementedError
+
+    def sampling_rule(self, entropy: torch.Tensor) -> "TemperatureRule | None":
+        """A per-token temperature rule for the *next* rollout batch, from this batch's
+        old-policy entropies at the base temperature; None: plain temperature."""
+        return None
 
     def weight_metrics(self, batch: MiniBatchView, weights: torch.Tensor) -> dict[str, float]:
         """Per-mini-batch diagnostics of the aggregation weights (logged as step means)."""

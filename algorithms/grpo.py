@@ -12,7 +12,7 @@ from rlpost.algorithms.advantages import ADVANTAGES, AdvantageName
 from rlpost.algorithms.aggregation import aggregate, side_weights
 from rlpost.algorithms.base import AlgoConfig, Algorithm, MiniBatchView, Needs, TokenTensors
 from rlpost.algorithms.selection import (d3s_token_mask, entropy_quantile_mask, linear_schedule,
-                                         max_variance_subset, subset_size)
+                                         max_variance_subset, position_weights, subset_size)
 
 
 class D3SConfig(AlgoConfig):
@@ -43,6 +43,8 @@ class GRPOConfig(AlgoConfig):
     d3s: D3SConfig = Field(default_factory=D3SConfig)
     entropy_mask_rho: float = Field(0.2, gt=0, le=1, description="entropy_mask keeps H >= the "
                                     "(1 - rho) quantile over the rollout batch")
+    tw_alpha: float | None = Field(None, ge=1, description="TW-GRPO position weights in "
+                                   "[1, tw_alpha] (1.7 in the paper); None: off")
 
     @model_validator(mode="after")
     def _consistent(self) -> "GRPOConfig":
@@ -95,7 +97,8 @@ class GRPO(Algorithm):
 
     def __init__(self, cfg: GRPOConfig):
         super().__init__(cfg)
-        self.needs = Needs(reference=cfg.kl_coef > 0, entropy_grad=cfg.entropy_coef > 0)
+        self.needs = Needs(reference=cfg.kl_coef > 0, entropy_grad=cfg.entropy_coef > 0,
+                           position_divergence=cfg.tw_alpha is not None)
 
     def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return ADVANTAGES[self.cfg.advantage](rewards, lengths, self.cfg.std_eps)
@@ -118,8 +121,15 @@ class GRPO(Algorithm):
             return entropy_quantile_mask(entropy, c.entropy_mask_rho, valid)
         return valid
 
+    def position_weights(self, divergence: torch.Tensor) -> torch.Tensor:
+        return position_weights(divergence, self.cfg.tw_alpha)
+
     def token_weights(self, batch: MiniBatchView) -> torch.Tensor:
-        return aggregate(self.cfg.loss_agg, batch, self.cfg.loss_agg_constant)
+        """The aggregation's weights; TW-GRPO's position weights multiply them and leave
+        its normalisers (token / sequence counts) as they are (a decision: the paper
+        weights each token's term of the GRPO objective)."""
+        weights = aggregate(self.cfg.loss_agg, batch, self.cfg.loss_agg_constant)
+        return weights if batch.token_scale is None else weights * batch.token_scale
 
     def weight_metrics(self, batch: MiniBatchView, weights: torch.Tensor) -> dict[str, float]:
         # token-mean weighs the two sides by token share, BA by response count

@@ -18,8 +18,10 @@ Nature". All four parts are keyed to a normalised log-entropy h_hat in [-1, 1]:
 
 `hapo_token_loss` puts 3 and 4 into the PPO clipped surrogate with dual clip,
 and the `HAPO` algorithm (`algorithm.name: hapo`) trains with it: h_hat comes
-from the old policy's entropies over the whole rollout batch. Part 2 (adaptive
-temperature inside the rollout engines) is not wired into the engines yet.
+from the old policy's entropies over the whole rollout batch. For part 2 it hands
+the runtime a `TemperatureRule` (`sampling_rule`) built from each rollout batch's
+entropies; the rollout engines apply it to the next batch per token, and the
+learners score those tokens at the same per-token temperature.
 Every part can be switched off for ablation (tau = 0, adaptive_clip=False,
 redistribute=False or beta = 0, alpha = 0, dual_clip=None).
 
@@ -38,7 +40,7 @@ uses the previous rollout batch's), h_hat is clamped to [-1, 1].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 import torch
 from pydantic import Field
 
@@ -116,6 +118,36 @@ def adaptive_temperature(base_T: float | torch.Tensor, h_hat: torch.Tensor, tau:
     return base_T * (1.0 + tau * h_hat)
 
 
+@dataclass(frozen=True)
+class TemperatureRule:
+    """HAPO's adaptive temperature for one rollout batch: T_t = T (1 + tau h_hat_t), with
+    h_hat_t from the entropy at the base temperature T of the distribution the token is
+    drawn from, normalised by `stats` of the previous batch. One function serves both
+    rollout engines and the learners, so all three derive the same T_t."""
+
+    stats: EntropyStats
+    tau: float
+
+    def factor(self, entropy: torch.Tensor) -> torch.Tensor:
+        """T_t / T from the entropies at the base temperature."""
+        return adaptive_temperature(1.0, normalised_log_entropy(entropy, self.stats), self.tau)
+
+    def apply(self, scaled_logits: torch.Tensor) -> torch.Tensor:
+        """Logits already divided by the base temperature ([rows, vocab]) -> divided by
+        T_t instead; in place where possible. Rows of -inf entries (masked tokens) are fine."""
+        log_p = scaled_logits.float().log_softmax(-1)
+        p = log_p.exp()
+        entropy = -(p * log_p.nan_to_num(neginf=0.0)).sum(-1)
+        return scaled_logits.div_(self.factor(entropy).to(scaled_logits.dtype)[:, None])
+
+    def to_dict(self) -> dict:
+        return {"stats": asdict(self.stats), "tau": self.tau}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TemperatureRule":
+        return cls(EntropyStats(**d["stats"]), d["tau"])
+
+
 def adaptive_clip_bounds(h_hat: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2,
                          alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (eps_low_t, eps_high_t):
@@ -181,6 +213,7 @@ class HAPOConfig(GRPOConfig):
 
     advantage: AdvantageName = "hapo"
     dual_clip: float | None = Field(10.0, gt=1)
+    tau: float = Field(0.05, ge=0, description="adaptive temperature strength; 0: plain T")
     entropy_quantile: float = Field(0.8, ge=0, le=1, description="q of the pivot")
     alpha: float = Field(1.0, ge=0, description="adaptive clip strength")
     beta: float = Field(1.0, ge=0, description="advantage redistribution strength")
@@ -195,6 +228,11 @@ class HAPO(GRPO):
     def token_inputs(self, entropy: torch.Tensor) -> dict[str, torch.Tensor]:
         stats = entropy_stats(entropy, q=self.cfg.entropy_quantile)
         return {"h_hat": normalised_log_entropy(entropy, stats)}
+
+    def sampling_rule(self, entropy: torch.Tensor) -> TemperatureRule | None:
+        if not self.cfg.tau:
+            return None
+        return TemperatureRule(entropy_stats(entropy, q=self.cfg.entropy_quantile), self.cfg.tau)
 
     def token_loss(self, t: TokenTensors):
         c = self.cfg

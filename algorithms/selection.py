@@ -12,6 +12,10 @@ weighs 0 and leaves every normaliser, see `aggregation.aggregate`).
   fraction of tokens by |A| * H; `linear_schedule` moves N (as a fraction of
   the group, via `subset_size`) and K from an aggressive to a mild value.
 - `entropy_quantile_mask`: keep tokens with H >= the (1 - rho) quantile.
+- TW-GRPO ("Reinforcing Video Reasoning with Focused Thinking"): a weight per
+  response position shared by a group, from how much the group's rollouts
+  disagree there (`position_divergence`, `position_weights`). Weights scale the
+  tokens' aggregation weights; they select nothing.
 
 `valid` arguments are the tokens that may enter the loss at all (e.g. not those
 of truncated responses); None means every token. Quantiles and fractions are
@@ -109,3 +113,23 @@ def entropy_quantile_mask(entropy: torch.Tensor, rho: float, valid: torch.Tensor
         h = entropy.detach()[idx]
         mask[idx] = h >= quantile_linear(h, 1.0 - rho)
     return mask
+
+
+def position_divergence(log_probs: torch.Tensor) -> torch.Tensor:
+    """TW-GRPO's D_t from one group's full-vocabulary log-probs [G, L, V] (rows past a
+    rollout's end hold the uniform distribution): the group mean of KL(p_i,t || g_t),
+    g_t the normalised geometric mean of the G distributions at t. Returns [L]."""
+    lp = log_probs.double()
+    mean_lp = lp.mean(0)
+    log_g = mean_lp - torch.logsumexp(mean_lp, dim=-1, keepdim=True)
+    return (lp.exp() * (lp - log_g)).sum(-1).mean(0)
+
+
+def position_weights(divergence: torch.Tensor, alpha: float) -> torch.Tensor:
+    """w_t = 1 + (alpha - 1) D_hat_t in [1, alpha], D_hat the min-max normalisation of D
+    over the group's positions. Decision: when D is the same at every position (e.g. a
+    single position) D_hat is 0 and every w_t is 1."""
+    d = divergence.double()
+    span = d.max() - d.min()
+    d_hat = (d - d.min()) / span if span > 0 else torch.zeros_like(d)
+    return 1.0 + (alpha - 1.0) * d_hat

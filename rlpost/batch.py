@@ -1,21 +1,28 @@
 """Samples, and how a mini-batch becomes learner micro-batches.
 
 A `Sample` is one prompt + response. Per-token fields (advantages, old and
-reference log-probs, aggregation weights) are 1-D tensors over the response
-tokens and travel flat. A micro-batch is either packed (all sequences end to
-end in one row, attention kept within each by position ids / cu_seqlens) or
-right-padded to its own longest sequence; `plan` cuts micro-batches by a token
-budget so that neither wastes compute on a fixed sequence count.
+reference log-probs, aggregation weights, per-token temperatures) are 1-D
+tensors over the response tokens and travel flat. A micro-batch is either
+packed (all sequences end to end in one row, attention kept within each by
+position ids / cu_seqlens) or right-padded to its own longest sequence;
+`plan` cuts micro-batches by a token budget so that neither wastes compute on a
+fixed sequence count.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from rlpost.algorithms.base import TOKEN_MASK, MiniBatchView
+from rlpost.algorithms.base import TOKEN_MASK, TOKEN_SCALE, MiniBatchView
 
-TOKEN_FIELDS = ("advantages", "old_logp", "ref_logp", "weights")
+TOKEN_FIELDS = ("advantages", "old_logp", "ref_logp", "weights", "temperature")
+
+# Ray hands unpickled numpy arrays over as read-only views of its object store; the
+# tensors made from them are only read (collate concatenates them), so torch's warning
+# about writing into them would be noise on every learner's console.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 @dataclass
@@ -30,6 +37,7 @@ class Sample:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    temperature: torch.Tensor | None = None  # per-token sampling temperature (adaptive rules)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithm's token_inputs
 
     @property
@@ -101,6 +109,7 @@ def collate(samples: list[Sample], pad_id: int, packed: bool = False) -> dict:
 def view(samples: list[Sample]) -> MiniBatchView:
     lengths = torch.tensor([s.num_tokens for s in samples], dtype=torch.long)
     masked = bool(samples) and TOKEN_MASK in samples[0].extra
+    scaled = bool(samples) and TOKEN_SCALE in samples[0].extra
     return MiniBatchView(
         seq_index=torch.repeat_interleave(torch.arange(len(samples)), lengths),
         lengths=lengths,
@@ -109,6 +118,7 @@ def view(samples: list[Sample]) -> MiniBatchView:
         group_index=torch.tensor([s.group for s in samples], dtype=torch.long),
         num_sequences=len(samples),
         token_mask=torch.cat([s.extra[TOKEN_MASK].bool() for s in samples]) if masked else None,
+        token_scale=torch.cat([s.extra[TOKEN_SCALE] for s in samples]) if scaled else None,
     )
 
 

@@ -15,9 +15,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _logits(hidden, weight, bias, temperature: float) -> torch.Tensor:
+Temperature = float | torch.Tensor  # one for all tokens, or one per token [N]
+
+
+def _rows(temperature: Temperature, s: int, e: int) -> Temperature:
+    """Temperature of tokens s:e, shaped to divide their [rows x vocab] logits."""
+    return temperature[s:e, None] if isinstance(temperature, torch.Tensor) else temperature
+
+
+def _logits(hidden, weight, bias, temperature: Temperature) -> torch.Tensor:
     z = nn.functional.linear(hidden, weight, bias).float()
-    return z / temperature if temperature != 1.0 else z
+    return z if isinstance(temperature, float) and temperature == 1.0 else z / temperature
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -36,9 +44,10 @@ def _chunk_stats(z: torch.Tensor, targets: torch.Tensor):
     return logp, -(log_q.exp() * log_q).sum(-1), lz
 
 
-def _chunk_grad(z: torch.Tensor, lz, entropy, targets, grad_logp, grad_entropy, inv_t: float,
+def _chunk_grad(z: torch.Tensor, lz, entropy, targets, grad_logp, grad_entropy, inv_t,
                 dtype: torch.dtype) -> torch.Tensor:
-    """d loss / d (pre-temperature) logits of a chunk, in `dtype`.
+    """d loss / d (pre-temperature) logits of a chunk, in `dtype` (inv_t: 1 / temperature,
+    a float or a [rows, 1] column).
 
     d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H)."""
     log_q = z.sub_(lz[:, None])
@@ -61,12 +70,12 @@ def _kernels(device: torch.device):
 
 class _ChunkedLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk_size: int):
+    def forward(ctx, hidden, weight, bias, targets, temperature: Temperature, chunk_size: int):
         n = hidden.shape[0]
         stats, _ = _kernels(hidden.device)
         logp, entropy, log_z = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
         for s in range(0, n, chunk_size):
-            z = _logits(hidden[s:s + chunk_size], weight, bias, temperature)
+            z = _logits(hidden[s:s + chunk_size], weight, bias, _rows(temperature, s, s + chunk_size))
             logp[s:s + chunk_size], entropy[s:s + chunk_size], log_z[s:s + chunk_size] = \
                 stats(z, targets[s:s + chunk_size])
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
@@ -86,10 +95,9 @@ class _ChunkedLogProb(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             e = s + ctx.chunk_size
-            h = hidden[s:e]
-            g = grad_of(_logits(h, weight, bias, ctx.temperature), log_z[s:e], entropy[s:e],
-                        targets[s:e], grad_logp[s:e], grad_entropy[s:e], 1.0 / ctx.temperature,
-                        weight.dtype)
+            h, t = hidden[s:e], _rows(ctx.temperature, s, e)
+            g = grad_of(_logits(h, weight, bias, t), log_z[s:e], entropy[s:e], targets[s:e],
+                        grad_logp[s:e], grad_entropy[s:e], 1.0 / t, weight.dtype)
             if want_h:
                 grad_h[s:e] = g @ weight
             if want_w:
@@ -100,10 +108,8 @@ class _ChunkedLogProb(torch.autograd.Function):
                 grad_b.to(bias.dtype) if want_b else None, None, None, None)
 
 
-def _checkpointed_chunk(head: nn.Module, hidden, targets, temperature: float):
-    logits = head(hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
+def _checkpointed_chunk(head: nn.Module, hidden, targets, temperature: Temperature):
+    logits = head(hidden).float() / temperature
     log_z = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
     entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
@@ -111,9 +117,10 @@ def _checkpointed_chunk(head: nn.Module, hidden, targets, temperature: float):
 
 
 def chunked_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                     chunk_size: int = 1024, temperature: float = 1.0
+                     chunk_size: int = 1024, temperature: Temperature = 1.0
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [N, H] (the states that predict each target), targets [N] -> logp [N], entropy [N]."""
+    """hidden [N, H] (the states that predict each target), targets [N] -> logp [N], entropy [N],
+    of the distribution softmax(logits / temperature) (a float, or a tensor [N] per token)."""
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
@@ -122,6 +129,7 @@ def chunked_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tenso
     # ZeRO-3 partitions the head: it must be called as a module so DeepSpeed gathers
     # it, so each chunk goes through activation checkpointing instead.
     outs = [checkpoint(_checkpointed_chunk, head, hidden[s:s + chunk_size],
-                       targets[s:s + chunk_size], temperature, use_reentrant=False)
+                       targets[s:s + chunk_size], _rows(temperature, s, s + chunk_size),
+                       use_reentrant=False)
             for s in range(0, hidden.shape[0], chunk_size)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from rlpost.algorithms import build_algorithm
-from rlpost.algorithms.base import TOKEN_MASK
+from rlpost.algorithms.base import TOKEN_MASK, TOKEN_SCALE
 from rlpost.algorithms.dapo import informative_groups, overlong_penalty
-from rlpost.batch import Sample, shard, view
+from rlpost.algorithms.hapo import TemperatureRule
+from rlpost.batch import Sample, plan, shard, view
 from rlpost.config import TrainConfig, dump_config
 from rlpost.metrics import MetricSums
 from rlpost.models import load_tokenizer, materialise_initial_model
@@ -69,6 +70,8 @@ class Trainer:
         self.tracker: Tracker | None = None
         self._orders: dict[int, list[int]] = {}
         self.data_position = 0  # prompts taken from the epoch stream so far
+        # the algorithm's per-token temperature for the next rollout batch (HAPO), if any
+        self.sampling_rule: TemperatureRule | None = None
         self.rollout: WorkerGroup | None = None
         self.learners: WorkerGroup | None = None
 
@@ -94,13 +97,14 @@ class Trainer:
         positions = [divmod(pos, len(self.train_problems)) for pos in range(start, start + count)]
         return [self.train_problems[self.epoch_order(epoch)[idx]] for epoch, idx in positions]
 
-    def generate(self, problems: list[Problem], n: int, temperature: float, seed: int
-                 ) -> list[list]:
+    def generate(self, problems: list[Problem], n: int, temperature: float, seed: int,
+                 rule: TemperatureRule | None = None) -> list[list]:
         prompts = [self.encode_prompt(p.prompt) for p in problems]
         workers = len(self.rollout)
         per = -(-len(prompts) // workers)
         chunks = [(prompts[r * per:(r + 1) * per], n, temperature, self.cfg.rollout.top_p,
-                   self.cfg.rollout.max_new_tokens, derive_seed(seed, r)) for r in range(workers)]
+                   self.cfg.rollout.max_new_tokens, derive_seed(seed, r), rule)
+                  for r in range(workers)]
         return [c for part in self.rollout.call("generate", per_rank=chunks) for c in part]
 
     # ----- stages --------------------------------------------------------------
@@ -181,7 +185,7 @@ class Trainer:
             problems = self.take_prompts(rc.prompts_per_step)
             # the first round keeps the seed of a run without dynamic sampling
             seed = derive_seed(cfg.seed, "rollout", step, *(("round", extra) if extra else ()))
-            completions = self.generate(problems, rc.n, rc.temperature, seed)
+            completions = self.generate(problems, rc.n, rc.temperature, seed, self.sampling_rule)
             times["rollout"] += time.perf_counter() - t
 
             t = time.perf_counter()
@@ -224,9 +228,9 @@ class Trainer:
         cfg, lc = self.cfg, self.cfg.learner
         times = {"rollout": 0.0, "reward": 0.0}
         rollouts = self.collect(step, times)
-        selection: dict[str, float] = {}
+        batch_metrics: dict[str, float] = {}
         if not rollouts.groups:  # dynamic sampling kept nothing: no update this step
-            return self.step_metrics(rollouts, [], None, MetricSums(), times, selection)
+            return self.step_metrics(rollouts, [], None, MetricSums(), times, batch_metrics)
 
         t = time.perf_counter()
         batch = [s for g in rollouts.groups for s in g]
@@ -240,22 +244,32 @@ class Trainer:
         samples = batch
         if keep is not None:
             samples = [s for s, kept in zip(batch, keep.flatten().tolist()) if kept]
-            selection["selection/sample_frac"] = len(samples) / len(batch)
+            batch_metrics["selection/sample_frac"] = len(samples) / len(batch)
         times["reward"] += time.perf_counter() - t
 
         t = time.perf_counter()
         parts = self.shard(samples)
-        results = self.learners.call("logprobs", per_rank=[(p, self.algorithm.needs.reference)
+        rule = self.sampling_rule  # the rule these samples were drawn under
+        results = self.learners.call("logprobs", per_rank=[(p, self.algorithm.needs.reference, rule)
                                                            for p in parts])
         entropies = {}
         for rank, rank_results in zip(parts, results):
             for micro, r in zip([m for m in rank if m], rank_results):
                 sizes = [s.num_tokens for s in micro]
-                refs = r["ref_logp"].split(sizes) if r["ref_logp"] is not None else [None] * len(micro)
-                for s, lp, h, ref in zip(micro, r["logp"].split(sizes), r["entropy"].split(sizes), refs):
-                    s.old_logp, s.ref_logp = lp, ref
+                none = [None] * len(micro)
+                refs = r["ref_logp"].split(sizes) if r["ref_logp"] is not None else none
+                temps = r["temperature"].split(sizes) if r["temperature"] is not None else none
+                for s, lp, h, ref, temp in zip(micro, r["logp"].split(sizes),
+                                               r["entropy"].split(sizes), refs, temps):
+                    s.old_logp, s.ref_logp, s.temperature = lp, ref, temp
                     entropies[id(s)] = h
         entropy = torch.cat([entropies[id(s)] for s in samples])
+        if rule is not None:
+            temps = torch.cat([s.temperature for s in samples])
+            batch_metrics.update({"sampling/temperature_mean": temps.mean().item(),
+                                  "sampling/temperature_min": temps.min().item(),
+                                  "sampling/temperature_max": temps.max().item()})
+        self.sampling_rule = self.algorithm.sampling_rule(entropy)
         for name, values in self.algorithm.token_inputs(entropy).items():
             for s, v in zip(samples, values.split([s.num_tokens for s in samples])):
                 s.extra[name] = v
@@ -267,15 +281,18 @@ class Trainer:
         if mask is not None:
             for s, m in zip(samples, mask.split(sizes)):
                 s.extra[TOKEN_MASK] = m
-            selection["selection/token_frac"] = mask.double().mean().item()
-        times["logprob"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        update = MetricSums()
+            batch_metrics["selection/token_frac"] = mask.double().mean().item()
         groups: dict[int, list[Sample]] = {}
         for s in samples:
             groups.setdefault(s.group, []).append(s)
         group_lists = list(groups.values())
+        if self.algorithm.needs.position_divergence:
+            scale = self.set_position_weights(group_lists)
+            batch_metrics["selection/position_weight_mean"] = scale.mean().item()
+        times["logprob"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        update = MetricSums()
         for epoch in range(lc.epochs):
             order = list(range(len(group_lists)))
             random.Random(derive_seed(cfg.seed, "shuffle", step, epoch)).shuffle(order)
@@ -291,7 +308,24 @@ class Trainer:
         t = time.perf_counter()
         self.sync_weights()
         times["weight_sync"] = time.perf_counter() - t
-        return self.step_metrics(rollouts, samples, entropy, update, times, selection)
+        return self.step_metrics(rollouts, samples, entropy, update, times, batch_metrics)
+
+    def set_position_weights(self, groups: list[list[Sample]]) -> torch.Tensor:
+        """TW-GRPO: each group's position divergences from the learners (whole groups
+        per rank, balanced by tokens), turned into the weights of its tokens. Returns
+        all the weights set."""
+        lengths = [sum(len(s.prompt_ids) + s.num_tokens for s in g) for g in groups]
+        parts = [[groups[i] for micro in rank for i in micro]
+                 for rank in plan(lengths, len(self.learners))]
+        results = self.learners.call("position_divergence", per_rank=[(p,) for p in parts])
+        scales = []
+        for part, divergences in zip(parts, results):
+            for group, divergence in zip(part, divergences):
+                weights = self.algorithm.position_weights(divergence)
+                for s in group:
+                    s.extra[TOKEN_SCALE] = weights[:s.num_tokens]
+                    scales.append(s.extra[TOKEN_SCALE])
+        return torch.cat(scales)
 
     def compute_times(self) -> dict[str, float]:
         """Seconds of generation, log-prob forward and update compute since the last
@@ -313,7 +347,7 @@ class Trainer:
 
     def step_metrics(self, rollouts: Rollouts, samples: list[Sample], entropy: torch.Tensor | None,
                      update: MetricSums, times: dict[str, float],
-                     selection: dict[str, float]) -> dict[str, float]:
+                     batch_metrics: dict[str, float]) -> dict[str, float]:
         """Rewards, accuracy and lengths over every generated sample (the policy's
         behaviour); entropy and log-prob gaps over the samples trained on."""
         rc = self.cfg.rollout
@@ -346,7 +380,7 @@ class Trainer:
                 rollouts.dropped_groups / (rollouts.rounds * rc.prompts_per_step))
             out["dynamic_sampling/extra_rounds"] = rollouts.rounds - 1
             out["dynamic_sampling/kept_groups"] = len(rollouts.groups)
-        out.update(selection)
+        out.update(batch_metrics)
         out.update({f"time/{k}": v for k, v in times.items()})
         out.update(update.result())
         return out
@@ -356,8 +390,10 @@ class Trainer:
         ckpt_dir = self.run_dir / "checkpoints"
         tag = f"step_{step}"
         self.learners.call("save_checkpoint", str(ckpt_dir), tag)
+        rule = self.sampling_rule
         state = {"step": step,
                  "data_position": self.data_position,
+                 "sampling_rule": rule.to_dict() if rule is not None else None,
                  "python_rng": random.getstate(),
                  "torch_rng": torch.get_rng_state().tolist()}
         (ckpt_dir / tag / "trainer_state.json").write_text(json.dumps(state))
@@ -376,6 +412,8 @@ class Trainer:
         random.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self.data_position = state["data_position"]
+        rule = state.get("sampling_rule")  # absent in checkpoints before HAPO sampling
+        self.sampling_rule = TemperatureRule.from_dict(rule) if rule is not None else None
         self.sync_weights()
 
     # ----- the whole job -----------------------------------------------------------

@@ -17,10 +17,10 @@ def test_there_are_configs():
     names = {p.relative_to(CONFIGS).as_posix() for p in ALL}
     for family in ("aggregation_token_mean", "aggregation_seq_mean", "aggregation_balanced",
                    "clipping_symmetric", "clipping_clip_higher", "clipping_hapo",
-                   "hapo_full", "hapo_no_clip", "hapo_no_redistribution",
-                   "selection_none", "selection_d3s", "selection_entropy_mask"):
+                   "hapo_full", "hapo_no_temperature", "hapo_no_clip", "hapo_no_redistribution",
+                   "selection_none", "selection_d3s", "selection_entropy_mask", "selection_tw_grpo"):
         assert f"ablations/{family}.yaml" in names
-    assert {"quickstart.yaml", "dapo.yaml"} <= names
+    assert {"quickstart.yaml", "dapo.yaml", "hapo.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.relative_to(CONFIGS).as_posix())

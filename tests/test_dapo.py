@@ -81,7 +81,7 @@ class ScriptedTrainer(Trainer):
     def plot(self) -> None:
         pass
 
-    def generate(self, problems, n, temperature, seed):
+    def generate(self, problems, n, temperature, seed, rule=None):
         script = ROUNDS[len(self.seeds) % len(ROUNDS)]
         self.seeds.append(seed)
         return [[Completion(ids=[1 if score else 2] + [7] * (length - 1), logprobs=[0.0] * length,

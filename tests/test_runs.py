@@ -84,8 +84,26 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
 
 
 def test_hapo_trains_in_process(tmp_path):
-    metrics = read_metrics(run_train(tmp_path, "algorithm.name=hapo", "steps=2", "eval_every=0"))
-    for step in (1, 2):
+    run = run_train(tmp_path, "algorithm.name=hapo", "algorithm.tau=0.5", "steps=3", "eval_every=0")
+    metrics = read_metrics(run)
+    for step in (1, 2, 3):
         m = metrics[step]
         assert -1.0 <= m["h_hat"] <= 1.0 and 0.0 <= m["neutral_frac"] <= 1.0
         assert m["agg/positive_side_weight"] + m["agg/negative_side_weight"] <= 1.0 + 1e-9
+        # the learner scores each token at the temperature the engine drew it at
+        assert m["logprob_gap/rollout_vs_learner_max"] < 1e-5
+    # adaptive temperature: plain T (1.0) on the first step, T (1 + tau h_hat) after
+    assert "sampling/temperature_mean" not in metrics[1]
+    for step in (2, 3):
+        m = metrics[step]
+        assert 0.5 <= m["sampling/temperature_min"] < 1.0 < m["sampling/temperature_max"] <= 1.5
+    state = json.loads((run / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+    assert state["sampling_rule"]["tau"] == 0.5 and state["sampling_rule"]["stats"]["s"] > 0
+
+
+def test_tw_grpo_trains_in_process(tmp_path):
+    metrics = read_metrics(run_train(tmp_path, "algorithm.tw_alpha=1.7", "steps=2", "eval_every=0"))
+    for step in (1, 2):
+        # every response starts at a position all rollouts of its group agree on (w = 1),
+        # so the mean lies strictly inside [1, alpha]
+        assert 1.0 < metrics[step]["selection/position_weight_mean"] < 1.7

@@ -8,7 +8,7 @@ from rlpost.token_ops import chunked_logprobs
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, "per_token"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("zero3", [False, True])
 def test_chunked_matches_naive(chunk, temperature, bias, zero3):
@@ -20,6 +20,8 @@ def test_chunked_matches_naive(chunk, temperature, bias, zero3):
     hidden = torch.randn(n, h, requires_grad=True)
     targets = torch.randint(0, v, (n,))
     weights = torch.randn(n)
+    if temperature == "per_token":  # HAPO's adaptive temperature: one T_t per token
+        temperature = torch.rand(n) + 0.5
 
     logp, ent = chunked_logprobs(hidden, head, targets, chunk_size=chunk, temperature=temperature)
     ((logp * weights).sum() + ent.sum()).backward()
@@ -27,7 +29,7 @@ def test_chunked_matches_naive(chunk, temperature, bias, zero3):
     head.zero_grad()
     hidden.grad = None
 
-    logits = head(hidden) / temperature
+    logits = head(hidden) / (temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature)
     full = logits.log_softmax(-1)
     ref_logp = full.gather(-1, targets[:, None]).squeeze(-1)
     ref_ent = -(full.exp() * full).sum(-1)

@@ -110,6 +110,35 @@ def test_processed_logprobs_include_temperature(engine, model_dir):
     assert d < ATOL
 
 
+def test_adaptive_temperature_rule(engine, model_dir):
+    """HAPO's per-token temperature through vLLM's logits-processor mechanism: the
+    returned log-probs are those of softmax(z / T_t), T_t from the entropy at T."""
+    from test_hapo_temperature import rule_logprobs
+
+    from rlpost.algorithms.hapo import TemperatureRule, entropy_stats
+    from rlpost.models import load_model
+
+    model = load_model(model_dir)
+    T = 0.8
+    rule = TemperatureRule(entropy_stats(torch.rand(100, generator=torch.Generator().manual_seed(0))
+                                         * 2.5 + 0.05), tau=0.5)
+    d_rule = d_plain = 0.0
+    for with_rule in (True, False):
+        out = engine.generate(PROMPTS, n=3, temperature=T, top_p=1.0, max_new_tokens=6, seed=5,
+                              rule=rule if with_rule else None)
+        for p, comps in zip(PROMPTS, out):
+            for c in comps:
+                d = (rule_logprobs(model, p + c.ids, len(p), T, rule)
+                     - torch.tensor(c.logprobs, dtype=torch.float64)).abs().max().item()
+                if with_rule:
+                    d_rule = max(d_rule, d)
+                else:
+                    d_plain = max(d_plain, d)
+    print(f"max |sampled logprob - reference at T_t|: with the rule {d_rule:.2e}, without {d_plain:.2e}")
+    assert d_rule < ATOL
+    assert d_plain > 1e-2
+
+
 def test_greedy(engine, model_dir):
     from rlpost.models import load_model
 

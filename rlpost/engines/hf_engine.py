@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
+from rlpost.algorithms.hapo import TemperatureRule
 from rlpost.engines.base import Completion
 from rlpost.models import load_model
+
+
+class _AdaptiveTemperature(LogitsProcessor):
+    def __init__(self, temperature: float, rule: TemperatureRule):
+        self.temperature, self.rule = temperature, rule
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.rule.apply(scores / self.temperature)
 
 
 class HFEngine:
@@ -20,7 +30,10 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int) -> list[list[Completion]]:
+                 max_new_tokens: int, seed: int, rule: TemperatureRule | None = None
+                 ) -> list[list[Completion]]:
+        """`rule`: sample each token at the rule's per-token temperature instead of at
+        `temperature` (which stays the base T the rule scales)."""
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -28,13 +41,22 @@ class HFEngine:
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         greedy = temperature == 0
+        sampling = {"temperature": None if greedy else temperature, "top_p": None if greedy else top_p}
+        if rule is not None and not greedy:
+            # generate's own warpers would run before a custom processor; ours does the
+            # temperature and then top-p, vLLM's order.
+            processors = [_AdaptiveTemperature(temperature, rule)]
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+            sampling = {"temperature": 1.0, "top_p": None,
+                        "logits_processor": LogitsProcessorList(processors)}
         torch.manual_seed(seed)
         out = self.model.generate(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-            do_sample=not greedy, temperature=None if greedy else temperature,
-            top_p=None if greedy else top_p, top_k=None, max_new_tokens=max_new_tokens,
+            do_sample=not greedy, top_k=None, max_new_tokens=max_new_tokens,
             num_return_sequences=1 if greedy else n, eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True)
+            pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True,
+            **sampling)
         new = out.sequences[:, width:].cpu()
         # scores are the processed (temperature / top-p) logits the tokens were drawn from
         logps = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()

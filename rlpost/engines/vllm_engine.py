@@ -32,9 +32,11 @@ import torch
 from rlpost.engines.base import Completion
 
 if TYPE_CHECKING:
+    from rlpost.algorithms.hapo import TemperatureRule
     from rlpost.config import RolloutConfig
 
 WORKER_EXTENSION = "rlpost.engines.vllm_worker_ext.WeightSyncExtension"
+ADAPTIVE_TEMPERATURE = "rlpost.engines.vllm_logits:AdaptiveTemperatureProcessor"
 
 # State dicts larger than this travel through a temporary file (path sent over
 # RPC, tensors memory-mapped by the worker) instead of as bytes in the RPC.
@@ -122,6 +124,8 @@ class VLLMEngine:
             # ratio of the learner has to be computed against.
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
+            # idle unless a request carries a temperature rule
+            logits_processors=[ADAPTIVE_TEMPERATURE],
         )
         if not _is_cpu_platform():
             kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
@@ -140,12 +144,18 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ sampling
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int) -> list[list[Completion]]:
+                 max_new_tokens: int, seed: int, rule: "TemperatureRule | None" = None
+                 ) -> list[list[Completion]]:
+        """`rule`: sample each token at the rule's per-token temperature instead of at
+        `temperature` (which stays the base T the rule scales)."""
         from vllm import SamplingParams, TokensPrompt
+
+        from rlpost.engines.vllm_logits import RULE_KEY
 
         if not prompts:
             return []
         greedy = temperature == 0
+        extra = {RULE_KEY: rule.to_dict()} if rule is not None and not greedy else None
         # vLLM refuses n > 1 for greedy requests: ask for one completion and
         # repeat it (greedy decoding is deterministic).
         n_req = 1 if greedy else n
@@ -158,6 +168,7 @@ class VLLMEngine:
                 logprobs=0,  # only the sampled token's log-prob
                 seed=request_seed(seed, i, n_req),
                 detokenize=False,
+                extra_args=extra,
             )
             for i in range(len(prompts))
         ]

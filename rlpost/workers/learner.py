@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from rlpost.algorithms import TokenTensors, build_algorithm
+from rlpost.algorithms.hapo import TemperatureRule
+from rlpost.algorithms.selection import position_divergence
 from rlpost.attention import packed_kwargs, use_varlen_attention, varlen_available
 from rlpost.batch import Sample, collate
 from rlpost.config import TrainConfig
 from rlpost.metrics import MetricSums
 from rlpost.models import load_model
-from rlpost.token_ops import chunked_logprobs
+from rlpost.token_ops import Temperature, chunked_logprobs
 from rlpost.workers.group import WorkerGroup, free_port
 
 
@@ -32,12 +34,25 @@ class PolicyModel(nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, pred_pos, targets, temperature: float = 1.0, **attention):
-        """`attention`: `packed_kwargs` of the micro-batch (mask, or positions and cu_seqlens)."""
+    def hidden_states(self, input_ids, pred_pos, **attention) -> torch.Tensor:
+        """[response tokens, hidden]: the final states that predict each response token."""
         hidden = self.lm.base_model(input_ids=input_ids, use_cache=False, **attention).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_pos)
-        return chunked_logprobs(hidden, self.lm.get_output_embeddings(), targets,
-                                self.chunk_size, temperature)
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_pos)
+
+    def forward(self, input_ids, pred_pos, targets, temperature: Temperature = 1.0,
+                rule: TemperatureRule | None = None, **attention):
+        """`attention`: `packed_kwargs` of the micro-batch (mask, or positions and cu_seqlens).
+
+        With a `rule` (scoring a batch sampled under it; `temperature` is then the base
+        T), the entropies returned are those at T and the log-probs those at the
+        per-token temperature T_t the rule derives from them."""
+        hidden = self.hidden_states(input_ids, pred_pos, **attention)
+        head = self.lm.get_output_embeddings()
+        logp, entropy = chunked_logprobs(hidden, head, targets, self.chunk_size, temperature)
+        if rule is not None:
+            logp, _ = chunked_logprobs(hidden, head, targets, self.chunk_size,
+                                       temperature * rule.factor(entropy))
+        return logp, entropy
 
 
 @dataclass(frozen=True)
@@ -173,26 +188,75 @@ class Learner:
             self.ref.to(self.device).eval().requires_grad_(False)
 
     def _inputs(self, batch: dict) -> dict:
+        """Model inputs; the temperature is per token where the batch carries one."""
+        temperature = batch["temperature"].to(self.device) if "temperature" in batch else self.temperature
         return {"input_ids": batch["input_ids"].to(self.device),
                 "pred_pos": batch["pred_pos"].to(self.device),
                 "targets": batch["targets"].to(self.device),
-                "temperature": self.temperature, **packed_kwargs(batch, self.device)}
+                "temperature": temperature, **packed_kwargs(batch, self.device)}
 
     @torch.no_grad()
-    def logprobs(self, micro_batches: list[list[Sample]], with_ref: bool = False) -> list[dict]:
+    def logprobs(self, micro_batches: list[list[Sample]], with_ref: bool = False,
+                 rule: TemperatureRule | None = None) -> list[dict]:
         """Per micro-batch: log-probs, entropies (and reference log-probs) of its response
-        tokens, flat in sequence order (a few tensors cross back, not three per sequence)."""
+        tokens, flat in sequence order (a few tensors cross back, not three per sequence).
+
+        `rule`: the per-token temperature rule the samples were drawn under. Entropies
+        are then at the base temperature, log-probs at each token's T_t, returned as
+        "temperature" for the update pass to use."""
         self.engine.eval()
         out = []
         for mb in micro_batches:
             if not mb:
                 continue
             inputs = self._inputs(collate(mb, self.pad_id, self.packed))
+            temperature = None
             with self.clock("logprob"):
-                logp, ent = self.engine(**inputs)
+                logp, ent = self.engine(**inputs, rule=rule)
+                if rule is not None:
+                    temperature = inputs["temperature"] = self.temperature * rule.factor(ent)
                 ref = self.ref(**inputs)[0] if with_ref and self.ref is not None else None
             out.append({"logp": logp.cpu(), "entropy": ent.cpu(),
-                        "ref_logp": ref.cpu() if ref is not None else None})
+                        "ref_logp": ref.cpu() if ref is not None else None,
+                        "temperature": temperature.cpu() if temperature is not None else None})
+        self.engine.train()
+        return out
+
+    @torch.no_grad()
+    def position_divergence(self, groups: list[list[Sample]]) -> list[torch.Tensor]:
+        """TW-GRPO's D_t for each group (`selection.position_divergence`) over response
+        positions t < the group's longest response, at the sampling temperature.
+
+        Memory is planned like the log-prob pass: one forward per group, then at most
+        `logprob_chunk_size` rows of full-vocabulary log-probs at a time (a chunk of
+        positions x the group's rollouts); positions past a rollout's end take the
+        uniform distribution without computing anything."""
+        model = self.engine.module
+        head = model.lm.get_output_embeddings()
+        self.engine.eval()
+        out = []
+        for group in groups:
+            batch = collate(group, self.pad_id, self.packed)
+            with self.clock("logprob"):
+                hidden = model.hidden_states(batch["input_ids"].to(self.device),
+                                             batch["pred_pos"].to(self.device),
+                                             **packed_kwargs(batch, self.device))
+                lengths = [s.num_tokens for s in group]
+                starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
+                longest, vocab = max(lengths), head.out_features  # (ZeRO-3 empties .weight)
+                step = max(1, self.cfg.learner.logprob_chunk_size // len(group))
+                divergence = []
+                for t0 in range(0, longest, step):
+                    t1 = min(t0 + step, longest)
+                    # fp64: D is a small difference of large sums (0 where all rollouts agree)
+                    block = torch.full((len(group), t1 - t0, vocab), -math.log(vocab),
+                                       dtype=torch.float64, device=self.device)
+                    for i, (start, n) in enumerate(zip(starts, lengths)):
+                        if t0 < n:
+                            rows = hidden[start + t0:start + min(t1, n)]
+                            block[i, :len(rows)] = (head(rows).double() / self.temperature).log_softmax(-1)
+                    divergence.append(position_divergence(block))
+            out.append(torch.cat(divergence).cpu())
         self.engine.train()
         return out
 

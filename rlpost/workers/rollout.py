@@ -1,6 +1,7 @@
 """A rollout worker: one inference engine (vLLM or transformers), as a Ray actor or in-process."""
 from __future__ import annotations
 
+from rlpost.algorithms.hapo import TemperatureRule
 from rlpost.config import RolloutConfig
 from rlpost.engines.base import Completion
 from rlpost.workers.learner import ComputeClock, set_threads
@@ -25,9 +26,10 @@ class RolloutWorker:
         self.clock = ComputeClock()
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int) -> list[list[Completion]]:
+                 max_new_tokens: int, seed: int, rule: TemperatureRule | None = None
+                 ) -> list[list[Completion]]:
         with self.clock("generate"):
-            return self.engine.generate(prompts, n, temperature, top_p, max_new_tokens, seed)
+            return self.engine.generate(prompts, n, temperature, top_p, max_new_tokens, seed, rule)
 
     def update_weights(self, state_dict) -> None:
         self.engine.update_weights(state_dict)
