@@ -71,38 +71,37 @@ def collate(samples: list[Sample], pad_id: int, packed: bool = False) -> dict:
     `pred_pos[k]` is the flat index (into [B * L], or [T]) of the hidden state
     that predicts response token k (the position just before it).
     """
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    width = max(lengths)
-    pred_pos, targets, seq_index = [], [], []
-    start = 0
-    for b, s in enumerate(samples):
-        p, n = len(s.prompt_ids), lengths[b]
-        offset = start if packed else b * width
-        pred_pos.append(torch.arange(p - 1, n - 1) + offset)
-        targets.append(torch.tensor(s.response_ids, dtype=torch.long))
-        seq_index.append(torch.full((len(s.response_ids),), b, dtype=torch.long))
-        start += n
-    out = {"pred_pos": torch.cat(pred_pos), "targets": torch.cat(targets),
-           "seq_index": torch.cat(seq_index)}
+    # Index arithmetic over whole-batch tensors instead of a loop of small tensors per
+    # sequence: collation runs on the controller path of every RL step.
+    prompt_lens = torch.tensor([len(s.prompt_ids) for s in samples])
+    response_lens = torch.tensor([len(s.response_ids) for s in samples])
+    lengths = prompt_lens + response_lens
+    width = int(lengths.max())
+    tokens = torch.tensor([t for s in samples for part in (s.prompt_ids, s.response_ids) for t in part])
+    seq_start = lengths.cumsum(0) - lengths  # of each sequence in `tokens`
+    seq_index = torch.repeat_interleave(torch.arange(len(samples)), response_lens)
+    # each response token's place within its response
+    offset = torch.arange(len(seq_index)) - (response_lens.cumsum(0) - response_lens)[seq_index]
+    row_start = seq_start if packed else torch.arange(len(samples)) * width
+    out = {"pred_pos": (row_start + prompt_lens - 1)[seq_index] + offset,
+           "targets": tokens[(seq_start + prompt_lens)[seq_index] + offset], "seq_index": seq_index}
     if packed:
-        out["input_ids"] = torch.tensor([t for s in samples for t in s.prompt_ids + s.response_ids]
-                                        ).unsqueeze(0)
-        out["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-        out["cu_seqlens"] = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        out["input_ids"] = tokens.unsqueeze(0)
+        out["position_ids"] = (torch.arange(len(tokens))
+                               - torch.repeat_interleave(seq_start, lengths)).unsqueeze(0)
+        out["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int32),
+                                       lengths.cumsum(0, dtype=torch.int32)])
         out["max_seqlen"] = width
     else:
-        input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for b, s in enumerate(samples):
-            input_ids[b, :lengths[b]] = torch.tensor(s.prompt_ids + s.response_ids)
-            attention_mask[b, :lengths[b]] = 1
-        out["input_ids"], out["attention_mask"] = input_ids, attention_mask
+        filled = torch.arange(width) < lengths[:, None]
+        out["input_ids"] = torch.full((len(samples), width), pad_id, dtype=torch.long)
+        out["input_ids"][filled] = tokens  # row-major order is the order of `tokens`
+        out["attention_mask"] = filled.long()
     out["extra"] = {k: torch.cat([s.extra[k] for s in samples]) for k in samples[0].extra}
     for name in TOKEN_FIELDS:
         values = [getattr(s, name) for s in samples]
         if all(v is not None for v in values):
-            out[name] = torch.cat([v.to(torch.float64 if name == "weights" else torch.float32)
-                                   for v in values])
+            out[name] = torch.cat(values).to(torch.float64 if name == "weights" else torch.float32)
     return out
 
 

@@ -69,6 +69,7 @@ class Trainer:
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
         self.tracker: Tracker | None = None
         self._orders: dict[int, list[int]] = {}
+        self._prompt_ids: dict[str, list[int]] = {}
         self.data_position = 0  # prompts taken from the epoch stream so far
         # the algorithm's per-token temperature for the next rollout batch (HAPO), if any
         self.sampling_rule: TemperatureRule | None = None
@@ -77,9 +78,14 @@ class Trainer:
 
     # ----- prompts and rewards -------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        bos = self.tokenizer.bos_token_id
-        return ([bos] if bos is not None else []) + ids
+        """Token ids of a prompt (memoised: every RL step encodes its prompts for the
+        engines and again for the samples; callers must not modify the list)."""
+        ids = self._prompt_ids.get(text)
+        if ids is None:
+            bos = self.tokenizer.bos_token_id
+            ids = ([bos] if bos is not None else []) + self.tokenizer.encode(text, add_special_tokens=False)
+            self._prompt_ids[text] = ids
+        return ids
 
     def decode_response(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

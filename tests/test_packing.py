@@ -54,3 +54,50 @@ def test_packed_collate_matches_padded():
     assert torch.equal(flat[padded["pred_pos"] + 1], packed["targets"])
     assert torch.equal(packed["targets"], torch.tensor([7, 8, 9, 10, 11]))
     assert packed["seq_index"].tolist() == [0, 0, 1, 1, 1]
+
+
+def collate_by_loops(samples: list[Sample], pad_id: int, packed: bool) -> dict:
+    """The collation written sequence by sequence (rlpost's is vectorised)."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    width = max(lengths)
+    pred_pos, targets, seq_index, start = [], [], [], 0
+    for b, s in enumerate(samples):
+        p, n = len(s.prompt_ids), lengths[b]
+        offset = start if packed else b * width
+        pred_pos += list(range(p - 1 + offset, n - 1 + offset))
+        targets += s.response_ids
+        seq_index += [b] * len(s.response_ids)
+        start += n
+    out = {"pred_pos": pred_pos, "targets": targets, "seq_index": seq_index}
+    if packed:
+        out["input_ids"] = [[t for s in samples for t in s.prompt_ids + s.response_ids]]
+        out["position_ids"] = [[i for n in lengths for i in range(n)]]
+        out["cu_seqlens"] = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    else:
+        out["input_ids"] = [s.prompt_ids + s.response_ids + [pad_id] * (width - n)
+                            for s, n in zip(samples, lengths)]
+        out["attention_mask"] = [[1] * n + [0] * (width - n) for n in lengths]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("packed", [True, False])
+def test_collate_matches_loops(seed, packed):
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(rng.randint(1, 12)):
+        prompt = [rng.randint(1, 50) for _ in range(rng.randint(1, 9))]
+        response = [rng.randint(1, 50) for _ in range(rng.randint(1, 7))]
+        n = len(response)
+        samples.append(Sample(prompt_ids=prompt, response_ids=response, advantages=torch.randn(n),
+                              old_logp=torch.randn(n), weights=torch.rand(n, dtype=torch.float64),
+                              extra={"h_hat": torch.randn(n)}))
+    got = collate(samples, pad_id=0, packed=packed)
+    for key, value in collate_by_loops(samples, 0, packed).items():
+        assert got[key].tolist() == value, key
+    assert got["input_ids"].dtype == got["pred_pos"].dtype == torch.long
+    for name in ("advantages", "old_logp", "weights"):
+        assert torch.equal(got[name], torch.cat([getattr(s, name) for s in samples]).to(got[name].dtype))
+    assert got["weights"].dtype == torch.float64 and got["advantages"].dtype == torch.float32
+    assert torch.equal(got["extra"]["h_hat"], torch.cat([s.extra["h_hat"] for s in samples]))
+    assert "ref_logp" not in got
