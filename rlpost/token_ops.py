@@ -133,3 +133,130 @@ def chunked_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tenso
                        use_reentrant=False)
             for s in range(0, hidden.shape[0], chunk_size)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+# ----- full-vocabulary KL(pi_ref || pi_theta) per token ---------------------------------
+# TDPO, SparsePO and ASFT need sum_v r_v (log r_v - log p_v) at every response token, with r
+# the frozen reference's distribution and p the policy's. Like the log-probs above, it is
+# computed chunk by chunk: the forward pass keeps, per token, only the two log-normalisers;
+# the backward pass recomputes both chunks of logits (reference included: it has no
+# gradient, but p - r needs r) and forms the gradient in place.
+
+def _kl_chunk_stats(z: torch.Tensor, zr: torch.Tensor, targets: torch.Tensor):
+    """Policy and reference log-probs of the targets, KL(r || p) and both log-normalisers of
+    rows of policy logits z and reference logits zr (fp32; both are overwritten)."""
+    lz, lzr = torch.logsumexp(z, dim=-1), torch.logsumexp(zr, dim=-1)
+    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lz
+    ref_logp = zr.gather(-1, targets[:, None]).squeeze(-1) - lzr
+    log_r = zr.sub_(lzr[:, None])
+    log_ratio = z.sub_(lz[:, None]).neg_().add_(log_r)  # log r - log p, in z's storage
+    kl = (log_r.exp_() * log_ratio).sum(-1)
+    return logp, ref_logp, kl, lz, lzr
+
+
+def _kl_chunk_grad(z: torch.Tensor, zr: torch.Tensor, lz, lzr, targets, grad_logp, grad_kl,
+                   inv_t, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d (pre-temperature) policy logits of a chunk, in `dtype`.
+
+    d KL(r || p) / dz = p - r;  d logp_y / dz = onehot(y) - p."""
+    p = z.sub_(lz[:, None]).exp_()
+    r = zr.sub_(lzr[:, None]).exp_()
+    g = p.mul_((grad_kl - grad_logp)[:, None]).sub_(r.mul_(grad_kl[:, None]))
+    g.scatter_add_(-1, targets[:, None], grad_logp[:, None])
+    return g.mul_(inv_t).to(dtype)
+
+
+@functools.cache
+def _compiled_kl_kernels():
+    return torch.compile(_kl_chunk_stats, dynamic=True), torch.compile(_kl_chunk_grad, dynamic=True)
+
+
+def _kl_kernels(device: torch.device):
+    return _compiled_kl_kernels() if device.type == "cuda" else (_kl_chunk_stats, _kl_chunk_grad)
+
+
+class _ChunkedTokenKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+                temperature: Temperature, chunk_size: int):
+        n = hidden.shape[0]
+        stats, _ = _kl_kernels(hidden.device)
+        logp, ref_logp, kl, log_z, ref_log_z = (hidden.new_empty(n, dtype=torch.float32) for _ in range(5))
+        for s in range(0, n, chunk_size):
+            e, t = s + chunk_size, _rows(temperature, s, s + chunk_size)
+            logp[s:e], ref_logp[s:e], kl[s:e], log_z[s:e], ref_log_z[s:e] = stats(
+                _logits(hidden[s:e], weight, bias, t), _logits(ref_hidden[s:e], ref_weight, ref_bias, t),
+                targets[s:e])
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+                              log_z, ref_log_z)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(ref_logp)
+        return logp, ref_logp, kl
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, log_z, ref_log_z = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        _, grad_of = _kl_kernels(hidden.device)
+        zeros = torch.zeros_like(log_z)
+        grad_logp = zeros if grad_logp is None else grad_logp.float()
+        grad_kl = zeros if grad_kl is None else grad_kl.float()
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            e = s + ctx.chunk_size
+            h, t = hidden[s:e], _rows(ctx.temperature, s, e)
+            g = grad_of(_logits(h, weight, bias, t), _logits(ref_hidden[s:e], ref_weight, ref_bias, t),
+                        log_z[s:e], ref_log_z[s:e], targets[s:e], grad_logp[s:e], grad_kl[s:e],
+                        1.0 / t, weight.dtype)
+            if want_h:
+                grad_h[s:e] = g @ weight
+            if want_w:
+                _accumulate(grad_w, g.t(), h)
+            if want_b:
+                grad_b.add_(g.float().sum(0))
+        return (grad_h, grad_w.to(weight.dtype) if want_w else None,
+                grad_b.to(bias.dtype) if want_b else None, None, None, None, None, None, None)
+
+
+def _checkpointed_kl_chunk(head: nn.Module, hidden, ref_head: nn.Module, ref_hidden, targets,
+                           temperature: Temperature):
+    log_p = (head(hidden).float() / temperature).log_softmax(-1)
+    with torch.no_grad():
+        log_r = (ref_head(ref_hidden).float() / temperature).log_softmax(-1)
+    kl = (log_r.exp() * (log_r - log_p)).sum(-1)
+    return (log_p.gather(-1, targets[:, None]).squeeze(-1),
+            log_r.gather(-1, targets[:, None]).squeeze(-1), kl)
+
+
+def chunked_token_kl(hidden: torch.Tensor, head: nn.Module, ref_hidden: torch.Tensor,
+                     ref_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024,
+                     temperature: Temperature = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token of `targets` [N]: the policy's log-prob logp [N], the reference's ref_logp [N]
+    (no gradient) and KL(pi_ref(.|s_t) || pi_theta(.|s_t)) [N] over the full vocabulary,
+    both distributions taken at `temperature` (a float, or a tensor [N] per token).
+
+    `hidden` [N, H] and `ref_hidden` [N, H_ref] are the policy's and the reference's final
+    states predicting each target; gradients reach `hidden` and the policy head only.
+    One pass gives all three because each needs the same two chunks of logits.
+
+    Memory: per chunk the forward holds two fp32 [chunk x V] logit tensors (plus one
+    temporary of that size); between forward and backward only O(N) floats are kept
+    besides the inputs; the backward recomputes both chunks and holds about three
+    [chunk x V] tensors plus the fp32 gradient buffer of the head. Under ZeRO-3 each chunk
+    runs through activation checkpointing instead, which likewise keeps only its inputs.
+    """
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty
+    if not hasattr(head.weight, "ds_id"):
+        return _ChunkedTokenKL.apply(hidden, head.weight, head.bias, ref_hidden, ref_head.weight,
+                                     ref_head.bias, targets, temperature, chunk_size)
+    # ZeRO-3 partitions the policy head: it must be called as a module (see chunked_logprobs)
+    outs = [checkpoint(_checkpointed_kl_chunk, head, hidden[s:s + chunk_size], ref_head,
+                       ref_hidden[s:s + chunk_size], targets[s:s + chunk_size],
+                       _rows(temperature, s, s + chunk_size), use_reentrant=False)
+            for s in range(0, hidden.shape[0], chunk_size)]
+    return tuple(torch.cat([o[i] for o in outs]) for i in range(3))

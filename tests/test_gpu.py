@@ -60,12 +60,14 @@ def test_chunked_logprobs_on_cuda_match_full_logits():
     hidden = torch.randn(300, 64, device="cuda", requires_grad=True)
     targets = torch.randint(0, 5000, (300,), device="cuda")
     w = torch.randn(300, device="cuda")
-    for temperature in (1.0, 0.7):
+    per_token = torch.rand(300, device="cuda") + 0.5  # HAPO's adaptive temperature: one T_t per token
+    for temperature in (1.0, 0.7, per_token):
         logp, ent = chunked_logprobs(hidden, head, targets, chunk_size=128, temperature=temperature)
         ((logp * w).sum() + ent.sum()).backward()
         got = (logp.detach(), ent.detach(), hidden.grad.clone(), head.weight.grad.clone())
         hidden.grad = head.weight.grad = None
-        full = (head(hidden) / temperature).log_softmax(-1)
+        t = temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature
+        full = (head(hidden) / t).log_softmax(-1)
         ref_logp = full.gather(-1, targets[:, None]).squeeze(-1)
         ref_ent = -(full.exp() * full).sum(-1)
         ((ref_logp * w).sum() + ref_ent.sum()).backward()

@@ -1,0 +1,260 @@
+"""Preference pairs from JSONL, Parquet or a local Hugging Face dataset, in TRL's field
+conventions, tokenized and validated row by row.
+
+Row formats (TRL's):
+- standard: `prompt`, `chosen`, `rejected` strings;
+- conversational: `prompt` a list of {"role", "content"} messages, `chosen` / `rejected`
+  lists of (assistant) messages that continue it;
+- implicit prompt: no `prompt` field; `chosen` and `rejected` are whole texts or
+  conversations, and their longest common prefix is the prompt (as TRL's `extract_prompt`:
+  messages compare whole; for text, a space just before the divergence goes to the responses).
+
+Tokenization. Text: BOS (if the tokenizer has one, as rlpost's RL prompts) + the encoded
+prompt; the response is encoded together with the prompt, and gets an EOS at its end.
+Conversations: the chat template renders the prompt with `add_generation_prompt=True` and
+prompt + response as one conversation. Either way the response is what follows the prompt's
+tokens in the tokenization of the whole sequence, so prompt ids + response ids are exactly
+that tokenization. Where the prompt's own tokenization is not a prefix of it (tokens merged
+across the boundary, or a template that renders a prompt alone differently), the split
+moves back to where they diverge, for chosen and rejected alike, as TRL does, and the row
+is listed in `PreferenceDataReport.boundary_moved` (kept: the model then trains on a prompt
+that ends slightly differently from the one it is given at inference).
+
+Row numbers count from 0: row N is `dataset[N]` of a Parquet file or HF dataset, and the
+(N+1)-th non-blank line of a JSONL file. A bad row is skipped with its reason (the first
+that applies, in the order of `REASONS`), or with `strict=True` stops the loading with an
+error naming the file and the row; no later row is read.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+REASONS = {
+    "invalid_json": "the line is not valid JSON",
+    "missing_field": "a field is missing or null",
+    "malformed": "a field has the wrong type or shape",
+    "empty_prompt": "the prompt is empty",
+    "empty_response": "chosen or rejected is empty",
+    "identical": "chosen and rejected are identical",
+    "too_long": "prompt + response is longer than max_length tokens",
+}
+
+
+class PreferenceDataError(ValueError):
+    pass
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class PreferencePair:
+    row: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class PreferenceDataReport:
+    path: str
+    rows: int = 0
+    skipped: dict[str, list[int]] = field(default_factory=dict)  # reason -> rows
+    boundary_moved: list[int] = field(default_factory=list)  # kept; see the module docstring
+
+    @property
+    def kept(self) -> int:
+        return self.rows - sum(len(rows) for rows in self.skipped.values())
+
+    def summary(self, first: int = 5) -> str:
+        def rows(ids: list[int]) -> str:
+            shown = ", ".join(map(str, ids[:first])) + (", ..." if len(ids) > first else "")
+            return f"row{'s' if len(ids) > 1 else ''} {shown}"
+
+        line = f"{self.path}: {self.rows} rows, {self.kept} pairs kept"
+        if self.skipped:
+            line += f", {self.rows - self.kept} skipped: " + "; ".join(
+                f"{reason} {len(ids)} ({rows(ids)})" for reason, ids in self.skipped.items())
+        if self.boundary_moved:
+            line += (f"; prompt/response boundary moved in {len(self.boundary_moved)} "
+                     f"({rows(self.boundary_moved)})")
+        return line
+
+
+# ----- reading rows ----------------------------------------------------------------------
+
+def _jsonl_rows(path: Path) -> Iterator[dict | _BadRow]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                yield _BadRow("invalid_json", str(e))
+
+
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
+
+
+def _hf_rows(path: Path, split: str | None) -> Iterator[dict]:
+    from datasets import DatasetDict, load_from_disk
+
+    data = load_from_disk(str(path))
+    if isinstance(data, DatasetDict):
+        name = split or ("train" if "train" in data else None)
+        if name not in data:
+            raise PreferenceDataError(f"{path}: no split {name!r}; splits: {', '.join(data)}")
+        data = data[name]
+    elif split is not None:
+        raise PreferenceDataError(f"{path}: a single dataset with no splits; got split={split!r}")
+    yield from data
+
+
+def read_rows(path: str | Path, split: str | None = None) -> Iterator[dict | _BadRow]:
+    """The records of a `.jsonl` / `.parquet` file or a `datasets.save_to_disk` directory."""
+    path = Path(path)
+    if not path.exists():
+        raise PreferenceDataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return _hf_rows(path, split)
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
+    raise PreferenceDataError(f"{path}: unsupported format; expected .jsonl, .parquet or a "
+                              "directory written by datasets.save_to_disk")
+
+
+# ----- checking a row --------------------------------------------------------------------
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value)
+
+
+def _empty(value: str | list) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return not any(m["content"].strip() for m in value)
+
+
+def _common_prefix(a: list | str, b: list | str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _split_implicit(chosen: str | list, rejected: str | list) -> tuple:
+    k = _common_prefix(chosen, rejected)
+    if isinstance(chosen, str) and 0 < k < min(len(chosen), len(rejected)) and chosen[k - 1] == " ":
+        k -= 1
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def _fields(record: Any) -> tuple[str | list, str | list, str | list]:
+    """prompt, chosen, rejected of a record, all text or all messages (raises _BadRow)."""
+    if not isinstance(record, dict):
+        raise _BadRow("malformed", f"a record must be an object, got {type(record).__name__}")
+    for key in ("chosen", "rejected"):
+        if record.get(key) is None:
+            raise _BadRow("missing_field", f"no {key!r}")
+    if "prompt" in record and record["prompt"] is None:
+        raise _BadRow("missing_field", "'prompt' is null")
+    values = [record.get("prompt"), record["chosen"], record["rejected"]]
+    present = values if "prompt" in record else values[1:]
+    if not (all(isinstance(v, str) for v in present) or all(_is_messages(v) for v in present)):
+        raise _BadRow("malformed", "prompt, chosen and rejected must be all strings or all lists "
+                                   "of {'role': str, 'content': str} messages")
+    prompt, chosen, rejected = values if "prompt" in record else _split_implicit(*values[1:])
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        raise _BadRow("empty_prompt", "no prompt" if "prompt" in record else
+                      "chosen and rejected share no prefix to serve as the prompt")
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if _empty(value):
+            raise _BadRow("empty_response", f"{key!r} is empty")
+    if chosen == rejected:
+        raise _BadRow("identical", "chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+# ----- tokenizing ------------------------------------------------------------------------
+
+class _Tokenize:
+    def __init__(self, tokenizer, source: Path):
+        self.tok, self.source = tokenizer, source
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.eos = tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def render(self, messages: list, generation_prompt: bool) -> list[int]:
+        if self.tok.chat_template is None:
+            raise PreferenceDataError(f"{self.source}: conversational rows need a tokenizer with a "
+                                      "chat template; this one has none")
+        return self.encode(self.tok.apply_chat_template(messages, tokenize=False,
+                                                        add_generation_prompt=generation_prompt))
+
+    def whole(self, prompt: str | list, response: str | list) -> list[int]:
+        if isinstance(prompt, list):
+            return self.render(prompt + response, generation_prompt=False)
+        ids = self.bos + self.encode(prompt + response)
+        return ids if ids and ids[-1] == self.eos else ids + [self.eos]
+
+    def __call__(self, prompt, chosen, rejected) -> tuple[list[int], list[int], list[int], bool]:
+        """prompt ids, chosen ids, rejected ids, and whether the boundary moved."""
+        prompt_ids = (self.render(prompt, generation_prompt=True) if isinstance(prompt, list)
+                      else self.bos + self.encode(prompt))
+        full_w, full_l = self.whole(prompt, chosen), self.whole(prompt, rejected)
+        k = min(_common_prefix(prompt_ids, full_w), _common_prefix(prompt_ids, full_l))
+        return full_w[:k], full_w[k:], full_l[k:], k < len(prompt_ids)
+
+
+def load_preference_pairs(path: str | Path, tokenizer, max_length: int | None = None,
+                          strict: bool = False, split: str | None = None
+                          ) -> tuple[list[PreferencePair], PreferenceDataReport]:
+    """Tokenized pairs of the valid rows of `path`, and the report of the rows skipped.
+
+    `max_length`: a pair whose prompt + chosen or prompt + rejected has more tokens is
+    skipped (never truncated). `split`: the split of a `DatasetDict` directory ("train"
+    by default). `strict`: the first bad row raises PreferenceDataError."""
+    path = Path(path)
+    tokenize = _Tokenize(tokenizer, path)
+    report = PreferenceDataReport(str(path))
+    pairs = []
+    for row, record in enumerate(read_rows(path, split)):
+        report.rows += 1
+        try:
+            if isinstance(record, _BadRow):
+                raise record
+            prompt_ids, chosen_ids, rejected_ids, moved = tokenize(*_fields(record))
+            if not prompt_ids:
+                raise _BadRow("empty_prompt", "the prompt has no tokens")
+            if not chosen_ids or not rejected_ids:  # a chat template that drops a reply
+                raise _BadRow("empty_response", "a response has no tokens")
+            longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+            if max_length is not None and longest > max_length:
+                raise _BadRow("too_long", f"{longest} tokens > max_length {max_length}")
+        except _BadRow as bad:
+            if strict:
+                raise PreferenceDataError(f"{path}: row {row}: {bad.reason}: {bad.detail}") from None
+            report.skipped.setdefault(bad.reason, []).append(row)
+            continue
+        if moved:
+            report.boundary_moved.append(row)
+        pairs.append(PreferencePair(row, prompt_ids, chosen_ids, rejected_ids))
+    report.skipped = {r: report.skipped[r] for r in REASONS if r in report.skipped}
+    return pairs, report
