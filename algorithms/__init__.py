@@ -6,9 +6,10 @@ from pydantic import ValidationError
 from rlpost.algorithms.base import AlgoConfig, Algorithm, MiniBatchView, Needs, TokenTensors
 from rlpost.algorithms.grpo import GRPO
 from rlpost.algorithms.hapo import HAPO
+from rlpost.algorithms.preference import Preference
 from rlpost.algorithms.sft import SFT
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (GRPO, HAPO, SFT)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (GRPO, HAPO, Preference, SFT)}
 
 
 def build_algorithm_config(name: str, params: dict) -> AlgoConfig:

@@ -49,6 +49,9 @@ class Needs:
     reference: bool = False  # log-probs of a frozen reference policy
     entropy_grad: bool = False  # entropy enters the loss (not only metrics)
     position_divergence: bool = False  # per group and response position (TW-GRPO)
+    # the full-vocabulary KL(pi_ref || pi_theta) per token, with its gradient (TDPO, SparsePO,
+    # ASFT); the learner computes it in its forward pass (token_ops.chunked_token_kl)
+    token_kl: bool = False
 
 
 @dataclass
@@ -78,7 +81,9 @@ class TokenTensors:
     logp: torch.Tensor  # [T] log pi_theta(y_t), with grad
     old_logp: torch.Tensor  # [T] at rollout-batch time
     advantages: torch.Tensor  # [T]
-    entropy: torch.Tensor  # [T] (with grad iff needs.entropy_grad)
+    # [T] (with grad iff needs.entropy_grad); None under needs.token_kl, whose pass computes
+    # the KL instead
+    entropy: torch.Tensor | None
     ref_logp: torch.Tensor | None  # [T] if needs.reference
     seq_index: torch.Tensor  # [T] local sequence index within the micro-batch
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # from `token_inputs`

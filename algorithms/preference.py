@@ -35,7 +35,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from rlpost.algorithms.base import AlgoConfig
+from rlpost.algorithms.base import AlgoConfig, Algorithm, Needs
 
 CHOSEN, REJECTED = 0, 1  # columns of every PairSums field
 
@@ -177,6 +177,41 @@ def preference_loss(s: PairSums, cfg: PreferenceConfig) -> torch.Tensor:
     if cfg.loss == "sparsepo":
         return sparsepo_loss(s, cfg.beta, cfg.lambda_u, cfg.lambda_d)
     return tdpo_loss(s, cfg.beta, cfg.alpha, 1 if cfg.loss == "tdpo1" else 2)
+
+
+# ----- the learner's side -----------------------------------------------------------------
+# Keys of `Sample.extra` (per-token tensors) that carry a pair's identity and cDPO's weights
+# from the controller to the learner, where they reach `pair_sums`.
+PAIR_INDEX = "pair_index"  # long: the token's pair, numbered over the whole mini-batch
+CHOSEN_SIDE = "chosen_side"  # bool: True on y_w's tokens, False on y_l's
+REWARD_WEIGHT = "reward_weight"  # float: cDPO's critical weight w_t on y_l, 1 on y_w
+
+
+class Preference(Algorithm):
+    """The preference losses as the learner runs them (`Learner.train_pairs`): the pair path
+    reads `needs`, `activation_masks` and `pair_loss`; RL's token-level parts do not apply.
+
+    Every loss needs the reference model; TDPO and SparsePO need the full-vocabulary KL per
+    token; SparsePO's masks m^u = m^d come from the reference model's activations (section
+    2 (a)), computed by the learner next to the reference log-probs. (Learned masks, section
+    2 (b), would add `SparsePOMasks` parameters to the policy's optimizer: not wired yet.)
+    cDPO's critical weights come with the data (`REWARD_WEIGHT`)."""
+
+    name = "preference"
+    Config = PreferenceConfig
+
+    def __init__(self, cfg: PreferenceConfig):
+        super().__init__(cfg)
+        self.needs = Needs(reference=True, token_kl=needs_token_kl(cfg))
+        self.activation_masks = cfg.loss == "sparsepo"
+        self.critical_weights = cfg.loss == "cdpo"
+
+    def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        raise TypeError("preference losses train on offline pairs (`rlpost dpo`); "
+                        "they compute no advantages")
+
+    def pair_loss(self, sums: PairSums) -> torch.Tensor:
+        return preference_loss(sums, self.cfg)
 
 
 # ----- exact gradients when a pair's tokens are split (way (b) of the module docstring) -----

@@ -40,7 +40,7 @@ class SFT(Algorithm):
 
     def __init__(self, cfg: SFTConfig):
         super().__init__(cfg)
-        self.needs = Needs(reference=cfg.loss == "asft")
+        self.needs = Needs(reference=cfg.loss == "asft", token_kl=cfg.loss == "asft")
 
     def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         raise TypeError("sft is a supervised loss; it computes no advantages")

@@ -8,8 +8,15 @@ TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic}
 
 
 def build_task(name: str, args: dict) -> Task:
+    """A task of TASKS, or `reasoning_gym:<dataset>` with the dataset's config as args."""
     from rlpost.config import ConfigError
+    from rlpost.rewards.reasoning_gym_task import PREFIX, ReasoningGym
 
+    if name.startswith(PREFIX):
+        return ReasoningGym(name.removeprefix(PREFIX), dict(args))
+    if name not in TASKS:
+        raise ConfigError(f"key 'task.name': unknown task {name!r}; known: "
+                          f"{', '.join(sorted(TASKS))}, or {PREFIX}<name> for a reasoning-gym task")
     try:
         return TASKS[name](**args)
     except TypeError as e:

@@ -28,3 +28,33 @@ class Task:
 
     def score(self, response: str, problem: Problem) -> float:
         raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Load what `score` needs (imports, data); each scoring process calls this once
+        when it starts, so that no sample's timeout pays for it."""
+
+
+class SampleReward:
+    """A reward component that reads one response. Built from its validated `Args`
+    inside each scoring worker process, and called there under the pool's timeout."""
+
+    Args: ClassVar[type]  # what `args` of its config must be (validated with pydantic)
+
+    def __init__(self, args: Any, task: Task):
+        self.args = args
+
+    def __call__(self, response: str, problem: Problem) -> float:
+        raise NotImplementedError
+
+
+class LengthReward:
+    """A reward component that depends only on response lengths (tokens, as the caller
+    counts them). Arithmetic that cannot hang: computed on the controller, per batch."""
+
+    Args: ClassVar[type]
+
+    def __init__(self, args: Any):
+        self.args = args
+
+    def __call__(self, lengths: list[int]) -> list[float]:
+        raise NotImplementedError

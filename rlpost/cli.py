@@ -1,28 +1,33 @@
-"""`rlpost train CONFIG [key.sub=value ...]`"""
+"""`rlpost train CONFIG [key.sub=value ...]`, `rlpost sweep SWEEP [key.sub=value ...]`,
+`rlpost report SWEEP_DIR`, `rlpost sft CONFIG [key.sub=value ...]`,
+`rlpost dpo CONFIG [key.sub=value ...]`"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from rlpost.config import ConfigError, load_config, parse_override
+from rlpost.preference_data import PreferenceDataError
 
 
-def load_train_config(config: str, overrides: list[str]):
-    """The config of a new run, or of the run named by `resume=<run dir>` plus the overrides."""
+def load_train_config(config: str, overrides: list[str], load=load_config):
+    """The config of a new run, or of the run named by `resume=<run dir>` plus the overrides;
+    `load(path, overrides)` validates it (RL's `load_config` unless given)."""
     resume = None
     for text in overrides:
         key, value = parse_override(text)
         if key == ["resume"]:
             resume = str(value)
     if resume is None:
-        return load_config(config, overrides)
+        return load(config, overrides)
     saved = Path(resume) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"resume: {resume} is not a run directory (no config.yaml)")
     rest = [o for o in overrides if parse_override(o)[0] != ["resume"]]
-    return load_config(saved, rest + [f"resume={resume}"])
+    return load(saved, rest + [f"resume={resume}"])
 
 
 def quiet_libraries() -> None:
@@ -44,11 +49,45 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="run a training job from a YAML config")
     p_train.add_argument("config", help="YAML config file")
     p_train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
+    p_sweep = sub.add_parser("sweep", help="run a sweep file's runs one after another "
+                             "(again: skip the finished ones), then write its report")
+    p_sweep.add_argument("sweep", help="sweep file (YAML; see rlpost/sweep.py)")
+    p_sweep.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
+    p_sweep.add_argument("--name", help="sweep name (directory, W&B group) instead of the file's")
+    p_sweep.add_argument("--output-dir", help="where the sweep directory goes "
+                         "(default: the file's output_dir, else runs/sweeps)")
+    p_sweep.add_argument("--ray-address", help="run on this Ray cluster (sets ray.address of "
+                         "every run; 'auto' inside a Ray job)")
+    p_sweep.add_argument("--dry-run", action="store_true", help="validate and list the runs")
+    p_sweep.add_argument("--no-report", action="store_true", help="do not write the report")
+    p_report = sub.add_parser("report", help="plots and a table comparing a sweep's arms")
+    p_report.add_argument("sweep_dir", help="a sweep directory (with sweep.json)")
+    p_report.add_argument("--out", help="output directory (default: SWEEP_DIR/report)")
+    for job, text in (("sft", "supervised fine-tuning (nll, dft or asft) on a dataset"),
+                      ("dpo", "preference optimisation (dpo, tdpo1, tdpo2, sparsepo, cdpo) on pairs")):
+        p_job = sub.add_parser(job, help=text)
+        p_job.add_argument("config", help="YAML config file")
+        p_job.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    # Overrides may also come after options (`rlpost sweep S.yaml --name x steps=3`).
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-")
+                                                        for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
 
     try:
+        if args.command == "sweep":
+            return sweep_command(args)
+        if args.command == "report":
+            from rlpost.report import write_report
+
+            print(f"report: {write_report(args.sweep_dir, args.out)}")
+            return 0
+        if args.command in ("sft", "dpo"):
+            return offline_command(args.command, args.config, args.overrides)
         cfg = load_train_config(args.config, args.overrides)
-    except ConfigError as e:
+    except (ConfigError, PreferenceDataError) as e:
         print(f"rlpost: error: {e}", file=sys.stderr)
         return 2
 
@@ -60,6 +99,51 @@ def main(argv: list[str] | None = None) -> int:
     print(f"accuracy after RL:                  {result.accuracy_after:.3f}")
     print(f"run directory: {result.run_dir}")
     return 0
+
+
+def offline_command(job: str, config: str, overrides: list[str]) -> int:
+    """`rlpost sft` / `rlpost dpo`. Config and data errors (the data is read and checked
+    here, before anything expensive starts) propagate as one-line errors."""
+    from rlpost.offline_config import load_offline_config
+
+    cfg = load_train_config(config, overrides, load=partial(load_offline_config, job))
+    quiet_libraries()
+    from rlpost.offline_trainer import TRAINERS
+
+    trainer = TRAINERS[job](cfg)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.shutdown()
+    before, after = result.before, result.after
+    if job == "dpo" and "eval/rewards/accuracy" in after:
+        print(f"held-out reward accuracy: {before['eval/rewards/accuracy']:.3f} -> "
+              f"{after['eval/rewards/accuracy']:.3f} (margin {after['eval/rewards/margin']:.4f})")
+    if job == "sft" and "eval/nll" in after:
+        print(f"held-out nll: {before['eval/nll']:.4f} -> {after['eval/nll']:.4f}")
+    final = result.run_dir / "final_model"
+    print(f"final model: {final} (start from it: model.kind=hf model.path={final})")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from rlpost.sweep import load_sweep, yaml_text
+    from rlpost.sweep_runner import run_sweep
+
+    overrides = args.overrides + ([f"ray.address={args.ray_address}"] if args.ray_address else [])
+    spec = load_sweep(args.sweep, overrides, name=args.name, output_dir=args.output_dir)
+    if args.dry_run:
+        print(f"sweep {spec.name}: {len(spec.runs)} runs -> {spec.directory}")
+        for run in spec.runs:
+            sets = {**spec.common, **run.arm_overrides, "seed": run.seed}
+            print(f"  {run.id}: {' '.join(f'{k}={yaml_text(v)}' for k, v in sets.items())}")
+        return 0
+    try:
+        return 1 if run_sweep(spec, report=not args.no_report) else 0
+    except KeyboardInterrupt:
+        print(f"\nsweep {spec.name} interrupted; the same command resumes it", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

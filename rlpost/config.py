@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlpost.rewards.config import RewardConfig
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -134,10 +139,18 @@ class LearnerConfig(Section):
 
 
 class RayConfig(Section):
+    """Where the Ray actors go (rlpost.workers.group.Placement; README "Clusters")."""
+
     address: str | None = None  # None: start a local cluster
     num_cpus: int | None = Field(None, gt=0)
-    gpus_per_learner: float = Field(0.0, ge=0)
-    gpus_per_rollout_worker: float = Field(0.0, ge=0)
+    placement: Literal["separate", "colocated"] = Field(
+        "separate", description="separate: learners and rollout workers on GPUs of their own; "
+        "colocated: rollout worker r shares the GPU of learner r")
+    gpus_per_learner: float = Field(0.0, ge=0, description="GPUs each learner rank holds "
+                                    "(colocated: 0 or 1, shared with its rollout worker)")
+    gpus_per_rollout_worker: float = Field(
+        0.0, ge=0, description="separate: GPUs each rollout worker holds; a vLLM engine "
+        "needs rollout.vllm.tensor_parallel_size of them")
 
 
 class TrackingConfig(Section):
@@ -145,6 +158,8 @@ class TrackingConfig(Section):
     project: str = "rlpost"
     entity: str | None = None
     group: str | None = None
+    run_name: str | None = Field(None, description="W&B run name; None: the config's name")
+    tags: list[str] = Field(default_factory=list)
     log_every: int = Field(1, gt=0)
 
 
@@ -159,6 +174,7 @@ class TrainConfig(Section):
     resume: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
@@ -177,10 +193,22 @@ class TrainConfig(Section):
         if self.mode == "inprocess" and lc.num_learners > 1:
             raise ValueError("mode 'inprocess' runs one learner; set learner.num_learners=1 "
                              "or mode=ray")
+        if self.rollout.overlong_buffer and any(c.name == "overlong" for c in self.reward.components):
+            raise ValueError("rollout.overlong_buffer and a reward component 'overlong' both shape "
+                             "overlong responses; keep one")
         if self.rollout.prompts_per_step % self.rollout.num_workers:
             raise ValueError(
                 f"rollout.num_workers ({self.rollout.num_workers}) must divide "
                 f"rollout.prompts_per_step ({self.rollout.prompts_per_step})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> "TrainConfig":
+        from rlpost.workers.group import placement_problem
+
+        problem = placement_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -223,8 +251,9 @@ def _format_error(source: str, err: ValidationError) -> str:
     return f"{source}: {where}{msg} (got {got!r})"
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
-    """Load YAML (or start from defaults when path is None), apply overrides, validate."""
+def read_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple[dict, str]:
+    """The YAML tree of `path` (empty when None) with the overrides applied, and the source
+    to name in errors."""
     source = str(path) if path is not None else "<defaults>"
     tree: dict = {}
     if path is not None:
@@ -244,10 +273,21 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
         apply_override(tree, key, value)
     if overrides:
         source += " (with overrides)"
+    return tree, source
+
+
+def validate_config(schema: type[M], tree: dict, source: str) -> M:
+    """`tree` as a `schema` (TrainConfig, or an offline job's config); a ConfigError names the key."""
     try:
-        cfg = TrainConfig.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_error(source, e)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """Load YAML (or start from defaults when path is None), apply overrides, validate."""
+    tree, source = read_config(path, overrides)
+    cfg = validate_config(TrainConfig, tree, source)
     _check_references(cfg, source)
     return cfg
 
@@ -255,12 +295,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
 def _check_references(cfg: TrainConfig, source: str) -> None:
     """Names and paths that point outside the config: checked now, not in a worker."""
     from rlpost.algorithms import build_algorithm_config
-    from rlpost.rewards import TASKS
+    from rlpost.rewards import build_task
 
-    if cfg.task.name not in TASKS:
-        raise ConfigError(f"{source}: key 'task.name': unknown task {cfg.task.name!r}; "
-                          f"known: {', '.join(sorted(TASKS))}")
     try:
+        build_task(cfg.task.name, cfg.task.args)  # checks the name and the args
         build_algorithm_config(cfg.algorithm.name, cfg.algorithm.params())
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None

@@ -1,5 +1,6 @@
-"""Preference pairs from JSONL, Parquet or a local Hugging Face dataset, in TRL's field
-conventions, tokenized and validated row by row.
+"""Offline training data from JSONL, Parquet or a local Hugging Face dataset, in TRL's field
+conventions, tokenized and validated row by row: preference pairs (`load_preference_pairs`,
+for `rlpost dpo`) and supervised examples (`load_sft_examples`, for `rlpost sft`).
 
 Row formats (TRL's):
 - standard: `prompt`, `chosen`, `rejected` strings;
@@ -8,6 +9,15 @@ Row formats (TRL's):
 - implicit prompt: no `prompt` field; `chosen` and `rejected` are whole texts or
   conversations, and their longest common prefix is the prompt (as TRL's `extract_prompt`:
   messages compare whole; for text, a space just before the divergence goes to the responses).
+
+cDPO's critical weights (loss `cdpo`): `rejected_weights`, one number >= 0 per token of the
+rejected response as tokenized here (its EOS or closing template tokens included); the
+field is read only when asked for (`rejected_weights=True`), and then every row needs it.
+
+Supervised rows (TRL's SFT formats): `prompt` and `completion`, both strings or both lists of
+messages; or `messages`, a conversation whose last message is the assistant's reply (the
+response) and whose earlier messages are the prompt. Only the response is trained on (TRL's
+completion-only loss; with several assistant turns, the earlier ones are prompt).
 
 Tokenization. Text: BOS (if the tokenizer has one, as rlpost's RL prompts) + the encoded
 prompt; the response is encoded together with the prompt, and gets an EOS at its end.
@@ -28,6 +38,7 @@ error naming the file and the row; no later row is read.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,11 +51,13 @@ REASONS = {
     "empty_response": "chosen or rejected is empty",
     "identical": "chosen and rejected are identical",
     "too_long": "prompt + response is longer than max_length tokens",
+    "bad_weights": "rejected_weights is not one number >= 0 per token of the rejected response",
 }
 
 
 class PreferenceDataError(ValueError):
-    pass
+    """A dataset that cannot be read, or a bad row under strict=True (preference and SFT
+    data alike); its message names the file (and the row)."""
 
 
 class _BadRow(Exception):
@@ -59,13 +72,23 @@ class PreferencePair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    rejected_weights: list[float] | None = None  # cDPO's w_t, one per rejected token
+
+
+@dataclass
+class SFTExample:
+    row: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
 
 
 @dataclass
 class PreferenceDataReport:
     path: str
     rows: int = 0
+    unit: str = "pairs"  # what a kept row is, in the summary
     skipped: dict[str, list[int]] = field(default_factory=dict)  # reason -> rows
+    first: dict[str, str] = field(default_factory=dict)  # reason -> "row N: detail" of its first row
     boundary_moved: list[int] = field(default_factory=list)  # kept; see the module docstring
 
     @property
@@ -77,7 +100,7 @@ class PreferenceDataReport:
             shown = ", ".join(map(str, ids[:first])) + (", ..." if len(ids) > first else "")
             return f"row{'s' if len(ids) > 1 else ''} {shown}"
 
-        line = f"{self.path}: {self.rows} rows, {self.kept} pairs kept"
+        line = f"{self.path}: {self.rows} rows, {self.kept} {self.unit} kept"
         if self.skipped:
             line += f", {self.rows - self.kept} skipped: " + "; ".join(
                 f"{reason} {len(ids)} ({rows(ids)})" for reason, ids in self.skipped.items())
@@ -164,10 +187,15 @@ def _split_implicit(chosen: str | list, rejected: str | list) -> tuple:
     return chosen[:k], chosen[k:], rejected[k:]
 
 
-def _fields(record: Any) -> tuple[str | list, str | list, str | list]:
-    """prompt, chosen, rejected of a record, all text or all messages (raises _BadRow)."""
+def _object(record: Any) -> dict:
     if not isinstance(record, dict):
         raise _BadRow("malformed", f"a record must be an object, got {type(record).__name__}")
+    return record
+
+
+def _fields(record: Any) -> tuple[str | list, str | list, str | list]:
+    """prompt, chosen, rejected of a record, all text or all messages (raises _BadRow)."""
+    _object(record)
     for key in ("chosen", "rejected"):
         if record.get(key) is None:
             raise _BadRow("missing_field", f"no {key!r}")
@@ -188,6 +216,54 @@ def _fields(record: Any) -> tuple[str | list, str | list, str | list]:
     if chosen == rejected:
         raise _BadRow("identical", "chosen and rejected are identical")
     return prompt, chosen, rejected
+
+
+def _sft_fields(record: Any) -> tuple[str | list, str | list]:
+    """prompt and completion of a record, both text or both messages (raises _BadRow)."""
+    _object(record)
+    if "messages" in record:
+        messages = record["messages"]
+        if messages is None:
+            raise _BadRow("missing_field", "'messages' is null")
+        if not _is_messages(messages) or not messages:
+            raise _BadRow("malformed", "'messages' must be a non-empty list of "
+                                       "{'role': str, 'content': str} messages")
+        if messages[-1]["role"] != "assistant":
+            raise _BadRow("malformed", f"the last message is from {messages[-1]['role']!r}; "
+                                       "it must be the assistant's reply")
+        prompt, completion = messages[:-1], messages[-1:]
+        if not prompt:
+            raise _BadRow("empty_prompt", "no message before the assistant's reply")
+    else:
+        for key in ("prompt", "completion"):
+            if record.get(key) is None:
+                raise _BadRow("missing_field", f"no {key!r} (and no 'messages')")
+        prompt, completion = record["prompt"], record["completion"]
+        if not (all(isinstance(v, str) for v in (prompt, completion))
+                or all(_is_messages(v) for v in (prompt, completion))):
+            raise _BadRow("malformed", "prompt and completion must be both strings or both lists "
+                                       "of {'role': str, 'content': str} messages")
+        if _empty(prompt):
+            raise _BadRow("empty_prompt", "the prompt is empty")
+    if _empty(completion):
+        raise _BadRow("empty_response", "the completion is empty")
+    return prompt, completion
+
+
+def _weights(record: dict, tokens: int) -> list[float]:
+    """The row's `rejected_weights`, checked against the rejected response's `tokens`."""
+    values = record.get("rejected_weights")
+    if values is None:
+        raise _BadRow("missing_field", "no 'rejected_weights' (loss cdpo needs a critical "
+                                       "weight per rejected token)")
+    if not isinstance(values, list) or len(values) != tokens:
+        got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
+        raise _BadRow("bad_weights", f"rejected_weights has {got}; the rejected response has "
+                                     f"{tokens} tokens")
+    for i, w in enumerate(values):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise _BadRow("bad_weights", f"rejected_weights[{i}] = {w!r} is not a finite number >= 0")
+    return [float(w) for w in values]
 
 
 # ----- tokenizing ------------------------------------------------------------------------
@@ -214,47 +290,83 @@ class _Tokenize:
         ids = self.bos + self.encode(prompt + response)
         return ids if ids and ids[-1] == self.eos else ids + [self.eos]
 
-    def __call__(self, prompt, chosen, rejected) -> tuple[list[int], list[int], list[int], bool]:
-        """prompt ids, chosen ids, rejected ids, and whether the boundary moved."""
+    def __call__(self, prompt, *responses) -> tuple[list[int], list[list[int]], bool]:
+        """prompt ids, the ids of each response, and whether the boundary moved."""
         prompt_ids = (self.render(prompt, generation_prompt=True) if isinstance(prompt, list)
                       else self.bos + self.encode(prompt))
-        full_w, full_l = self.whole(prompt, chosen), self.whole(prompt, rejected)
-        k = min(_common_prefix(prompt_ids, full_w), _common_prefix(prompt_ids, full_l))
-        return full_w[:k], full_w[k:], full_l[k:], k < len(prompt_ids)
+        wholes = [self.whole(prompt, r) for r in responses]
+        k = min(_common_prefix(prompt_ids, w) for w in wholes)
+        return wholes[0][:k], [w[k:] for w in wholes], k < len(prompt_ids)
 
 
-def load_preference_pairs(path: str | Path, tokenizer, max_length: int | None = None,
-                          strict: bool = False, split: str | None = None
-                          ) -> tuple[list[PreferencePair], PreferenceDataReport]:
-    """Tokenized pairs of the valid rows of `path`, and the report of the rows skipped.
+def _check_lengths(prompt_ids: list[int], responses: list[list[int]], max_length: int | None) -> None:
+    if not prompt_ids:
+        raise _BadRow("empty_prompt", "the prompt has no tokens")
+    if not all(responses):  # a chat template that drops a reply
+        raise _BadRow("empty_response", "a response has no tokens")
+    longest = len(prompt_ids) + max(map(len, responses))
+    if max_length is not None and longest > max_length:
+        raise _BadRow("too_long", f"{longest} tokens > max_length {max_length}")
 
-    `max_length`: a pair whose prompt + chosen or prompt + rejected has more tokens is
-    skipped (never truncated). `split`: the split of a `DatasetDict` directory ("train"
-    by default). `strict`: the first bad row raises PreferenceDataError."""
-    path = Path(path)
-    tokenize = _Tokenize(tokenizer, path)
-    report = PreferenceDataReport(str(path))
-    pairs = []
+
+def _load(path: Path, split: str | None, strict: bool, unit: str, make) -> tuple[list, PreferenceDataReport]:
+    """`make(row, record) -> (item, boundary moved)` over the rows, raising _BadRow for a bad
+    one: skipped and reported, or under `strict` the error naming the file and the row."""
+    report = PreferenceDataReport(str(path), unit=unit)
+    items = []
     for row, record in enumerate(read_rows(path, split)):
         report.rows += 1
         try:
             if isinstance(record, _BadRow):
                 raise record
-            prompt_ids, chosen_ids, rejected_ids, moved = tokenize(*_fields(record))
-            if not prompt_ids:
-                raise _BadRow("empty_prompt", "the prompt has no tokens")
-            if not chosen_ids or not rejected_ids:  # a chat template that drops a reply
-                raise _BadRow("empty_response", "a response has no tokens")
-            longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
-            if max_length is not None and longest > max_length:
-                raise _BadRow("too_long", f"{longest} tokens > max_length {max_length}")
+            item, moved = make(row, record)
         except _BadRow as bad:
             if strict:
                 raise PreferenceDataError(f"{path}: row {row}: {bad.reason}: {bad.detail}") from None
             report.skipped.setdefault(bad.reason, []).append(row)
+            report.first.setdefault(bad.reason, f"row {row}: {bad.detail}")
             continue
         if moved:
             report.boundary_moved.append(row)
-        pairs.append(PreferencePair(row, prompt_ids, chosen_ids, rejected_ids))
+        items.append(item)
     report.skipped = {r: report.skipped[r] for r in REASONS if r in report.skipped}
-    return pairs, report
+    report.first = {r: report.first[r] for r in report.skipped}
+    return items, report
+
+
+def load_preference_pairs(path: str | Path, tokenizer, max_length: int | None = None,
+                          strict: bool = False, split: str | None = None,
+                          rejected_weights: bool = False
+                          ) -> tuple[list[PreferencePair], PreferenceDataReport]:
+    """Tokenized pairs of the valid rows of `path`, and the report of the rows skipped.
+
+    `max_length`: a pair whose prompt + chosen or prompt + rejected has more tokens is
+    skipped (never truncated). `split`: the split of a `DatasetDict` directory ("train"
+    by default). `strict`: the first bad row raises PreferenceDataError.
+    `rejected_weights`: read cDPO's critical weights (every row must have them)."""
+    path = Path(path)
+    tokenize = _Tokenize(tokenizer, path)
+
+    def make(row: int, record: Any) -> tuple[PreferencePair, bool]:
+        prompt_ids, (chosen_ids, rejected_ids), moved = tokenize(*_fields(record))
+        _check_lengths(prompt_ids, [chosen_ids, rejected_ids], max_length)
+        weights = _weights(record, len(rejected_ids)) if rejected_weights else None
+        return PreferencePair(row, prompt_ids, chosen_ids, rejected_ids, weights), moved
+
+    return _load(path, split, strict, "pairs", make)
+
+
+def load_sft_examples(path: str | Path, tokenizer, max_length: int | None = None,
+                      strict: bool = False, split: str | None = None
+                      ) -> tuple[list[SFTExample], PreferenceDataReport]:
+    """Tokenized prompt / completion examples of the valid rows of `path`, and the report of
+    the rows skipped; the arguments are those of `load_preference_pairs`."""
+    path = Path(path)
+    tokenize = _Tokenize(tokenizer, path)
+
+    def make(row: int, record: Any) -> tuple[SFTExample, bool]:
+        prompt_ids, (completion_ids,), moved = tokenize(*_sft_fields(record))
+        _check_lengths(prompt_ids, [completion_ids], max_length)
+        return SFTExample(row, prompt_ids, completion_ids), moved
+
+    return _load(path, split, strict, "examples", make)

@@ -58,21 +58,21 @@ def _chunk_grad(z: torch.Tensor, lz, entropy, targets, grad_logp, grad_entropy, 
 
 
 @functools.cache
-def _compiled_kernels():
-    return torch.compile(_chunk_stats, dynamic=True), torch.compile(_chunk_grad, dynamic=True)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
 
 
-def _kernels(device: torch.device):
+def _kernel(device: torch.device, fn):
     # On CUDA the elementwise passes over each [chunk x vocab] tensor are fused into a
     # few kernels; elsewhere (and for tests) they run eagerly.
-    return _compiled_kernels() if device.type == "cuda" else (_chunk_stats, _chunk_grad)
+    return _compiled(fn) if device.type == "cuda" else fn
 
 
 class _ChunkedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: Temperature, chunk_size: int):
         n = hidden.shape[0]
-        stats, _ = _kernels(hidden.device)
+        stats = _kernel(hidden.device, _chunk_stats)
         logp, entropy, log_z = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
         for s in range(0, n, chunk_size):
             z = _logits(hidden[s:s + chunk_size], weight, bias, _rows(temperature, s, s + chunk_size))
@@ -86,7 +86,7 @@ class _ChunkedLogProb(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        _, grad_of = _kernels(hidden.device)
+        grad_of = _kernel(hidden.device, _chunk_grad)
         zeros = torch.zeros_like(log_z)
         grad_logp = zeros if grad_logp is None else grad_logp.float()
         grad_entropy = zeros if grad_entropy is None else grad_entropy.float()
@@ -166,21 +166,12 @@ def _kl_chunk_grad(z: torch.Tensor, zr: torch.Tensor, lz, lzr, targets, grad_log
     return g.mul_(inv_t).to(dtype)
 
 
-@functools.cache
-def _compiled_kl_kernels():
-    return torch.compile(_kl_chunk_stats, dynamic=True), torch.compile(_kl_chunk_grad, dynamic=True)
-
-
-def _kl_kernels(device: torch.device):
-    return _compiled_kl_kernels() if device.type == "cuda" else (_kl_chunk_stats, _kl_chunk_grad)
-
-
 class _ChunkedTokenKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
                 temperature: Temperature, chunk_size: int):
         n = hidden.shape[0]
-        stats, _ = _kl_kernels(hidden.device)
+        stats = _kernel(hidden.device, _kl_chunk_stats)
         logp, ref_logp, kl, log_z, ref_log_z = (hidden.new_empty(n, dtype=torch.float32) for _ in range(5))
         for s in range(0, n, chunk_size):
             e, t = s + chunk_size, _rows(temperature, s, s + chunk_size)
@@ -197,7 +188,7 @@ class _ChunkedTokenKL(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, log_z, ref_log_z = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        _, grad_of = _kl_kernels(hidden.device)
+        grad_of = _kernel(hidden.device, _kl_chunk_grad)
         zeros = torch.zeros_like(log_z)
         grad_logp = zeros if grad_logp is None else grad_logp.float()
         grad_kl = zeros if grad_kl is None else grad_kl.float()

@@ -7,7 +7,9 @@ that was killed after its last checkpoint leaves no stale steps behind.
 
 W&B is optional (`cfg.tracking.wandb`: online | offline | disabled) and is only
 imported when enabled. Its run id lives in `run_dir/wandb_id.txt` so a resumed
-run continues the same W&B run.
+run continues the same W&B run. A W&B run carries `tracking.group`, the name
+`tracking.run_name` (else the config's `name`), `tracking.tags`, the whole
+resolved config, and the metrics at their RL step (W&B's step axis).
 """
 from __future__ import annotations
 
@@ -125,6 +127,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class Tracker:
+    # what the console line and the plot show; a job with other metrics (rlpost sft / dpo)
+    # sets its own
+    console_metrics = CONSOLE_METRICS
+    plot_panels = PLOT_PANELS
+
     def __init__(self, run_dir: Path, cfg: "TrainConfig", resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +185,8 @@ class Tracker:
             project=tc.project,
             entity=tc.entity,
             group=tc.group,
-            name=self.cfg.name,
+            name=tc.run_name or self.cfg.name,
+            tags=tc.tags or None,
             config=self.cfg.model_dump(mode="json"),
             dir=str(self.run_dir),
             id=run_id,
@@ -207,7 +215,7 @@ class Tracker:
 
     def format_line(self, metrics: dict[str, Any], step: int) -> str:
         parts = [f"step {step}/{self.cfg.steps}"]
-        for key, label, fmt in CONSOLE_METRICS:
+        for key, label, fmt in self.console_metrics:
             x = _lookup(metrics, key)
             if x is None:
                 continue
@@ -245,7 +253,7 @@ class Tracker:
             return steps, [by_step[s] for s in steps]
 
         panels = []
-        for title, ylabel, keys, is_eval in PLOT_PANELS:
+        for title, ylabel, keys, is_eval in self.plot_panels:
             lines = [(label, *series(key)) for key, label in keys]
             lines = [ln for ln in lines if ln[1]]
             if lines:

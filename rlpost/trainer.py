@@ -12,6 +12,7 @@ checkpointed (dynamic sampling reads a varying number of prompts per step).
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,14 +25,19 @@ from rlpost.algorithms.base import TOKEN_MASK, TOKEN_SCALE
 from rlpost.algorithms.dapo import informative_groups, overlong_penalty
 from rlpost.algorithms.hapo import TemperatureRule
 from rlpost.batch import Sample, plan, shard, view
-from rlpost.config import TrainConfig, dump_config
+from rlpost.config import RayConfig, TrainConfig, dump_config
 from rlpost.metrics import MetricSums
 from rlpost.models import load_tokenizer, materialise_initial_model
 from rlpost.rewards import Problem, build_task
+from rlpost.rewards.config import ComponentConfig, RewardConfig
+from rlpost.rewards.pool import RewardPool, RewardResult
 from rlpost.tracking import Tracker
-from rlpost.workers.group import WorkerGroup
+from rlpost.workers.group import Placement, WorkerGroup
 from rlpost.workers.learner import LRSchedule, checkpoint_tags, set_threads, start_learner_group
 from rlpost.workers.rollout import RolloutWorker
+
+
+VERIFIER = "task"  # key of the task's own score among the reward components
 
 
 def derive_seed(*parts) -> int:
@@ -52,7 +58,7 @@ class Rollouts:
 
     groups: list[list[Sample]] = field(default_factory=list)  # rollout.n samples each
     generated: list[Sample] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)  # task score per generated sample
+    rewards: RewardResult | None = None  # of every generated sample, before overlong shaping
     rounds: int = 0
     dropped_groups: int = 0  # by dynamic sampling
 
@@ -75,6 +81,8 @@ class Trainer:
         self.sampling_rule: TemperatureRule | None = None
         self.rollout: WorkerGroup | None = None
         self.learners: WorkerGroup | None = None
+        self.rewards: RewardPool | None = None
+        self.placement: Placement | None = None
 
     # ----- prompts and rewards -------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
@@ -87,8 +95,11 @@ class Trainer:
             self._prompt_ids[text] = ids
         return ids
 
-    def decode_response(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def score(self, responses: list[list[int]], problems: list[Problem]) -> RewardResult:
+        """Rewards of responses (token ids) through the reward pool; responses of the
+        round that raise or time out score 0 and are reported in the result."""
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return self.rewards.score(texts, problems, lengths=[len(r) for r in responses])
 
     def epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -117,7 +128,8 @@ class Trainer:
     def start_learners(self, model_dir: Path, algorithm: tuple[str, dict],
                        schedule: LRSchedule) -> WorkerGroup:
         group = start_learner_group(self.cfg, model_dir, algorithm, schedule,
-                                    pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray)
+                                    pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray,
+                                    slots=self.placement.slots("learner"))
         self.packed = group.call("is_packed")[0]  # micro-batch budgets count tokens differently
         return group
 
@@ -172,8 +184,8 @@ class Trainer:
         self.compute_times()  # evaluation's generation counts in no RL step
 
         def acc(groups):
-            return sum(self.task.score(self.decode_response(g[0].ids), p)
-                       for g, p in zip(groups, problems)) / len(problems)
+            correct = self.score([g[0].ids for g in groups], problems).components[VERIFIER]
+            return sum(correct) / len(problems)
 
         return {"eval/accuracy_greedy": acc(greedy), "eval/accuracy_sampled": acc(sampled)}
 
@@ -195,10 +207,19 @@ class Trainer:
             times["rollout"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            groups = [self.score(problem, group) for problem, group in zip(problems, completions)]
+            groups = [[Sample(prompt_ids=self.encode_prompt(p.prompt), response_ids=c.ids,
+                              truncated=c.truncated, rollout_logp=c.logprobs) for c in group]
+                      for p, group in zip(problems, completions)]
             scored = [s for g in groups for s in g]
+            result = self.score([s.response_ids for s in scored],
+                                [p for p, g in zip(problems, groups) for _ in g])
+            for s, reward in zip(scored, result.totals):
+                s.reward = reward
+            if result.example is not None:
+                self.tracker.print_line(f"step {step}: {sum(result.failures.values())} reward "
+                                        f"call(s) failed and scored 0, e.g. {result.example}")
             out.generated += scored
-            out.scores += [s.reward for s in scored]
+            out.rewards = result if out.rewards is None else out.rewards + result
             if rc.overlong_buffer:
                 lengths = torch.tensor([s.num_tokens for s in scored])
                 penalties = overlong_penalty(lengths, rc.overlong_limit, rc.overlong_buffer)
@@ -222,13 +243,6 @@ class Trainer:
             for s in group:
                 s.group = g
         return out
-
-    def score(self, problem: Problem, completions: list) -> list[Sample]:
-        """One group of samples, rewarded with the task score."""
-        prompt_ids = self.encode_prompt(problem.prompt)
-        return [Sample(prompt_ids=prompt_ids, response_ids=c.ids,
-                       reward=self.task.score(self.decode_response(c.ids), problem),
-                       truncated=c.truncated, rollout_logp=c.logprobs) for c in completions]
 
     def rl_step(self, step: int) -> dict[str, float]:
         cfg, lc = self.cfg, self.cfg.learner
@@ -365,7 +379,8 @@ class Trainer:
         out = {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(generated) > 1 else 0.0,
-            f"accuracy/{self.cfg.task.name}": (torch.tensor(rollouts.scores) == 1).float().mean().item(),
+            f"accuracy/{self.cfg.task.name}":
+                sum(v == 1 for v in rollouts.rewards.components[VERIFIER]) / len(generated),
             "response_length/mean": lengths.mean().item(),
             "response_length/max": lengths.max().item(),
             "response_length/clipped_frac": sum(s.truncated for s in generated) / len(generated),
@@ -378,9 +393,10 @@ class Trainer:
             out.update({"rollout_entropy": entropy.mean().item(),
                         "logprob_gap/rollout_vs_learner_mean": gap.mean().item(),
                         "logprob_gap/rollout_vs_learner_max": gap.max().item()})
-        if rc.overlong_buffer:  # collect added the penalty to each task score
-            out["overlong/penalty_mean"] = sum(s.reward - score for s, score in
-                                               zip(generated, rollouts.scores)) / len(generated)
+        out.update(rollouts.rewards.metrics())
+        if rc.overlong_buffer:  # collect added the penalty to each pool reward
+            out["overlong/penalty_mean"] = sum(s.reward - total for s, total in
+                                               zip(generated, rollouts.rewards.totals)) / len(generated)
         if rc.dynamic_sampling:
             out["dynamic_sampling/dropped_group_frac"] = (
                 rollouts.dropped_groups / (rollouts.rounds * rc.prompts_per_step))
@@ -397,26 +413,14 @@ class Trainer:
         tag = f"step_{step}"
         self.learners.call("save_checkpoint", str(ckpt_dir), tag)
         rule = self.sampling_rule
-        state = {"step": step,
-                 "data_position": self.data_position,
-                 "sampling_rule": rule.to_dict() if rule is not None else None,
-                 "python_rng": random.getstate(),
-                 "torch_rng": torch.get_rng_state().tolist()}
-        (ckpt_dir / tag / "trainer_state.json").write_text(json.dumps(state))
+        write_trainer_state(ckpt_dir / tag, {"step": step,
+                                             "data_position": self.data_position,
+                                             "sampling_rule": rule.to_dict() if rule is not None else None})
         self.tracker.plot()
-
-    def latest_checkpoint(self) -> tuple[str, dict] | None:
-        ckpt_dir = self.run_dir / "checkpoints"
-        tags = [t for t in checkpoint_tags(ckpt_dir) if (ckpt_dir / t / "trainer_state.json").is_file()]
-        if not tags:
-            return None
-        return tags[-1], json.loads((ckpt_dir / tags[-1] / "trainer_state.json").read_text())
 
     def load_checkpoint(self, tag: str, state: dict) -> None:
         self.learners.call("load_checkpoint", str(self.run_dir / "checkpoints"), tag)
-        version, internal, gauss = state["python_rng"]  # JSON turned the tuples into lists
-        random.setstate((version, tuple(internal), gauss))
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        restore_rng(state)
         self.data_position = state["data_position"]
         rule = state.get("sampling_rule")  # absent in checkpoints before HAPO sampling
         self.sampling_rule = TemperatureRule.from_dict(rule) if rule is not None else None
@@ -429,10 +433,13 @@ class Trainer:
         models = run_dir / "models"
         initial = materialise_initial_model(cfg.model, self.task.alphabet, cfg.seed, models / "initial")
         self.tokenizer = load_tokenizer(initial)
-        checkpoint = self.latest_checkpoint() if cfg.resume else None
+        checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
         self.tracker = Tracker(run_dir, cfg, resume_step=checkpoint[1]["step"] if checkpoint else None)
         if self.use_ray:
             self.start_ray()
+        # before the warm-up: its learners and the RL learners take the same slots
+        self.placement = Placement(cfg, use_ray=self.use_ray)
+        self.rewards = RewardPool(with_verifier(cfg.reward), self.task, use_ray=self.use_ray)
         start_model = initial
         if cfg.warmup.steps:
             start_model = models / "warmup"
@@ -448,7 +455,7 @@ class Trainer:
             RolloutWorker, cfg.rollout.num_workers,
             lambda rank: dict(model_dir=str(start_model), cfg=cfg.rollout, dtype=cfg.model.dtype,
                               seed=cfg.seed, rank=rank),
-            use_ray=self.use_ray, num_cpus=1, num_gpus=cfg.ray.gpus_per_rollout_worker)
+            use_ray=self.use_ray, slots=self.placement.slots("rollout"))
         first = 1
         if checkpoint:
             self.load_checkpoint(*checkpoint)
@@ -482,26 +489,31 @@ class Trainer:
             return next(r["eval/accuracy_greedy"] for r in rows if r["step"] == 0)
 
     def start_ray(self) -> None:
-        import os
-
-        import ray
-
-        if ray.is_initialized():
-            return
-        if self.cfg.ray.address:
-            ray.init(address=self.cfg.ray.address)
-            return
-        needed = self.cfg.rollout.num_workers + self.cfg.learner.num_learners
-        ray.init(num_cpus=self.cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
-                 include_dashboard=False, log_to_driver=True)
+        init_ray(self.cfg.ray, self.cfg.rollout.num_workers + self.cfg.learner.num_learners)
 
     def shutdown(self) -> None:
         for group in (self.rollout, self.learners):
             if group is not None:
                 group.shutdown()
         self.rollout = self.learners = None
+        if self.placement is not None:
+            self.placement.shutdown()
+            self.placement = None
+        if self.rewards is not None:
+            self.rewards.close()
+            self.rewards = None
         if self.tracker is not None:
             self.tracker.close()
+
+
+def with_verifier(reward: RewardConfig) -> RewardConfig:
+    """The configured reward, plus the task's own verifier at weight 0 when it is not one
+    of the components under the key VERIFIER: accuracy, in training and in evaluation,
+    is always the verifier's, scored under the pool's timeout like every reward."""
+    if any(c.key == VERIFIER for c in reward.components):
+        return reward
+    return reward.model_copy(update={"components": [*reward.components,
+                                                    ComponentConfig(name="task", weight=0.0)]})
 
 
 def overhead_metrics(metrics: dict[str, float], compute: dict[str, float]) -> dict[str, float]:
@@ -513,6 +525,46 @@ def overhead_metrics(metrics: dict[str, float], compute: dict[str, float]) -> di
     overhead = step - sum(out.values()) - metrics["time/reward"] - metrics.get("time/weight_sync", 0.0)
     out.update({"time/framework_overhead": overhead, "time/framework_overhead_frac": overhead / step})
     return out
+
+
+def init_ray(rc: RayConfig, workers: int) -> None:
+    """Join the cluster at `rc.address`, or start a local one with a CPU per worker (at
+    least as many as the machine has)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if rc.address:
+        ray.init(address=rc.address)
+        return
+    ray.init(num_cpus=rc.num_cpus or max(workers, os.cpu_count() or 1),
+             include_dashboard=False, log_to_driver=True)
+
+
+# ----- checkpoints (shared with rlpost/offline_trainer.py) ---------------------------------
+def write_trainer_state(tag_dir: Path, state: dict) -> None:
+    """The controller's part of a checkpoint the learners just saved in `tag_dir`: `state`
+    plus the RNG states."""
+    state = {**state, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state().tolist()}
+    # written whole or not at all: a run killed mid-write must still find its last checkpoint
+    tmp = tag_dir / "trainer_state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, tag_dir / "trainer_state.json")
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[str, dict] | None:
+    """Tag and trainer state of the run's last complete checkpoint, if any."""
+    ckpt_dir = run_dir / "checkpoints"
+    tags = [t for t in checkpoint_tags(ckpt_dir) if (ckpt_dir / t / "trainer_state.json").is_file()]
+    if not tags:
+        return None
+    return tags[-1], json.loads((ckpt_dir / tags[-1] / "trainer_state.json").read_text())
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss = state["python_rng"]  # JSON turned the tuples into lists
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:

@@ -10,10 +10,10 @@ import torch
 
 from run_helpers import TINY
 from rlpost.algorithms.dapo import informative_groups, overlong_penalty
-from rlpost.batch import Sample
 from rlpost.config import ConfigError, load_config
 from rlpost.engines.base import Completion
 from rlpost.metrics import MetricSums
+from rlpost.rewards.pool import RewardResult
 from rlpost.trainer import Trainer, derive_seed
 
 
@@ -87,9 +87,12 @@ class ScriptedTrainer(Trainer):
         return [[Completion(ids=[1 if score else 2] + [7] * (length - 1), logprobs=[0.0] * length,
                             truncated=length == 3) for score, length in group] for group in script]
 
-    def score(self, problem, completions):
-        return [Sample(prompt_ids=[1], response_ids=c.ids, reward=float(c.ids[0] == 1),
-                       truncated=c.truncated) for c in completions]
+    def encode_prompt(self, text):
+        return [1]
+
+    def score(self, responses, problems):
+        scores = [float(r[0] == 1) for r in responses]
+        return RewardResult(scores, {"task": scores}, {"raised": 0, "timed_out": 0}, None)
 
 
 def scripted(tmp_path, *overrides: str) -> ScriptedTrainer:
@@ -143,7 +146,7 @@ def test_overlong_shaping_adds_to_the_reward_and_makes_groups_informative(tmp_pa
     # round 0: prompt 2 (all wrong, all 2 tokens) stays uninformative at -0.5 each;
     # prompt 3 had (1, 1), (0, 3), (1, 1), (0, 1): rewards 1, -1, 1, 0
     assert [[s.reward for s in g] for g in rollouts.groups] == [[0, 1, 0, 0], [1, -1, 1, 0]]
-    assert rollouts.scores[8:12] == [0, 0, 0, 0]  # the task scores stay unshaped
+    assert rollouts.rewards.totals[8:12] == [0, 0, 0, 0]  # the pool rewards stay unshaped
     metrics = trainer.step_metrics(rollouts, [], None, MetricSums(), {"rollout": 1.0}, {})
     # penalties: 4 x -0.5 (prompt 2) and one -1 (prompt 3) over 16 samples
     assert metrics["overlong/penalty_mean"] == pytest.approx(-3 / 16)

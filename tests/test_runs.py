@@ -107,3 +107,22 @@ def test_tw_grpo_trains_in_process(tmp_path):
         # every response starts at a position all rollouts of its group agree on (w = 1),
         # so the mean lies strictly inside [1, alpha]
         assert 1.0 < metrics[step]["selection/position_weight_mean"] < 1.7
+
+
+def test_a_reward_that_raises_scores_zero_and_the_run_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # where reward_fixtures lives
+    proc = subprocess.run(train_cmd(tmp_path, "steps=2", "eval_every=0",
+                                    "reward.components=[{name: task}, {name: function, weight: 0.5, "
+                                    "args: {path: 'reward_fixtures:fails_on_odd_length'}}]"),
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(only_run_dir(tmp_path))
+    for step in (1, 2):
+        m = metrics[step]
+        raised = m["reward/failures/raised"]
+        # every odd-length response raised and scored 0, every even one scored 1
+        assert 0 < raised < 16 and m["reward/function"] == pytest.approx(1 - raised / 16)
+        assert m["reward/failures/timed_out"] == 0
+        # the reward is the task score plus half the function's value
+        assert m["reward/mean"] == pytest.approx(m["reward/task"] + 0.5 * m["reward/function"])
+    assert "ValueError: odd length" in proc.stdout

@@ -3,11 +3,27 @@
 `call` runs a method on every worker (each with its own arguments or the same
 ones) and returns the results in rank order. In the in-process mode the calls
 run one after another in this process, so pdb steps straight into them.
+
+`Placement` reserves the GPUs of a run's two roles, learners and rollout
+workers, from `cfg.ray` (README "Clusters"):
+
+- separate: one placement group per role, one bundle per worker, PACK strategy
+  (a role fills as few nodes as it can). A bundle never spans nodes, so the
+  tensor-parallel GPUs of one vLLM engine are always on one node.
+- colocated: one placement group with one bundle per learner rank; learner r
+  and rollout worker r each ask for half of its GPU, so both see the same GPU
+  (how its memory is split is vLLM's `gpu_memory_utilization`).
 """
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:
+    from rlpost.config import TrainConfig
+
+Role = Literal["learner", "rollout"]
 
 
 def free_port() -> int:
@@ -17,12 +33,100 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Slots:
+    """Where a role's workers go: worker r in bundle `bundles[r]` of `pg`, asking
+    for `num_cpus` and `num_gpus` of it."""
+
+    pg: Any
+    bundles: list[int]
+    num_cpus: float
+    num_gpus: float
+
+
+def placement_problem(cfg: "TrainConfig") -> str | None:
+    """Why cfg.ray's placement cannot hold the run's workers, or None."""
+    rc, lc, ro = cfg.ray, cfg.learner, cfg.rollout
+    tp = ro.vllm.tensor_parallel_size if ro.engine == "vllm" else 1
+    if rc.placement == "separate":
+        if tp > 1 and rc.gpus_per_rollout_worker != tp:
+            return (f"ray.gpus_per_rollout_worker ({rc.gpus_per_rollout_worker:g}) must equal "
+                    f"rollout.vllm.tensor_parallel_size ({tp}): a vLLM engine holds one GPU "
+                    f"per tensor-parallel rank")
+        return None
+    if rc.gpus_per_learner not in (0, 1):
+        return (f"ray.placement=colocated puts each learner rank on one GPU (or none): "
+                f"ray.gpus_per_learner must be 0 or 1 (got {rc.gpus_per_learner:g})")
+    if rc.gpus_per_rollout_worker:
+        return ("ray.gpus_per_rollout_worker is for ray.placement=separate; colocated rollout "
+                "workers share the learners' GPUs (set it to 0)")
+    if tp > 1:
+        return ("ray.placement=colocated runs one vLLM engine per GPU: set "
+                "rollout.vllm.tensor_parallel_size=1 or ray.placement=separate")
+    if ro.num_workers > lc.num_learners:
+        return (f"ray.placement=colocated: rollout.num_workers ({ro.num_workers}) must not "
+                f"exceed learner.num_learners ({lc.num_learners}); each rollout worker "
+                f"shares the GPU of one learner rank")
+    return None
+
+
+class Placement:
+    """The placement groups of one run, made once (after Ray starts) and kept until
+    `shutdown`, so the warm-up's learners and the RL learners take the same slots.
+    In the in-process mode there is nothing to place: `slots` returns None."""
+
+    def __init__(self, cfg: "TrainConfig", use_ray: bool):
+        self.groups: list[Any] = []
+        self._slots: dict[str, Slots] = {}
+        if not use_ray:
+            return
+        rc = cfg.ray
+        learners, workers = cfg.learner.num_learners, cfg.rollout.num_workers
+        if rc.placement == "colocated":
+            gpu = rc.gpus_per_learner
+            # a CPU per worker, as in the separate placement (the local cluster has that many)
+            pg = self._group([_bundle(1 + (rank < workers), gpu) for rank in range(learners)])
+            self._slots = {"learner": Slots(pg, list(range(learners)), 1, gpu / 2),
+                           "rollout": Slots(pg, list(range(workers)), 1, gpu / 2)}
+        else:
+            for role, n, gpu in (("learner", learners, rc.gpus_per_learner),
+                                 ("rollout", workers, rc.gpus_per_rollout_worker)):
+                self._slots[role] = Slots(self._group([_bundle(1, gpu)] * n), list(range(n)), 1, gpu)
+
+    def _group(self, bundles: list[dict]) -> Any:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        pg = placement_group(bundles, strategy="PACK")
+        ray.get(pg.ready())
+        self.groups.append(pg)
+        return pg
+
+    def slots(self, role: Role) -> Slots | None:
+        return self._slots.get(role)
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.groups:
+            remove_placement_group(pg)
+        self.groups, self._slots = [], {}
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
 class WorkerGroup:
+    """`slots` places the workers in a run's `Placement`; without it the group makes
+    a placement group of its own (one bundle per worker) and removes it at shutdown."""
+
     def __init__(self, cls: type, num_workers: int, make_kwargs: Callable[[int], dict],
                  use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, slots: Slots | None = None):
         self.use_ray = use_ray
         self.workers: list[Any]
+        self.pg = None
         if not use_ray:
             self.workers = [cls(**make_kwargs(rank)) for rank in range(num_workers)]
             return
@@ -30,16 +134,19 @@ class WorkerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        self.pg = placement_group([bundle] * num_workers, strategy="PACK")
-        ray.get(self.pg.ready())
+        if slots is None:
+            self.pg = placement_group([_bundle(num_cpus, num_gpus)] * num_workers, strategy="PACK")
+            ray.get(self.pg.ready())
+            slots = Slots(self.pg, list(range(num_workers)), num_cpus, num_gpus)
+        if len(slots.bundles) < num_workers:
+            raise ValueError(f"{num_workers} {cls.__name__} workers but {len(slots.bundles)} slots")
         actor_cls = ray.remote(cls)
         self.workers = [
             actor_cls.options(
-                num_cpus=num_cpus, num_gpus=num_gpus,
+                num_cpus=slots.num_cpus, num_gpus=slots.num_gpus,
                 runtime_env={"env_vars": env or {}},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank),
+                    placement_group=slots.pg, placement_group_bundle_index=slots.bundles[rank]),
             ).remote(**make_kwargs(rank))
             for rank in range(num_workers)
         ]
@@ -69,7 +176,8 @@ class WorkerGroup:
                 pass
             for w in self.workers:
                 ray.kill(w)
-            remove_placement_group(self.pg)
+            if self.pg is not None:  # a Placement's groups outlive the worker groups
+                remove_placement_group(self.pg)
         else:
             for w in self.workers:
                 w.shutdown()

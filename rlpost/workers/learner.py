@@ -16,14 +16,18 @@ from torch import nn
 
 from rlpost.algorithms import TokenTensors, build_algorithm
 from rlpost.algorithms.hapo import TemperatureRule
+from rlpost.algorithms.preference import (CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT, PairSums,
+                                          activation_mask, pair_sums)
 from rlpost.algorithms.selection import position_divergence
+from rlpost.algorithms.sft import TOKEN_KL
 from rlpost.attention import packed_kwargs, use_varlen_attention, varlen_available
 from rlpost.batch import Sample, collate
 from rlpost.config import TrainConfig
 from rlpost.metrics import MetricSums
 from rlpost.models import load_model
-from rlpost.token_ops import Temperature, chunked_logprobs
-from rlpost.workers.group import WorkerGroup, free_port
+from rlpost.offline_config import OfflineConfig
+from rlpost.token_ops import Temperature, chunked_logprobs, chunked_token_kl
+from rlpost.workers.group import Slots, WorkerGroup, free_port
 
 
 class PolicyModel(nn.Module):
@@ -40,14 +44,21 @@ class PolicyModel(nn.Module):
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_pos)
 
     def forward(self, input_ids, pred_pos, targets, temperature: Temperature = 1.0,
-                rule: TemperatureRule | None = None, **attention):
+                rule: TemperatureRule | None = None,
+                reference: tuple[torch.Tensor, nn.Module] | None = None, **attention):
         """`attention`: `packed_kwargs` of the micro-batch (mask, or positions and cu_seqlens).
 
         With a `rule` (scoring a batch sampled under it; `temperature` is then the base
         T), the entropies returned are those at T and the log-probs those at the
-        per-token temperature T_t the rule derives from them."""
+        per-token temperature T_t the rule derives from them.
+
+        With a `reference` (its final states predicting the same targets and its output
+        head), returns instead the log-probs, the reference's log-probs and the
+        full-vocabulary KL(pi_ref || pi_theta) per token, from one chunked pass."""
         hidden = self.hidden_states(input_ids, pred_pos, **attention)
         head = self.lm.get_output_embeddings()
+        if reference is not None:
+            return chunked_token_kl(hidden, head, *reference, targets, self.chunk_size, temperature)
         logp, entropy = chunked_logprobs(hidden, head, targets, self.chunk_size, temperature)
         if rule is not None:
             logp, _ = chunked_logprobs(hidden, head, targets, self.chunk_size,
@@ -131,16 +142,64 @@ def set_threads() -> None:
     torch.set_num_threads(int(os.environ.get("RLPOST_THREADS", os.cpu_count() or 1)))
 
 
+@contextmanager
+def activation_means(lm: nn.Module):
+    """Records, per kind, each decoder layer's activations averaged over their last
+    dimension ([batch, length] each: SparsePO's activation masks need nothing more):
+    "mlp" the MLP's hidden activations (the input of its down projection), "attention"
+    the attention block's output, "residual" the residual stream after the layer."""
+    layers = getattr(lm.base_model, "layers", None)
+    if layers is None or not all(hasattr(layer, "mlp") and hasattr(layer.mlp, "down_proj")
+                                 and hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(f"SparsePO activation masks read each decoder layer's mlp.down_proj and "
+                         f"self_attn (Llama, Qwen, Mistral, ...); {type(lm).__name__} has no such "
+                         f"layers")
+    means: dict[str, list[torch.Tensor]] = {"mlp": [], "attention": [], "residual": []}
+
+    def keep(kind: str, x) -> None:
+        x = x[0] if isinstance(x, tuple) else x
+        means[kind].append(x.float().mean(-1))
+
+    handles = []
+    for layer in layers:
+        handles += [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: keep("mlp", args[0])),
+                    layer.self_attn.register_forward_hook(lambda m, args, out: keep("attention", out)),
+                    layer.register_forward_hook(lambda m, args, out: keep("residual", out))]
+    try:
+        yield means
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def per_response(values: torch.Tensor, seq_index: torch.Tensor, num_seqs: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat per-token values [N, ...] (in sequence order) laid out as [num_seqs, longest
+    response, ...], with the bool grid of real tokens and the (row, column) of each token."""
+    lengths = torch.bincount(seq_index, minlength=num_seqs)
+    column = torch.arange(len(seq_index), device=seq_index.device) - (lengths.cumsum(0) - lengths)[seq_index]
+    grid = values.new_zeros(num_seqs, int(lengths.max()), *values.shape[1:])
+    grid[seq_index, column] = values
+    valid = torch.zeros(grid.shape[:2], dtype=torch.bool, device=values.device)
+    valid[seq_index, column] = True
+    return grid, valid, column
+
+
 class Learner:
     """Built in two phases: the constructor only records its arguments, so that every
-    rank exists before `setup` joins the process group at rank 0's `rendezvous`."""
+    rank exists before `setup` joins the process group at rank 0's `rendezvous`.
 
-    def __init__(self, cfg: TrainConfig, model_dir: str, algorithm: tuple[str, dict],
+    `cfg` is the RL job's TrainConfig or an offline job's config (`rlpost sft` / `rlpost
+    dpo`): the learner reads its `model`, `learner` and `ray` sections."""
+
+    def __init__(self, cfg: TrainConfig | OfflineConfig, model_dir: str, algorithm: tuple[str, dict],
                  schedule: LRSchedule, rank: int, world_size: int, pad_id: int):
         set_threads()
         self.cfg, self.model_dir, self.schedule = cfg, model_dir, schedule
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
-        self.temperature = cfg.rollout.temperature
+        # RL scores its samples at the temperature they were drawn at; offline data was not
+        # sampled from the policy, and its losses are defined at temperature 1
+        self.temperature = cfg.rollout.temperature if isinstance(cfg, TrainConfig) else 1.0
         self.algorithm = build_algorithm(*algorithm)
 
     def rendezvous(self) -> tuple[str, int]:
@@ -194,6 +253,102 @@ class Learner:
                 "pred_pos": batch["pred_pos"].to(self.device),
                 "targets": batch["targets"].to(self.device),
                 "temperature": temperature, **packed_kwargs(batch, self.device)}
+
+    @torch.no_grad()
+    def _reference(self, inputs: dict, with_activations: bool = False
+                   ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]] | None]:
+        """The reference's final states predicting each response token [N, H] and, for
+        SparsePO's masks, its `activation_means` (None without)."""
+        attention = {k: v for k, v in inputs.items() if k not in ("targets", "temperature")}
+        if not with_activations:
+            return self.ref.hidden_states(**attention), None
+        with activation_means(self.ref.lm) as means:
+            return self.ref.hidden_states(**attention), means
+
+    def _sparsepo_mask(self, means: dict[str, list[torch.Tensor]], ref_hidden: torch.Tensor,
+                       batch: dict, num_seqs: int) -> torch.Tensor:
+        """SparsePO's activation mask (`preference.activation_mask`) of each response token,
+        flat [N]: every kind read at the positions that predict the tokens, as the log-probs
+        are, and normalised over each response. The logits kind is their mean over the
+        vocabulary, h . mean_v W_v + mean_v b_v, never materialised."""
+        pred_pos, seq_index = batch["pred_pos"].to(self.device), batch["seq_index"].to(self.device)
+        head = self.ref.lm.get_output_embeddings()
+        mean_logit = ref_hidden.float() @ head.weight.float().mean(0)
+        if head.bias is not None:
+            mean_logit = mean_logit + head.bias.float().mean()
+        kinds = {kind: [x.reshape(-1).index_select(0, pred_pos) for x in layers]
+                 for kind, layers in means.items()}
+        kinds["logits"] = [mean_logit]
+        _, valid, column = per_response(mean_logit, seq_index, num_seqs)
+        grids = {kind: [per_response(x, seq_index, num_seqs)[0][..., None] for x in layers]
+                 for kind, layers in kinds.items()}
+        return activation_mask(grids, valid)[seq_index, column]
+
+    def _pair_sums(self, mb: list[Sample], num_pairs: int) -> PairSums:
+        """PairSums of the pairs of one micro-batch (`algorithms/preference.py`), with the
+        gradient wherever the grad mode allows it."""
+        batch = collate(mb, self.pad_id, self.packed)
+        inputs = self._inputs(batch)
+        extra = {k: v.to(self.device) for k, v in batch["extra"].items()}
+        algorithm = self.algorithm
+        ref_hidden, means = self._reference(inputs, with_activations=algorithm.activation_masks)
+        ref_head = self.ref.lm.get_output_embeddings()
+        kl = None
+        if algorithm.needs.token_kl:
+            logp, ref_logp, kl = self.engine(**inputs, reference=(ref_hidden, ref_head))
+        else:
+            logp, _ = self.engine(**inputs)
+            with torch.no_grad():
+                ref_logp, _ = chunked_logprobs(ref_hidden, ref_head, inputs["targets"],
+                                               self.cfg.learner.logprob_chunk_size, self.temperature)
+        reward_weight = kl_weight = None
+        if means is not None:  # SparsePO: one mask serves m^u and m^d
+            reward_weight = kl_weight = self._sparsepo_mask(means, ref_hidden, batch, len(mb))
+        elif algorithm.critical_weights:
+            reward_weight = extra[REWARD_WEIGHT]
+        return pair_sums(logp, ref_logp, extra[PAIR_INDEX], extra[CHOSEN_SIDE], num_pairs, kl=kl,
+                         reward_weight=reward_weight, kl_weight=kl_weight)
+
+    def train_pairs(self, micro_batches: list[list[Sample]], num_pairs: int,
+                    apply: bool = True) -> tuple[MetricSums, PairSums | None]:
+        """One optimizer step over this rank's share of a mini-batch of `num_pairs`
+        preference pairs, numbered 0..num_pairs-1 over the whole mini-batch (PAIR_INDEX).
+
+        Every micro-batch holds whole pairs, so each pair's sums are complete where its
+        loss is taken (the preference losses are not linear in them); a micro-batch's loss
+        is sum over its pairs of L_p / num_pairs, so the sum over micro-batches and ranks is
+        the mini-batch's mean loss, and `* world_size` turns DeepSpeed's average over ranks
+        back into that sum (as in `train_minibatch`). Returns the metric sums and this
+        rank's PairSums (zero for the pairs of other ranks; the caller adds them up and
+        computes `preference_metrics`). `apply=False`: as in `train_minibatch`."""
+        metrics, totals = MetricSums(), []
+
+        def micro_loss(mb: list[Sample]) -> torch.Tensor:
+            with self.clock("update"):
+                sums = self._pair_sums(mb, num_pairs)
+                # pairs absent here have sums 0 and a loss of log 2: only the present count
+                present = torch.tensor(sorted({int(s.extra[PAIR_INDEX][0]) for s in mb}),
+                                       device=self.device)
+                loss = self.algorithm.pair_loss(sums).index_select(0, present).sum() / num_pairs
+            metrics.add_total("loss", loss.item())
+            totals.append(sums.map(lambda x: x.detach().cpu()))
+            return loss
+
+        self._accumulate(micro_batches, micro_loss, apply, metrics)
+        return metrics, sum(totals[1:], totals[0]) if totals else None
+
+    @torch.no_grad()
+    def score_pairs(self, micro_batches: list[list[Sample]], num_pairs: int) -> PairSums | None:
+        """This rank's PairSums of `num_pairs` pairs without training (evaluation)."""
+        self.engine.eval()
+        total = None
+        for mb in micro_batches:
+            if mb:
+                with self.clock("logprob"):
+                    sums = self._pair_sums(mb, num_pairs).map(lambda x: x.cpu())
+                total = sums if total is None else total + sums
+        self.engine.train()
+        return total
 
     @torch.no_grad()
     def logprobs(self, micro_batches: list[list[Sample]], with_ref: bool = False,
@@ -271,37 +426,56 @@ class Learner:
         """
         metrics = MetricSums()
         needs = self.algorithm.needs
+
+        def micro_loss(mb: list[Sample]) -> torch.Tensor:
+            batch = collate(mb, self.pad_id, self.packed)
+            inputs = self._inputs(batch)
+            get = lambda k: batch[k].to(self.device) if k in batch else None  # noqa: E731
+            extra = {k: v.to(self.device) for k, v in batch["extra"].items()}
+            ref_logp = get("ref_logp")
+            with self.clock("update"):
+                if needs.token_kl:  # ASFT: the KL to the reference with its gradient
+                    ref_hidden, _ = self._reference(inputs)
+                    logp, ref_logp, extra[TOKEN_KL] = self.engine(
+                        **inputs, reference=(ref_hidden, self.ref.lm.get_output_embeddings()))
+                    entropy = None
+                else:
+                    logp, entropy = self.engine(**inputs)
+                    if not needs.entropy_grad:
+                        entropy = entropy.detach()
+                t = TokenTensors(logp=logp, old_logp=get("old_logp"), advantages=get("advantages"),
+                                 entropy=entropy, ref_logp=ref_logp, seq_index=get("seq_index"),
+                                 extra=extra)
+                token_loss, token_metrics = self.algorithm.token_loss(t)
+                loss = (token_loss.double() * get("weights")).sum()
+            metrics.add_total("loss", loss.item())
+            if entropy is not None:
+                metrics.add_tokens("entropy", entropy)
+            for name, values in token_metrics.items():
+                metrics.add_tokens(name, values)
+            return loss
+
+        self._accumulate(micro_batches, micro_loss, apply, metrics)
+        return metrics
+
+    def _accumulate(self, micro_batches: list[list[Sample]], micro_loss, apply: bool,
+                    metrics: MetricSums) -> None:
+        """Forward/backward of each micro-batch (`micro_loss`: its share of the mini-batch
+        loss), then the optimizer step unless `apply` is False. An empty micro-batch
+        backpropagates a zero loss to keep this rank's collectives in step with the others."""
         for i, mb in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            if mb:
-                batch = collate(mb, self.pad_id, self.packed)
-                inputs = self._inputs(batch)
-                get = lambda k: batch[k].to(self.device) if k in batch else None  # noqa: E731
-                with self.clock("update"):
-                    logp, entropy = self.engine(**inputs)
-                    t = TokenTensors(logp=logp, old_logp=get("old_logp"), advantages=get("advantages"),
-                                     entropy=entropy if needs.entropy_grad else entropy.detach(),
-                                     ref_logp=get("ref_logp"), seq_index=get("seq_index"),
-                                     extra={k: v.to(self.device) for k, v in batch["extra"].items()})
-                    token_loss, token_metrics = self.algorithm.token_loss(t)
-                    loss = (token_loss.double() * get("weights")).sum()
-                metrics.add_total("loss", loss.item())
-                metrics.add_tokens("entropy", entropy)
-                for name, values in token_metrics.items():
-                    metrics.add_tokens(name, values)
-            else:  # keeps this rank's collectives in step with the others
-                loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters())
+            loss = micro_loss(mb) if mb else sum(p.sum() * 0.0 for p in self.engine.module.parameters())
             with self.clock("update"):
                 self.engine.backward((loss * self.world_size).float(), scale_wrt_gas=False)
         if not apply:
-            return metrics
+            return
         metrics.add_mean("lr", self.engine.get_lr()[0])
         with self.clock("update"):
             self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics.add_mean("grad_norm", float(grad_norm))
-        return metrics
 
     def gradients(self) -> dict[str, torch.Tensor]:
         """Current full gradients (tests only; stage 0 keeps them on the parameters)."""
@@ -361,14 +535,15 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
                   key=lambda t: int(t.split("_")[1]))
 
 
-def start_learner_group(cfg: TrainConfig, model_dir: Path | str, algorithm: tuple[str, dict],
-                        schedule: LRSchedule, pad_id: int, use_ray: bool) -> WorkerGroup:
+def start_learner_group(cfg: TrainConfig | OfflineConfig, model_dir: Path | str,
+                        algorithm: tuple[str, dict], schedule: LRSchedule, pad_id: int, use_ray: bool,
+                        slots: Slots | None = None) -> WorkerGroup:
     """All ranks of a learner group, joined in one process group at rank 0's node."""
     n = cfg.learner.num_learners
     group = WorkerGroup(
         Learner, n, lambda rank: dict(cfg=cfg, model_dir=str(model_dir), algorithm=algorithm,
                                       schedule=schedule, rank=rank, world_size=n, pad_id=pad_id),
-        use_ray=use_ray, num_cpus=1, num_gpus=cfg.ray.gpus_per_learner)
+        use_ray=use_ray, num_cpus=1, num_gpus=cfg.ray.gpus_per_learner, slots=slots)
     address, port = group.call("rendezvous")[0]
     group.call("setup", address, port)
     return group
