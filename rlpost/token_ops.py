@@ -68,6 +68,28 @@ def _kernel(device: torch.device, fn):
     return _compiled(fn) if device.type == "cuda" else fn
 
 
+def _head_backward(ctx, hidden, weight, bias, chunk_grad) -> tuple:
+    """Gradients of the hidden states, head weight and head bias (each None unless
+    needed), chunk by chunk: `chunk_grad(s, e, h, t)` recomputes the gradient with respect
+    to the logits of tokens s:e from their hidden states h and temperatures t."""
+    want_h, want_w, want_b = ctx.needs_input_grad[:3]
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+    for s in range(0, hidden.shape[0], ctx.chunk_size):
+        e = s + ctx.chunk_size
+        h = hidden[s:e]
+        g = chunk_grad(s, e, h, _rows(ctx.temperature, s, e))
+        if want_h:
+            grad_h[s:e] = g @ weight
+        if want_w:
+            _accumulate(grad_w, g.t(), h)
+        if want_b:
+            grad_b.add_(g.float().sum(0))
+    return (grad_h, grad_w.to(weight.dtype) if want_w else None,
+            grad_b.to(bias.dtype) if want_b else None)
+
+
 class _ChunkedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: Temperature, chunk_size: int):
@@ -85,27 +107,16 @@ class _ChunkedLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_of = _kernel(hidden.device, _chunk_grad)
         zeros = torch.zeros_like(log_z)
         grad_logp = zeros if grad_logp is None else grad_logp.float()
         grad_entropy = zeros if grad_entropy is None else grad_entropy.float()
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
-        for s in range(0, hidden.shape[0], ctx.chunk_size):
-            e = s + ctx.chunk_size
-            h, t = hidden[s:e], _rows(ctx.temperature, s, e)
-            g = grad_of(_logits(h, weight, bias, t), log_z[s:e], entropy[s:e], targets[s:e],
-                        grad_logp[s:e], grad_entropy[s:e], 1.0 / t, weight.dtype)
-            if want_h:
-                grad_h[s:e] = g @ weight
-            if want_w:
-                _accumulate(grad_w, g.t(), h)
-            if want_b:
-                grad_b.add_(g.float().sum(0))
-        return (grad_h, grad_w.to(weight.dtype) if want_w else None,
-                grad_b.to(bias.dtype) if want_b else None, None, None, None)
+
+        def chunk_grad(s, e, h, t):
+            return grad_of(_logits(h, weight, bias, t), log_z[s:e], entropy[s:e], targets[s:e],
+                           grad_logp[s:e], grad_entropy[s:e], 1.0 / t, weight.dtype)
+
+        return (*_head_backward(ctx, hidden, weight, bias, chunk_grad), None, None, None)
 
 
 def _checkpointed_chunk(head: nn.Module, hidden, targets, temperature: Temperature):
@@ -187,28 +198,18 @@ class _ChunkedTokenKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, log_z, ref_log_z = ctx.saved_tensors
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_of = _kernel(hidden.device, _kl_chunk_grad)
         zeros = torch.zeros_like(log_z)
         grad_logp = zeros if grad_logp is None else grad_logp.float()
         grad_kl = zeros if grad_kl is None else grad_kl.float()
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
-        for s in range(0, hidden.shape[0], ctx.chunk_size):
-            e = s + ctx.chunk_size
-            h, t = hidden[s:e], _rows(ctx.temperature, s, e)
-            g = grad_of(_logits(h, weight, bias, t), _logits(ref_hidden[s:e], ref_weight, ref_bias, t),
-                        log_z[s:e], ref_log_z[s:e], targets[s:e], grad_logp[s:e], grad_kl[s:e],
-                        1.0 / t, weight.dtype)
-            if want_h:
-                grad_h[s:e] = g @ weight
-            if want_w:
-                _accumulate(grad_w, g.t(), h)
-            if want_b:
-                grad_b.add_(g.float().sum(0))
-        return (grad_h, grad_w.to(weight.dtype) if want_w else None,
-                grad_b.to(bias.dtype) if want_b else None, None, None, None, None, None, None)
+
+        def chunk_grad(s, e, h, t):
+            return grad_of(_logits(h, weight, bias, t), _logits(ref_hidden[s:e], ref_weight, ref_bias, t),
+                           log_z[s:e], ref_log_z[s:e], targets[s:e], grad_logp[s:e], grad_kl[s:e],
+                           1.0 / t, weight.dtype)
+
+        return (*_head_backward(ctx, hidden, weight, bias, chunk_grad),
+                None, None, None, None, None, None)
 
 
 def _checkpointed_kl_chunk(head: nn.Module, hidden, ref_head: nn.Module, ref_hidden, targets,

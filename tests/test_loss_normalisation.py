@@ -108,14 +108,6 @@ def run_split(group: WorkerGroup, samples, apply: bool, **split):
     return merged.result()
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 # The 8 sequences hold 78 prompt + response tokens; the longest is 13 (12 splits it off alone).
 SPLITS = {"padded": [dict(max_seqs=m) for m in (8, 4, 2)],  # per rank: 1, 2, 4 micro-batches
           "packed": [dict(max_tokens=t) for t in (None, 40, 20, 12)]}

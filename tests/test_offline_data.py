@@ -2,7 +2,6 @@
 weights per rejected token, pair samples, and micro-batches that keep pairs whole."""
 from __future__ import annotations
 
-import json
 import random
 import re
 
@@ -10,39 +9,15 @@ import pytest
 import torch
 
 from rlpost.algorithms.preference import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
-from rlpost.models import char_tokenizer
 from rlpost.offline_batch import pair_samples, shard_pairs
 from rlpost.offline_trainer import EpochStream
 from rlpost.preference_data import (PreferenceDataError, PreferencePair, load_preference_pairs,
                                     load_sft_examples)
-
-TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}[assistant]{% endif %}")
-BOS, EOS = 1, 2
-
-
-@pytest.fixture
-def tok():
-    t = char_tokenizer("abcdefghijklmnopqrstuvwxyz0123456789 []\n?+=.:")
-    t.chat_template = TEMPLATE
-    return t
+from test_preference_data import BOS, EOS, bot, tok, user, write_jsonl  # noqa: F401 (tok: fixture)
 
 
 def enc(tok, text):
     return tok.encode(text, add_special_tokens=False)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def bot(text):
-    return {"role": "assistant", "content": text}
 
 
 # ----- SFT examples -----------------------------------------------------------------------

@@ -159,14 +159,6 @@ def train_pairs(group, pairs, critical: bool, apply: bool, **split):
     return loss, sum(sums[1:], sums[0])
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def check_pairs(model_dir, loss_name: str, world: int, packing: str):
     cfg = DPOJobConfig(data={"path": "unused.jsonl"}, algorithm=LOSSES[loss_name])
     critical = loss_name == "cdpo"
