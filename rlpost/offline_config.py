@@ -118,6 +118,13 @@ def load_offline_config(job: str, path: str | os.PathLike | None,
         raise ConfigError(f"{source}: key 'data.path': no such file or directory: {cfg.data.path}")
     if cfg.model.kind == "hf" and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"{source}: key 'model.path': directory not found: {cfg.model.path}")
+    if cfg.learner.lora is not None:
+        from rlpost.lora import check_model_config
+
+        try:
+            check_model_config(cfg.model, cfg.learner.lora)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     if cfg.resume and not (Path(cfg.resume) / "config.yaml").is_file():
         raise ConfigError(f"{source}: key 'resume': {cfg.resume} is not a run directory "
                           f"(no config.yaml)")

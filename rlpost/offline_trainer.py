@@ -27,14 +27,15 @@ from rlpost.algorithms.preference import preference_loss, preference_metrics
 from rlpost.batch import Sample, shard, view
 from rlpost.config import ConfigError
 from rlpost.metrics import MetricSums
-from rlpost.models import char_tokenizer, load_tokenizer, materialise_initial_model
+from rlpost.models import char_tokenizer, load_tokenizer, materialise_initial_model, pretrained_dir
 from rlpost.offline_batch import pair_samples, sft_samples, shard_pairs
 from rlpost.offline_config import DPOJobConfig, OfflineConfig, SFTJobConfig
 from rlpost.preference_data import PreferenceDataError, load_preference_pairs, load_sft_examples
+from rlpost.token_view import WeightedTokens, write_token_view
 from rlpost.tracking import METRICS_FILE, Tracker, read_metrics
 from rlpost.trainer import (derive_seed, init_ray, latest_checkpoint, prepare_run_dir, restore_rng,
                             write_trainer_state)
-from rlpost.workers.group import WorkerGroup
+from rlpost.workers.group import Slots, WorkerGroup
 from rlpost.workers.learner import LRSchedule, set_threads, start_learner_group
 
 # A tiny model built in code (model.kind: tiny) gets a character tokenizer of printable ASCII:
@@ -77,10 +78,12 @@ class OfflineTrainer:
     unit = "rows"
     tracker_class = Tracker
 
-    def __init__(self, cfg: OfflineConfig):
-        self.cfg, self.use_ray = cfg, cfg.mode == "ray"
+    def __init__(self, cfg: OfflineConfig, slots: Slots | None = None):
+        """`slots`: where the learners go in a pipeline's `Placement` (`rlpost cdpo`);
+        None: a placement group of their own."""
+        self.cfg, self.use_ray, self.slots = cfg, cfg.mode == "ray", slots
         self.algorithm = build_algorithm(*cfg.algorithm_spec())
-        self.tokenizer = (load_tokenizer(cfg.model.path) if cfg.model.kind == "hf"
+        self.tokenizer = (load_tokenizer(pretrained_dir(cfg.model)) if cfg.model.kind != "tiny"
                           else char_tokenizer(TINY_ALPHABET))
         rows, self.report = self.load_data()
         if not rows:
@@ -116,6 +119,9 @@ class OfflineTrainer:
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
 
+    def after_training(self) -> None:
+        """What the job writes after its last step, with the learners still up."""
+
     # ----- the job -------------------------------------------------------------------------
     def run(self) -> OfflineResult:
         cfg = self.cfg
@@ -134,7 +140,7 @@ class OfflineTrainer:
         self.learners = start_learner_group(
             cfg, start, cfg.algorithm_spec(),
             LRSchedule(lc.lr, lc.lr_warmup_steps, lc.lr_schedule, total_steps=self.steps),
-            pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray)
+            pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray, slots=self.slots)
         self.packed = self.learners.call("is_packed")[0]
         first = 1
         if checkpoint:
@@ -157,6 +163,7 @@ class OfflineTrainer:
             self.tracker.log(metrics, step=step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == self.steps:
                 self.save_checkpoint(step)
+        self.after_training()
         final = run_dir / "final_model"
         self.learners.call("save_pretrained", str(final))
         self.tokenizer.save_pretrained(final)
@@ -253,10 +260,12 @@ class DPOTracker(Tracker):
 
 
 class DPOTrainer(OfflineTrainer):
-    """DPO, TDPO1/2, SparsePO (activation masks) or cDPO's weighted DPO on preference pairs,
-    through `Learner.train_pairs`: pair-atomic micro-batches, loss sum_p L_p / P."""
+    """DPO, TDPO1/2, SparsePO (activation or learned masks) or cDPO's weighted DPO on
+    preference pairs, through `Learner.train_pairs`: pair-atomic micro-batches, loss
+    sum_p L_p / P."""
 
     unit = "pairs"
+    view_pairs = 6  # pairs in the token view (`after_training`)
     tracker_class = DPOTracker
     cfg: DPOJobConfig
 
@@ -289,6 +298,31 @@ class DPOTrainer(OfflineTrainer):
         out = {"eval/loss": preference_loss(total, self.cfg.algorithm).mean().item()}
         out.update({f"eval/{k}": v for k, v in preference_metrics(total, self.cfg.algorithm).items()})
         return out
+
+    def after_training(self) -> None:
+        """The token view (`rlpost.token_view`) of the first held-out pairs, or training
+        pairs when none are held out, for the losses that weigh tokens: cDPO's critical
+        weights from the data, SparsePO's m^u of the final model from the learners."""
+        algorithm = self.cfg.algorithm
+        pairs = (self.eval_rows or self.train_rows)[:self.view_pairs]
+        if algorithm.loss == "cdpo":
+            weight_name, weights = "critical weight w_t", [p.rejected_weights for p in pairs]
+        elif algorithm.loss == "sparsepo":
+            masks = {}
+            for rank in self.learners.call("rejected_masks", per_rank=[(p,) for p in self.shard(pairs)]):
+                masks.update(rank)
+            weight_name = f"SparsePO mask m^u ({algorithm.masks})"
+            weights = [masks[i].tolist() for i in range(len(pairs))]
+        else:
+            return  # every token weighs 1
+        decode, where = self.tokenizer.decode, "held out" if self.eval_rows else "training"
+        rows = [WeightedTokens(label=f"pair {p.row} ({where})", prompt=decode(p.prompt_ids),
+                               tokens=[decode([t]) for t in p.rejected_ids], weights=w,
+                               chosen=decode(p.chosen_ids))
+                for p, w in zip(pairs, weights)]
+        page, image = write_token_view(self.run_dir, rows, f"{self.run_dir.name}: {weight_name} "
+                                       f"of the rejected tokens", weight_name)
+        self.tracker.print_line(f"token weights: {page} ({image.name})")
 
 
 TRAINERS: dict[str, type[OfflineTrainer]] = {"sft": SFTTrainer, "dpo": DPOTrainer}

@@ -25,7 +25,7 @@ from rlpost.algorithms.base import TOKEN_MASK, TOKEN_SCALE
 from rlpost.algorithms.dapo import informative_groups, overlong_penalty
 from rlpost.algorithms.hapo import TemperatureRule
 from rlpost.batch import Sample, plan, shard, view
-from rlpost.config import RayConfig, TrainConfig, dump_config
+from rlpost.config import RayConfig, TaskConfig, TrainConfig, dump_config
 from rlpost.metrics import MetricSums
 from rlpost.models import load_tokenizer, materialise_initial_model
 from rlpost.rewards import Problem, build_task
@@ -90,9 +90,7 @@ class Trainer:
         engines and again for the samples; callers must not modify the list)."""
         ids = self._prompt_ids.get(text)
         if ids is None:
-            bos = self.tokenizer.bos_token_id
-            ids = ([bos] if bos is not None else []) + self.tokenizer.encode(text, add_special_tokens=False)
-            self._prompt_ids[text] = ids
+            ids = self._prompt_ids[text] = encode_prompt(self.tokenizer, text, self.cfg.task)
         return ids
 
     def score(self, responses: list[list[int]], problems: list[Problem]) -> RewardResult:
@@ -352,7 +350,7 @@ class Trainer:
         call, each from the slowest worker: a group's workers run in parallel."""
         out: dict[str, float] = {}
         for group in (self.rollout, self.learners):
-            for seconds in group.call("take_compute_times"):
+            for seconds in group.call("take_compute_times") if group is not None else ():
                 for name, value in seconds.items():
                     out[name] = max(out.get(name, 0.0), value)
         return out
@@ -427,35 +425,49 @@ class Trainer:
         self.sync_weights()
 
     # ----- the whole job -----------------------------------------------------------
-    def run(self) -> Result:
-        cfg, run_dir = self.cfg, self.run_dir
+    def prepare(self, tracker: Tracker, warmup_dir: Path) -> Path:
+        """Everything before the first learner of the job: the initial model and its
+        tokenizer, Ray, the placement, the reward pool, and the warm-up (skipped when
+        `warmup_dir` holds a finished one). Returns the starting policy's directory."""
+        cfg = self.cfg
         set_threads()
-        models = run_dir / "models"
-        initial = materialise_initial_model(cfg.model, self.task.alphabet, cfg.seed, models / "initial")
+        initial = materialise_initial_model(cfg.model, self.task.alphabet, cfg.seed,
+                                            self.run_dir / "models" / "initial")
         self.tokenizer = load_tokenizer(initial)
-        checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
-        self.tracker = Tracker(run_dir, cfg, resume_step=checkpoint[1]["step"] if checkpoint else None)
+        self.tracker = tracker
         if self.use_ray:
             self.start_ray()
-        # before the warm-up: its learners and the RL learners take the same slots
+        # before the warm-up: its learners and the job's learners take the same slots
         self.placement = Placement(cfg, use_ray=self.use_ray)
         self.rewards = RewardPool(with_verifier(cfg.reward), self.task, use_ray=self.use_ray)
-        start_model = initial
-        if cfg.warmup.steps:
-            start_model = models / "warmup"
-            if not (start_model / "tokenizer_config.json").is_file():  # written last
-                self.warmup(initial, start_model)
+        if not cfg.warmup.steps:
+            return initial
+        if not (warmup_dir / "tokenizer_config.json").is_file():  # written last
+            self.warmup(initial, warmup_dir)
+        return warmup_dir
+
+    def start_rollout(self, model_dir: Path) -> WorkerGroup:
+        cfg = self.cfg
+        self.rollout = WorkerGroup(
+            RolloutWorker, cfg.rollout.num_workers,
+            lambda rank: dict(model_dir=str(model_dir), cfg=cfg.rollout, dtype=cfg.model.dtype,
+                              seed=cfg.seed, rank=rank),
+            use_ray=self.use_ray, slots=self.placement.slots("rollout"))
+        return self.rollout
+
+    def run(self) -> Result:
+        cfg, run_dir = self.cfg, self.run_dir
+        checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+        start_model = self.prepare(
+            Tracker(run_dir, cfg, resume_step=checkpoint[1]["step"] if checkpoint else None),
+            warmup_dir=run_dir / "models" / "warmup")
         lc = cfg.learner
         optimizer_steps = cfg.steps * lc.epochs * (cfg.rollout.prompts_per_step * cfg.rollout.n
                                                    // lc.mini_batch_size)
         self.learners = self.start_learners(
             start_model, (cfg.algorithm.name, cfg.algorithm.params()),
             LRSchedule(lc.lr, lc.lr_warmup_steps, lc.lr_schedule, total_steps=optimizer_steps))
-        self.rollout = WorkerGroup(
-            RolloutWorker, cfg.rollout.num_workers,
-            lambda rank: dict(model_dir=str(start_model), cfg=cfg.rollout, dtype=cfg.model.dtype,
-                              seed=cfg.seed, rank=rank),
-            use_ray=self.use_ray, slots=self.placement.slots("rollout"))
+        self.start_rollout(start_model)
         first = 1
         if checkpoint:
             self.load_checkpoint(*checkpoint)
@@ -504,6 +516,34 @@ class Trainer:
             self.rewards = None
         if self.tracker is not None:
             self.tracker.close()
+
+
+def prompt_record(tokenizer, text: str, task: TaskConfig) -> str | list[dict[str, str]]:
+    """A problem as a prompt of the offline data formats (rlpost/preference_data.py), which
+    tokenize it as `encode_prompt` does: with the tokenizer's chat template
+    (task.chat_template on, or auto and the tokenizer has one) a user message after
+    task.system_prompt as a system message; else text, the system prompt and a blank line
+    before the problem."""
+    use_template = task.chat_template == "on" or (task.chat_template == "auto"
+                                                  and bool(getattr(tokenizer, "chat_template", None)))
+    if use_template:
+        messages = [{"role": "user", "content": text}]
+        if task.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": task.system_prompt})
+        return messages
+    return text if task.system_prompt is None else f"{task.system_prompt}\n\n{text}"
+
+
+def encode_prompt(tokenizer, text: str, task: TaskConfig) -> list[int]:
+    """Token ids of a problem's `prompt_record`: a conversation rendered by the chat
+    template with the assistant's generation prompt, or BOS and the text."""
+    prompt = prompt_record(tokenizer, text, task)
+    if isinstance(prompt, list):
+        rendered = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        # the template writes its own special tokens (BOS included, where it has one)
+        return tokenizer.encode(rendered, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + tokenizer.encode(prompt, add_special_tokens=False)
 
 
 def with_verifier(reward: RewardConfig) -> RewardConfig:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlpost.algorithms import build_algorithm
+from rlpost.cdpo_config import load_cdpo_config
 from rlpost.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -26,6 +28,9 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_config_loads_and_builds_its_algorithm(path):
+    if "cdpo" in yaml.safe_load(path.read_text()):  # an `rlpost cdpo` pipeline
+        load_cdpo_config(path)  # builds and validates each of its stages' configs
+        return
     cfg = load_config(path)
     build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
 

@@ -159,6 +159,19 @@ def train_pairs(group, pairs, critical: bool, apply: bool, **split):
     return loss, sum(sums[1:], sums[0])
 
 
+def assert_every_split(group, cfg, pairs, critical: bool, packing: str, ref_loss, ref_grads, ref_metrics):
+    """Loss, gradients and metrics of one step (not applied) equal the reference's for
+    every micro-batch split of `SPLITS[packing]`; returns the last split's PairSums."""
+    for split in SPLITS[packing]:
+        loss, sums = train_pairs(group, pairs, critical, apply=False, packed=packing == "packed", **split)
+        assert loss == pytest.approx(ref_loss, rel=RTOL, abs=ATOL), split
+        assert_gradients_match(group, ref_grads, RTOL, ATOL)
+        metrics = preference_metrics(sums, cfg.algorithm)
+        for name, want in ref_metrics.items():
+            assert metrics[name] == pytest.approx(want, rel=1e-5, abs=1e-6), (split, name)
+    return sums
+
+
 def check_pairs(model_dir, loss_name: str, world: int, packing: str):
     cfg = DPOJobConfig(data={"path": "unused.jsonl"}, algorithm=LOSSES[loss_name])
     critical = loss_name == "cdpo"
@@ -172,13 +185,7 @@ def check_pairs(model_dir, loss_name: str, world: int, packing: str):
         ref_loss, ref_grads, ref_metrics = reference_pairs(model_dir, weights, model_dir, pairs,
                                                            LOSSES[loss_name])
         assert ref_metrics.get("kl/per_token", 1.0) > 1e-3  # the policy moved: the KL terms matter
-        for split in SPLITS[packing]:
-            loss, sums = train_pairs(group, pairs, critical, apply=False, packed=packing == "packed", **split)
-            assert loss == pytest.approx(ref_loss, rel=RTOL, abs=ATOL), split
-            assert_gradients_match(group, ref_grads, RTOL, ATOL)
-            metrics = preference_metrics(sums, cfg.algorithm)
-            for name, want in ref_metrics.items():
-                assert metrics[name] == pytest.approx(want, rel=1e-5, abs=1e-6), (split, name)
+        assert_every_split(group, cfg, pairs, critical, packing, ref_loss, ref_grads, ref_metrics)
     finally:
         group.shutdown()
 

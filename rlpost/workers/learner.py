@@ -17,12 +17,13 @@ from torch import nn
 from rlpost.algorithms import TokenTensors, build_algorithm
 from rlpost.algorithms.hapo import TemperatureRule
 from rlpost.algorithms.preference import (CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT, PairSums,
-                                          activation_mask, pair_sums)
+                                          Preference, SparsePOMasks, activation_mask, pair_sums)
 from rlpost.algorithms.selection import position_divergence
 from rlpost.algorithms.sft import TOKEN_KL
 from rlpost.attention import packed_kwargs, use_varlen_attention, varlen_available
 from rlpost.batch import Sample, collate
 from rlpost.config import TrainConfig
+from rlpost.lora import add_lora, merged_state_dict
 from rlpost.metrics import MetricSums
 from rlpost.models import load_model
 from rlpost.offline_config import OfflineConfig
@@ -31,17 +32,32 @@ from rlpost.workers.group import Slots, WorkerGroup, free_port
 
 
 class PolicyModel(nn.Module):
-    """A causal LM whose forward returns log-probs and entropies of chosen tokens only."""
+    """A causal LM whose forward returns log-probs and entropies of chosen tokens only.
+
+    `masks`: SparsePO's learned mask networks when the algorithm trains them, a submodule
+    so that DeepSpeed's optimizer, LR schedule, ZeRO partitioning, gradient clipping and
+    checkpoints cover them with the LM (`export_weights` leaves them out)."""
 
     def __init__(self, lm: nn.Module, chunk_size: int):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
+        self.masks: SparsePOMasks | None = None
 
     def hidden_states(self, input_ids, pred_pos, **attention) -> torch.Tensor:
         """[response tokens, hidden]: the final states that predict each response token."""
         hidden = self.lm.base_model(input_ids=input_ids, use_cache=False, **attention).last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_pos)
+
+    def layer_states(self, input_ids, pred_pos, **attention) -> list[torch.Tensor]:
+        """[response tokens, hidden] per decoder layer, at the positions that predict each
+        response token: HF's `hidden_states` less the first. That one is the embedding
+        lookup, a function of the token alone with no context to judge it by; the others
+        are the layers' outputs, the last after the final norm, so it is `hidden_states`'s
+        result as well and one forward serves the masks and the log-probs."""
+        out = self.lm.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=True,
+                                 **attention)
+        return [h.reshape(-1, h.shape[-1]).index_select(0, pred_pos) for h in out.hidden_states[1:]]
 
     def forward(self, input_ids, pred_pos, targets, temperature: Temperature = 1.0,
                 rule: TemperatureRule | None = None,
@@ -64,6 +80,35 @@ class PolicyModel(nn.Module):
             logp, _ = chunked_logprobs(hidden, head, targets, self.chunk_size,
                                        temperature * rule.factor(entropy))
         return logp, entropy
+
+
+class BaseModelView(PolicyModel):
+    """The reference model of a LoRA policy without a second copy: the policy's own LM with
+    its adapter off (peft's `disable_adapter`) and in eval mode (no dropout, as a separate
+    reference would be) for each forward. LoRA never changes the base weights and the output
+    head is never adapted (`lora.check_targets`), so this is exactly the initial model."""
+
+    def __init__(self, policy: PolicyModel, adapter):
+        super().__init__(policy.lm, policy.chunk_size)
+        self._disable_adapter = adapter.disable_adapter  # a method: no submodule registered
+
+    @contextmanager
+    def _base(self):
+        training = self.lm.training
+        self.lm.eval()
+        try:
+            with self._disable_adapter():
+                yield
+        finally:
+            self.lm.train(training)
+
+    def hidden_states(self, *args, **kwargs) -> torch.Tensor:
+        with self._base():
+            return super().hidden_states(*args, **kwargs)
+
+    def layer_states(self, *args, **kwargs) -> list[torch.Tensor]:
+        with self._base():
+            return super().layer_states(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -221,7 +266,9 @@ class Learner:
         lc = cfg.learner
         lm = load_model(model_dir, cfg.model.dtype)
         if lc.gradient_checkpointing:
-            lm.gradient_checkpointing_enable()
+            # non-reentrant (transformers 5's default): the reentrant kind gives no gradient
+            # to a LoRA adapter inside a layer whose inputs (frozen embeddings) need none
+            lm.gradient_checkpointing_enable({"use_reentrant": False})
         # "auto": pack where the varlen kernel exists. Elsewhere SDPA attends over a packed
         # row's whole block mask, and padded micro-batches win for short responses
         # (docs/performance.md).
@@ -229,8 +276,14 @@ class Learner:
         self.packed = lc.packing == "packed" or (lc.packing == "auto" and varlen)
         if self.packed and varlen:
             use_varlen_attention(lm)
+        # the adapter goes into `lm` in place; `self.adapter` is its PeftModel handle
+        self.adapter = add_lora(lm, lc.lora, cfg.seed) if lc.lora is not None else None
         policy = PolicyModel(lm, lc.logprob_chunk_size)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=schedule.lr, weight_decay=lc.weight_decay)
+        if isinstance(self.algorithm, Preference) and self.algorithm.learned_masks:
+            policy.masks = self.algorithm.mask_networks(
+                lm.config.num_hidden_layers, lm.config.hidden_size, cfg.seed).to(lm.dtype)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
+                                      lr=schedule.lr, weight_decay=lc.weight_decay)
         # Adam moves every parameter by about lr on its first steps, whatever the
         # gradient's size; a linear warm-up keeps the first RL updates small.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
@@ -239,7 +292,9 @@ class Learner:
                                                lr_scheduler=scheduler, config=ds_config)
         self.device = self.engine.device
         self.ref = None
-        if self.algorithm.needs.reference:
+        if self.algorithm.needs.reference and self.adapter is not None:
+            self.ref = BaseModelView(self.engine.module, self.adapter)
+        elif self.algorithm.needs.reference:
             ref_lm = load_model(model_dir, cfg.model.dtype)
             if self.packed and varlen:
                 use_varlen_attention(ref_lm)
@@ -284,6 +339,29 @@ class Learner:
                  for kind, layers in kinds.items()}
         return activation_mask(grids, valid)[seq_index, column]
 
+    @torch.no_grad()
+    def _reference_layers(self, inputs: dict) -> list[torch.Tensor]:
+        """The reference's `layer_states` of each response token, SparsePO's learned masks'
+        input (the last is the final states)."""
+        attention = {k: v for k, v in inputs.items() if k not in ("targets", "temperature")}
+        return self.ref.layer_states(**attention)
+
+    def _reference_and_masks(self, batch: dict, inputs: dict, num_seqs: int
+                             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The reference's final states predicting each response token [N, H], and SparsePO's
+        masks m^u, m^d of the tokens [N] (None, None for the other losses). Learned masks
+        carry the gradient of their networks wherever the grad mode allows it."""
+        algorithm = self.algorithm
+        if algorithm.learned_masks:
+            layers = self._reference_layers(inputs)
+            m_u, m_d = self.engine.module.masks(layers)
+            return layers[-1], m_u, m_d
+        ref_hidden, means = self._reference(inputs, with_activations=algorithm.activation_masks)
+        if means is None:
+            return ref_hidden, None, None
+        mask = self._sparsepo_mask(means, ref_hidden, batch, num_seqs)
+        return ref_hidden, mask, mask  # one activation mask serves m^u and m^d
+
     def _pair_sums(self, mb: list[Sample], num_pairs: int) -> PairSums:
         """PairSums of the pairs of one micro-batch (`algorithms/preference.py`), with the
         gradient wherever the grad mode allows it."""
@@ -291,7 +369,7 @@ class Learner:
         inputs = self._inputs(batch)
         extra = {k: v.to(self.device) for k, v in batch["extra"].items()}
         algorithm = self.algorithm
-        ref_hidden, means = self._reference(inputs, with_activations=algorithm.activation_masks)
+        ref_hidden, reward_weight, kl_weight = self._reference_and_masks(batch, inputs, len(mb))
         ref_head = self.ref.lm.get_output_embeddings()
         kl = None
         if algorithm.needs.token_kl:
@@ -301,10 +379,7 @@ class Learner:
             with torch.no_grad():
                 ref_logp, _ = chunked_logprobs(ref_hidden, ref_head, inputs["targets"],
                                                self.cfg.learner.logprob_chunk_size, self.temperature)
-        reward_weight = kl_weight = None
-        if means is not None:  # SparsePO: one mask serves m^u and m^d
-            reward_weight = kl_weight = self._sparsepo_mask(means, ref_hidden, batch, len(mb))
-        elif algorithm.critical_weights:
+        if algorithm.critical_weights:
             reward_weight = extra[REWARD_WEIGHT]
         return pair_sums(logp, ref_logp, extra[PAIR_INDEX], extra[CHOSEN_SIDE], num_pairs, kl=kl,
                          reward_weight=reward_weight, kl_weight=kl_weight)
@@ -349,6 +424,22 @@ class Learner:
                 total = sums if total is None else total + sums
         self.engine.train()
         return total
+
+    @torch.no_grad()
+    def rejected_masks(self, micro_batches: list[list[Sample]]) -> dict[int, torch.Tensor]:
+        """SparsePO's m^u of the rejected response of each pair in `micro_batches` (cut by
+        `shard_pairs`), by the pair's PAIR_INDEX: the token weights a person can look at."""
+        self.engine.eval()
+        out = {}
+        for mb in micro_batches:
+            if mb:
+                batch = collate(mb, self.pad_id, self.packed)
+                _, m_u, _ = self._reference_and_masks(batch, self._inputs(batch), len(mb))
+                for s, m in zip(mb, m_u.float().cpu().split([s.num_tokens for s in mb])):
+                    if not s.extra[CHOSEN_SIDE][0]:
+                        out[int(s.extra[PAIR_INDEX][0])] = m
+        self.engine.train()
+        return out
 
     @torch.no_grad()
     def logprobs(self, micro_batches: list[list[Sample]], with_ref: bool = False,
@@ -482,30 +573,45 @@ class Learner:
         return {n: p.grad.detach().cpu().clone() for n, p in self.engine.module.named_parameters()
                 if p.grad is not None}
 
+    def named_parameters(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Current full parameters whose names start with `prefix` (tests only, as `gradients`)."""
+        return {n: p.detach().cpu().clone() for n, p in self.engine.module.named_parameters()
+                if n.startswith(prefix)}
+
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
-    def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full HF-named state dict on rank 0 (gathered under ZeRO-3), None elsewhere."""
+    @contextmanager
+    def _whole_lm(self):
+        """The LM's parameters whole on every rank for the duration (ZeRO-3 partitions them)."""
         import deepspeed
 
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.lm.parameters()),
+                                               enabled=self.cfg.learner.zero_stage == 3):
+            yield
+
+    def export_weights(self) -> dict[str, torch.Tensor] | None:
+        """Full HF-named state dict on rank 0, None elsewhere. With LoRA: the merged weights
+        under the base model's names (`lora.merged_state_dict`), what the rollout engines
+        and a plain model load."""
         lm = self.engine.module.lm
-        params = list(lm.parameters())
-        gather = deepspeed.zero.GatheredParameters(params) if self.cfg.learner.zero_stage == 3 else None
-        if gather:
-            gather.__enter__()
-        try:
+        with self._whole_lm():
             if self.rank != 0:
                 return None
+            if self.adapter is not None:
+                return merged_state_dict(lm)
             return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
-        finally:
-            if gather:
-                gather.__exit__(None, None, None)
 
     def save_pretrained(self, out_dir: str) -> None:
+        """A plain HF model directory; with LoRA, the merged model and the adapter alone in
+        `out_dir`/adapter (peft's format)."""
         weights = self.export_weights()
         if weights is not None:
             self.engine.module.lm.save_pretrained(out_dir, state_dict=weights)
+        if self.adapter is not None:
+            with self._whole_lm():
+                if self.rank == 0:
+                    self.adapter.save_pretrained(Path(out_dir) / "adapter")
 
     def save_checkpoint(self, ckpt_dir: str, tag: str) -> None:
         self.engine.save_checkpoint(ckpt_dir, tag=tag)
