@@ -93,14 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cdpo":
             return cdpo_command(args.config, args.overrides)
         cfg = load_train_config(args.config, args.overrides)
+        quiet_libraries()
+        from rlpost.trainer import train
+
+        result = train(cfg)  # its task's problems are checked before anything starts
     except (ConfigError, PreferenceDataError) as e:
         print(f"rlpost: error: {e}", file=sys.stderr)
         return 2
 
-    quiet_libraries()
-    from rlpost.trainer import train
-
-    result = train(cfg)
     print(f"accuracy after warm-up (before RL): {result.accuracy_before:.3f}")
     print(f"accuracy after RL:                  {result.accuracy_after:.3f}")
     print(f"run directory: {result.run_dir}")

@@ -25,7 +25,7 @@ from rlpost.algorithms.base import TOKEN_MASK, TOKEN_SCALE
 from rlpost.algorithms.dapo import informative_groups, overlong_penalty
 from rlpost.algorithms.hapo import TemperatureRule
 from rlpost.batch import Sample, plan, shard, view
-from rlpost.config import RayConfig, TaskConfig, TrainConfig, dump_config
+from rlpost.config import ConfigError, RayConfig, TaskConfig, TrainConfig, dump_config
 from rlpost.metrics import MetricSums
 from rlpost.models import load_tokenizer, materialise_initial_model
 from rlpost.rewards import Problem, build_task
@@ -72,6 +72,10 @@ class Trainer:
         seen = {p.prompt for p in self.train_problems}
         held_out = self.task.problems(cfg.task.eval_size * 4, seed=derive_seed(cfg.seed, "eval"))
         self.eval_problems = [p for p in held_out if p.prompt not in seen][:cfg.task.eval_size]
+        if not self.eval_problems:
+            raise ConfigError(f"key 'task.train_size': the {len(seen)} distinct training problems "
+                              f"include every problem the task generated for evaluation; lower "
+                              f"task.train_size or make the task larger (task.args)")
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
         self.tracker: Tracker | None = None
         self._orders: dict[int, list[int]] = {}

@@ -35,6 +35,14 @@ def test_cli_config_errors_are_one_line(args, expected):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+def test_no_held_out_problem_is_an_error_before_start_up(tmp_path):
+    # 1-digit addition has 100 problems: 4096 training problems draw every one
+    proc = run_cli(QUICKSTART, "task.args.digits=1", f"output_dir={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("rlpost: error: key 'task.train_size': the 100 distinct training "
+                                  "problems include every problem")
+
+
 def test_error_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("learner:\n  lr: fast\n")
