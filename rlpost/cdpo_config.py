@@ -57,9 +57,8 @@ class CDPOConfig(TrainConfig):
     @model_validator(mode="after")
     def _no_rl_keys(self) -> "CDPOConfig":
         # RL-only keys would be silently ignored: refuse any that differs from its default
-        for key, default in (("steps", TrainConfig.model_fields["steps"].default),
-                             ("eval_every", 0), ("save_every", 0)):
-            if getattr(self, key) != default:
+        for key in ("steps", "eval_every", "save_every"):
+            if getattr(self, key) != TrainConfig.model_fields[key].default:
                 raise ValueError(f"key '{key}' is for rlpost train; rlpost cdpo's training "
                                  f"stages are set under cdpo.contrast and cdpo.dpo")
         if self.cdpo.problems > self.task.train_size:

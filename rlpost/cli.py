@@ -46,9 +46,12 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlpost", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="run a training job from a YAML config")
-    p_train.add_argument("config", help="YAML config file")
-    p_train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    def job(name: str, text: str) -> None:
+        p_job = sub.add_parser(name, help=text)
+        p_job.add_argument("config", help="YAML config file")
+        p_job.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    job("train", "run a training job from a YAML config")
     p_sweep = sub.add_parser("sweep", help="run a sweep file's runs one after another "
                              "(again: skip the finished ones), then write its report")
     p_sweep.add_argument("sweep", help="sweep file (YAML; see rlpost/sweep.py)")
@@ -63,15 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p_report = sub.add_parser("report", help="plots and a table comparing a sweep's arms")
     p_report.add_argument("sweep_dir", help="a sweep directory (with sweep.json)")
     p_report.add_argument("--out", help="output directory (default: SWEEP_DIR/report)")
-    for job, text in (("sft", "supervised fine-tuning (nll, dft or asft) on a dataset"),
-                      ("dpo", "preference optimisation (dpo, tdpo1, tdpo2, sparsepo, cdpo) on pairs")):
-        p_job = sub.add_parser(job, help=text)
-        p_job.add_argument("config", help="YAML config file")
-        p_job.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p_cdpo = sub.add_parser("cdpo", help="cDPO's pipeline: sample, verify, contrastive critical "
-                            "tokens, weighted DPO (again with resume=RUN_DIR: skip finished stages)")
-    p_cdpo.add_argument("config", help="YAML config file")
-    p_cdpo.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    job("sft", "supervised fine-tuning (nll, dft or asft) on a dataset")
+    job("dpo", "preference optimisation (dpo, tdpo1, tdpo2, sparsepo, cdpo) on pairs")
+    job("cdpo", "cDPO's pipeline: sample, verify, contrastive critical tokens, weighted DPO "
+        "(again with resume=RUN_DIR: skip finished stages)")
     # Overrides may also come after options (`rlpost sweep S.yaml --name x steps=3`).
     args, extra = parser.parse_known_args(argv)
     if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-")

@@ -329,6 +329,12 @@ def check_references(cfg: TrainConfig, source: str) -> None:
         build_algorithm_config(cfg.algorithm.name, cfg.algorithm.params())
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    check_model_and_resume(cfg, source)
+
+
+def check_model_and_resume(cfg, source: str) -> None:
+    """The starting model (its directory, SmolLM2's package, the LoRA targets against its
+    modules) and the run to resume, of any job's config (RL, sft, dpo, cdpo)."""
     if cfg.model.kind == "hf" and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"{source}: key 'model.path': directory not found: {cfg.model.path}")
     if cfg.model.kind == "smollm2":

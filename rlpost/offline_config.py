@@ -22,7 +22,7 @@ from pydantic import Field, create_model, field_serializer, model_validator
 from rlpost.algorithms.preference import PreferenceConfig
 from rlpost.algorithms.sft import SFTConfig
 from rlpost.config import (ConfigError, LearnerConfig, ModelConfig, RayConfig, Section,
-                           TrackingConfig, read_config, validate_config)
+                           TrackingConfig, check_model_and_resume, read_config, validate_config)
 
 
 def _without(model: type[Section], name: str, *dropped: str) -> type[Section]:
@@ -116,16 +116,5 @@ def load_offline_config(job: str, path: str | os.PathLike | None,
     cfg = validate_config(JOBS[job], tree, source)
     if not Path(cfg.data.path).exists():
         raise ConfigError(f"{source}: key 'data.path': no such file or directory: {cfg.data.path}")
-    if cfg.model.kind == "hf" and not Path(cfg.model.path).is_dir():
-        raise ConfigError(f"{source}: key 'model.path': directory not found: {cfg.model.path}")
-    if cfg.learner.lora is not None:
-        from rlpost.lora import check_model_config
-
-        try:
-            check_model_config(cfg.model, cfg.learner.lora)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-    if cfg.resume and not (Path(cfg.resume) / "config.yaml").is_file():
-        raise ConfigError(f"{source}: key 'resume': {cfg.resume} is not a run directory "
-                          f"(no config.yaml)")
+    check_model_and_resume(cfg, source)
     return cfg

@@ -33,8 +33,7 @@ class ContrastScorer:
         in order. Padded micro-batches under the learner's budgets: the scorer has no
         varlen attention patched in, and padding changes no real token's logits."""
         samples = [Sample(prompt_ids=p, response_ids=r) for p, r in trajectories]
-        for i, s in enumerate(samples):
-            s.group = i  # the order to give the weights back in
+        place = {id(s): i for i, s in enumerate(samples)}  # `shard` reorders them
         out: list[list[float]] = [[] for _ in samples]
         for micro in shard(samples, 1, *self.budget, packed=False)[0]:
             batch = collate(micro, self.pad_id, packed=False)
@@ -44,7 +43,7 @@ class ContrastScorer:
             w = chunked_critical_weights(pos_h, pos_head, neg_h, neg_head,
                                          batch["targets"].to(self.device), self.gamma, self.chunk_size)
             for s, values in zip(micro, w.cpu().split([s.num_tokens for s in micro])):
-                out[s.group] = values.tolist()
+                out[place[id(s)]] = values.tolist()
         return out
 
     def ping(self) -> int:
