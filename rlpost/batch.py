@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from itertools import chain
 
+import numpy as np
 import torch
 
 from rlpost.algorithms.base import TOKEN_MASK, TOKEN_SCALE, MiniBatchView
@@ -62,6 +64,89 @@ class Sample:
         self.__dict__.update(state)
 
 
+class Shard(list):
+    """One learner rank's micro-batches ([micro][Sample]), as `shard` returns them (or its
+    groups of samples, for TW-GRPO's position divergences).
+
+    Pickled (as Ray sends it to a learner actor) it travels column by column: each field
+    of all its samples as one flat array, plus lengths. Sample by sample, a rank's few
+    hundred samples are a few thousand small objects and arrays, each with a fixed cost
+    in the pickler and in Ray's buffer handling; that cost was the largest part of the
+    Ray path's framework overhead on the quickstart (docs/performance.md)."""
+
+    def __reduce__(self):
+        samples = [s for micro in self for s in micro]
+        if not samples or not _uniform(samples):
+            return Shard, (list(self),)
+        return _unpack_shard, ([len(micro) for micro in self], _columns(samples))
+
+
+def _uniform(samples: list[Sample]) -> bool:
+    """Whether every sample has the same token fields and extra keys, of the same dtypes
+    (always so within one job); the columns hold nothing else."""
+    def signature(s: Sample):
+        return ([None if getattr(s, n) is None else getattr(s, n).dtype for n in TOKEN_FIELDS],
+                [(k, v.dtype) for k, v in s.extra.items()])
+
+    first = signature(samples[0])
+    return all(signature(s) == first for s in samples[1:])
+
+
+def _flat(values: list, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample sequences (tensors, or lists of `dtype`) as one flat array and their lengths."""
+    if dtype is None:
+        return torch.cat(values).numpy(), np.array([v.shape[0] for v in values], dtype=np.int64)
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    return np.fromiter(chain.from_iterable(values), dtype=dtype, count=int(lengths.sum())), lengths
+
+
+def _columns(samples: list[Sample]) -> dict:
+    first = samples[0]
+    return {
+        "prompt_ids": _flat([s.prompt_ids for s in samples], np.int64),
+        "response_ids": _flat([s.response_ids for s in samples], np.int64),
+        "rollout_logp": _flat([s.rollout_logp for s in samples], np.float64),
+        "group": np.array([s.group for s in samples], dtype=np.int64),
+        "reward": np.array([s.reward for s in samples], dtype=np.float64),
+        "truncated": np.array([s.truncated for s in samples], dtype=bool),
+        "tokens": {n: _flat([getattr(s, n) for s in samples]) for n in TOKEN_FIELDS
+                   if getattr(first, n) is not None},
+        "extra": {k: _flat([s.extra[k] for s in samples]) for k in first.extra},
+    }
+
+
+def _split(column: tuple[np.ndarray, np.ndarray], as_list: bool = False) -> list:
+    flat, lengths = column
+    ends = lengths.cumsum()
+    if as_list:
+        values = flat.tolist()
+        return [values[end - n:end] for n, end in zip(lengths.tolist(), ends.tolist())]
+    return list(torch.from_numpy(flat).split(lengths.tolist()))
+
+
+def _unpack_shard(sizes: list[int], columns: dict) -> Shard:
+    tokens = {n: _split(c) for n, c in columns["tokens"].items()}
+    extra = {k: _split(c) for k, c in columns["extra"].items()}
+    samples = [Sample(prompt_ids=p, response_ids=r, group=g, reward=w, truncated=t, rollout_logp=lp,
+                      **{n: v[i] for n, v in tokens.items()}, extra={k: v[i] for k, v in extra.items()})
+               for i, (p, r, lp, g, w, t) in enumerate(zip(
+                   _split(columns["prompt_ids"], True), _split(columns["response_ids"], True),
+                   _split(columns["rollout_logp"], True), columns["group"].tolist(),
+                   columns["reward"].tolist(), columns["truncated"].tolist()))]
+    out, start = Shard(), 0
+    for n in sizes:
+        out.append(samples[start:start + n])
+        start += n
+    return out
+
+
+def repeat(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`torch.repeat_interleave(values, counts)` on the CPU without a parallel region: torch
+    runs that op on its thread pool whatever its size, and when the pool has gone to sleep
+    between RL phases waking it costs milliseconds, more than the rest of a collation."""
+    return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
+
+
 def collate(samples: list[Sample], pad_id: int, packed: bool = False) -> dict:
     """Model inputs plus flat per-response-token tensors.
 
@@ -71,32 +156,35 @@ def collate(samples: list[Sample], pad_id: int, packed: bool = False) -> dict:
     `pred_pos[k]` is the flat index (into [B * L], or [T]) of the hidden state
     that predicts response token k (the position just before it).
     """
-    # Index arithmetic over whole-batch tensors instead of a loop of small tensors per
-    # sequence: collation runs on the controller path of every RL step.
-    prompt_lens = torch.tensor([len(s.prompt_ids) for s in samples])
-    response_lens = torch.tensor([len(s.response_ids) for s in samples])
+    # Index arithmetic over whole-batch arrays instead of a loop of small tensors per
+    # sequence, in numpy: torch would run some of these ops on its thread pool, and waking
+    # it after an idle phase costs more than the whole collation (see `repeat`).
+    count = len(samples)
+    prompt_lens = np.fromiter((len(s.prompt_ids) for s in samples), np.int64, count)
+    response_lens = np.fromiter((len(s.response_ids) for s in samples), np.int64, count)
     lengths = prompt_lens + response_lens
     width = int(lengths.max())
-    tokens = torch.tensor([t for s in samples for part in (s.prompt_ids, s.response_ids) for t in part])
-    seq_start = lengths.cumsum(0) - lengths  # of each sequence in `tokens`
-    seq_index = torch.repeat_interleave(torch.arange(len(samples)), response_lens)
+    tokens = np.fromiter(chain.from_iterable(part for s in samples for part in (s.prompt_ids, s.response_ids)),
+                         np.int64, int(lengths.sum()))
+    seq_start = lengths.cumsum() - lengths  # of each sequence in `tokens`
+    seq_index = np.repeat(np.arange(count), response_lens)
     # each response token's place within its response
-    offset = torch.arange(len(seq_index)) - (response_lens.cumsum(0) - response_lens)[seq_index]
-    row_start = seq_start if packed else torch.arange(len(samples)) * width
-    out = {"pred_pos": (row_start + prompt_lens - 1)[seq_index] + offset,
-           "targets": tokens[(seq_start + prompt_lens)[seq_index] + offset], "seq_index": seq_index}
+    offset = np.arange(len(seq_index)) - (response_lens.cumsum() - response_lens)[seq_index]
+    row_start = seq_start if packed else np.arange(count) * width
+    arrays = {"pred_pos": (row_start + prompt_lens - 1)[seq_index] + offset,
+              "targets": tokens[(seq_start + prompt_lens)[seq_index] + offset], "seq_index": seq_index}
     if packed:
-        out["input_ids"] = tokens.unsqueeze(0)
-        out["position_ids"] = (torch.arange(len(tokens))
-                               - torch.repeat_interleave(seq_start, lengths)).unsqueeze(0)
-        out["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int32),
-                                       lengths.cumsum(0, dtype=torch.int32)])
-        out["max_seqlen"] = width
+        arrays["input_ids"] = tokens[None]
+        arrays["position_ids"] = (np.arange(len(tokens)) - np.repeat(seq_start, lengths))[None]
+        arrays["cu_seqlens"] = np.concatenate([[0], lengths.cumsum()]).astype(np.int32)
     else:
-        filled = torch.arange(width) < lengths[:, None]
-        out["input_ids"] = torch.full((len(samples), width), pad_id, dtype=torch.long)
-        out["input_ids"][filled] = tokens  # row-major order is the order of `tokens`
-        out["attention_mask"] = filled.long()
+        filled = np.arange(width) < lengths[:, None]
+        arrays["input_ids"] = np.full((count, width), pad_id, dtype=np.int64)
+        arrays["input_ids"][filled] = tokens  # row-major order is the order of `tokens`
+        arrays["attention_mask"] = filled.astype(np.int64)
+    out = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    if packed:
+        out["max_seqlen"] = width
     out["extra"] = {k: torch.cat([s.extra[k] for s in samples]) for k in samples[0].extra}
     for name in TOKEN_FIELDS:
         values = [getattr(s, name) for s in samples]
@@ -110,7 +198,7 @@ def view(samples: list[Sample]) -> MiniBatchView:
     masked = bool(samples) and TOKEN_MASK in samples[0].extra
     scaled = bool(samples) and TOKEN_SCALE in samples[0].extra
     return MiniBatchView(
-        seq_index=torch.repeat_interleave(torch.arange(len(samples)), lengths),
+        seq_index=repeat(torch.arange(len(samples)), lengths),
         lengths=lengths,
         advantages=torch.cat([s.advantages for s in samples]) if samples and
         samples[0].advantages is not None else torch.zeros(int(lengths.sum())),
@@ -169,5 +257,5 @@ def shard(samples: list[Sample], num_ranks: int, max_tokens: int | None = None,
           max_seqs: int | None = None, packed: bool = True) -> list[list[list[Sample]]]:
     """`plan` applied to samples: [rank][micro][Sample]."""
     lengths = [len(s.prompt_ids) + s.num_tokens for s in samples]
-    return [[[samples[i] for i in micro] for micro in rank]
+    return [Shard([samples[i] for i in micro] for micro in rank)
             for rank in plan(lengths, num_ranks, max_tokens, max_seqs, packed)]

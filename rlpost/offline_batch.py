@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from rlpost.algorithms.preference import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
-from rlpost.batch import Sample, plan
+from rlpost.batch import Sample, Shard, plan
 from rlpost.preference_data import PreferencePair, SFTExample
 
 
@@ -51,7 +51,7 @@ def shard_pairs(pairs: list[tuple[Sample, Sample]], num_ranks: int, max_tokens: 
         sizes = [max(length(w), length(l)) for w, l in pairs]
         budget = None if max_tokens is None else max_tokens // 2
     seqs = None if max_seqs is None else max(1, max_seqs // 2)
-    return [[[s for i in micro for s in pairs[i]] for micro in rank]
+    return [Shard([s for i in micro for s in pairs[i]] for micro in rank)
             for rank in plan(sizes, num_ranks, budget, seqs, packed)]
 
 

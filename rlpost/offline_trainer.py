@@ -24,7 +24,7 @@ import torch
 
 from rlpost.algorithms import build_algorithm
 from rlpost.algorithms.preference import preference_loss, preference_metrics
-from rlpost.batch import Sample, shard, view
+from rlpost.batch import Sample, shard
 from rlpost.config import ConfigError
 from rlpost.metrics import MetricSums
 from rlpost.models import char_tokenizer, load_tokenizer, materialise_initial_model, pretrained_dir
@@ -34,7 +34,7 @@ from rlpost.preference_data import PreferenceDataError, load_preference_pairs, l
 from rlpost.token_view import WeightedTokens, write_token_view
 from rlpost.tracking import METRICS_FILE, Tracker, read_metrics
 from rlpost.trainer import (derive_seed, init_ray, latest_checkpoint, prepare_run_dir, restore_rng,
-                            write_trainer_state)
+                            train_minibatches, write_trainer_state)
 from rlpost.workers.group import Slots, WorkerGroup
 from rlpost.workers.learner import LRSchedule, set_threads, start_learner_group
 
@@ -203,7 +203,7 @@ class SFTTracker(Tracker):
 
 class SFTTrainer(OfflineTrainer):
     """Supervised fine-tuning with `algorithms/sft.py` (nll, dft or asft) through the
-    learner's ordinary `train_minibatch`: token-mean weights over the whole mini-batch,
+    learner's ordinary `train_minibatches`: token-mean weights over the whole mini-batch,
     then any split."""
 
     unit = "examples"
@@ -220,19 +220,14 @@ class SFTTrainer(OfflineTrainer):
 
     def train_step(self, rows: list) -> dict[str, float]:
         samples = sft_samples(rows)
-        weights = self.algorithm.token_weights(view(samples))
-        for s, w in zip(samples, weights.split([s.num_tokens for s in samples])):
-            s.weights = w
-        merged = MetricSums()
-        for m in self.learners.call("train_minibatch", per_rank=[(p,) for p in self.shard(samples)]):
-            merged.merge(m)
+        (merged,) = train_minibatches(self.learners, self.algorithm, [samples], self.shard)
         return {**merged.result(), "tokens": tokens(samples)}
 
     def evaluate(self) -> dict[str, float]:
         """Token-mean NLL of the held-out completions."""
         parts = self.shard(sft_samples(self.eval_rows))
         results = self.learners.call("logprobs", per_rank=[(p,) for p in parts])
-        logp = torch.cat([r["logp"] for rank in results for r in rank])
+        logp = torch.cat([r["logp"] for r in results if r["logp"] is not None])
         return {"eval/nll": -logp.double().mean().item()}
 
 

@@ -15,8 +15,9 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,7 +25,7 @@ from rlpost.algorithms import build_algorithm
 from rlpost.algorithms.base import TOKEN_MASK, TOKEN_SCALE
 from rlpost.algorithms.dapo import informative_groups, overlong_penalty
 from rlpost.algorithms.hapo import TemperatureRule
-from rlpost.batch import Sample, plan, shard, view
+from rlpost.batch import Sample, Shard, plan, repeat, shard, view
 from rlpost.config import ConfigError, RayConfig, TaskConfig, TrainConfig, dump_config
 from rlpost.metrics import MetricSums
 from rlpost.models import load_tokenizer, materialise_initial_model
@@ -149,7 +150,7 @@ class Trainer:
                             response_ids=self.tokenizer.encode(self.task.demonstration(p, rng),
                                                                add_special_tokens=False) + [eos])
                      for p in rng.sample(self.train_problems, wc.batch_size)]
-            merged = self.train_minibatch(learners, sft, batch)
+            (merged,) = train_minibatches(learners, sft, [batch], self.shard)
             if step % max(1, wc.steps // 10) == 0 or step == wc.steps:
                 nll = merged.result()["loss"]
                 self.tracker.print_line(f"warm-up {step}/{wc.steps} | nll {nll:.3f} | "
@@ -157,21 +158,6 @@ class Trainer:
         learners.call("save_pretrained", str(out_dir))
         learners.shutdown()
         self.tokenizer.save_pretrained(out_dir)
-
-    def train_minibatch(self, learners: WorkerGroup, algorithm, samples: list[Sample]) -> MetricSums:
-        """One optimizer step: aggregation weights over the whole mini-batch, then
-        split across learner ranks and micro-batches."""
-        batch = view(samples)
-        weights = algorithm.token_weights(batch)
-        for s, w in zip(samples, weights.split([s.num_tokens for s in samples])):
-            s.weights = w
-        parts = self.shard(samples)
-        merged = MetricSums()
-        for m in learners.call("train_minibatch", per_rank=[(p,) for p in parts]):
-            merged.merge(m)
-        for name, value in algorithm.weight_metrics(batch, weights).items():
-            merged.add_mean(name, value)
-        return merged
 
     def shard(self, samples: list[Sample]) -> list[list[list[Sample]]]:
         lc = self.cfg.learner
@@ -275,16 +261,14 @@ class Trainer:
         results = self.learners.call("logprobs", per_rank=[(p, self.algorithm.needs.reference, rule)
                                                            for p in parts])
         entropies = {}
-        for rank, rank_results in zip(parts, results):
-            for micro, r in zip([m for m in rank if m], rank_results):
-                sizes = [s.num_tokens for s in micro]
-                none = [None] * len(micro)
-                refs = r["ref_logp"].split(sizes) if r["ref_logp"] is not None else none
-                temps = r["temperature"].split(sizes) if r["temperature"] is not None else none
-                for s, lp, h, ref, temp in zip(micro, r["logp"].split(sizes),
-                                               r["entropy"].split(sizes), refs, temps):
-                    s.old_logp, s.ref_logp, s.temperature = lp, ref, temp
-                    entropies[id(s)] = h
+        for rank, r in zip(parts, results):  # each rank's results are flat in its shard's order
+            ordered = [s for micro in rank for s in micro]
+            sizes = [s.num_tokens for s in ordered]
+            split = {k: v.split(sizes) if v is not None else [None] * len(ordered) for k, v in r.items()}
+            for s, lp, h, ref, temp in zip(ordered, split["logp"], split["entropy"], split["ref_logp"],
+                                           split["temperature"]):
+                s.old_logp, s.ref_logp, s.temperature = lp, ref, temp
+                entropies[id(s)] = h
         entropy = torch.cat([entropies[id(s)] for s in samples])
         if rule is not None:
             temps = torch.cat([s.temperature for s in samples])
@@ -298,7 +282,7 @@ class Trainer:
         sizes = [s.num_tokens for s in samples]
         valid = None
         if cfg.rollout.mask_truncated:
-            valid = torch.tensor([not s.truncated for s in samples]).repeat_interleave(torch.tensor(sizes))
+            valid = repeat(torch.tensor([not s.truncated for s in samples]), torch.tensor(sizes))
         mask = self.algorithm.token_mask(entropy, torch.cat([s.advantages for s in samples]), valid, step)
         if mask is not None:
             for s, m in zip(samples, mask.split(sizes)):
@@ -314,17 +298,18 @@ class Trainer:
         times["logprob"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        update = MetricSums()
+        minibatches = []
         for epoch in range(lc.epochs):
             order = list(range(len(group_lists)))
             random.Random(derive_seed(cfg.seed, "shuffle", step, epoch)).shuffle(order)
             # whole groups stay together; mini-batches are cut from the shuffled groups
             shuffled = [s for g in order for s in group_lists[g]]
-            for start in range(0, len(shuffled), lc.mini_batch_size):
-                mini = shuffled[start:start + lc.mini_batch_size]
-                merged = self.train_minibatch(self.learners, self.algorithm, mini)
-                for k, v in merged.result().items():
-                    update.add_mean(k, v)
+            minibatches += [shuffled[start:start + lc.mini_batch_size]
+                            for start in range(0, len(shuffled), lc.mini_batch_size)]
+        update = MetricSums()
+        for merged in train_minibatches(self.learners, self.algorithm, minibatches, self.shard):
+            for k, v in merged.result().items():
+                update.add_mean(k, v)
         times["update"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -337,7 +322,7 @@ class Trainer:
         per rank, balanced by tokens), turned into the weights of its tokens. Returns
         all the weights set."""
         lengths = [sum(len(s.prompt_ids) + s.num_tokens for s in g) for g in groups]
-        parts = [[groups[i] for micro in rank for i in micro]
+        parts = [Shard(groups[i] for micro in rank for i in micro)
                  for rank in plan(lengths, len(self.learners))]
         results = self.learners.call("position_divergence", per_rank=[(p,) for p in parts])
         scales = []
@@ -360,11 +345,7 @@ class Trainer:
         return out
 
     def sync_weights(self) -> None:
-        weights = self.learners.call("export_weights")[0]
-        if self.use_ray:
-            import ray
-
-            weights = ray.put(weights)
+        weights = self.learners.call("put_weights" if self.use_ray else "export_weights")[0]
         self.rollout.call("update_weights", weights)
 
     def step_metrics(self, rollouts: Rollouts, samples: list[Sample], entropy: torch.Tensor | None,
@@ -548,6 +529,33 @@ def encode_prompt(tokenizer, text: str, task: TaskConfig) -> list[int]:
         return tokenizer.encode(rendered, add_special_tokens=False)
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None else []) + tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def train_minibatches(learners: WorkerGroup, algorithm, minibatches: list[list[Sample]],
+                      shard: Callable[[list[Sample]], list[list[list[Sample]]]]) -> list[MetricSums]:
+    """One optimizer step per mini-batch: aggregation weights over each whole mini-batch,
+    then each split across learner ranks and micro-batches by `shard`. One call per rank
+    takes them all: the weights depend on the samples alone, not on the policy the earlier
+    steps leave, and each call to a Ray actor costs milliseconds."""
+    views, parts = [], []
+    for samples in minibatches:
+        batch = view(samples)
+        weights = algorithm.token_weights(batch)
+        # copies: a sample in several mini-batches (epochs > 1) has other weights in each
+        parts.append(shard([replace(s, weights=w) for s, w in
+                            zip(samples, weights.split([s.num_tokens for s in samples]))]))
+        views.append((batch, weights))
+    results = learners.call("train_minibatches",
+                            per_rank=[([p[rank] for p in parts],) for rank in range(len(learners))])
+    out = []
+    for i, (batch, weights) in enumerate(views):
+        merged = MetricSums()
+        for rank in results:
+            merged.merge(rank[i])
+        for name, value in algorithm.weight_metrics(batch, weights).items():
+            merged.add_mean(name, value)
+        out.append(merged)
+    return out
 
 
 def with_verifier(reward: RewardConfig) -> RewardConfig:

@@ -40,7 +40,7 @@ def lora_learner(model_dir, lora=None, rollout=None, **learner) -> Learner:
 def rl_step(learner: Learner, samples) -> None:
     """One optimizer step of GRPO with its KL term on `samples` (two micro-batches)."""
     sizes = [s.num_tokens for s in samples]
-    out = learner.logprobs([samples], with_ref=True)[0]
+    out = learner.logprobs([samples], with_ref=True)
     for s, lp, ref in zip(samples, out["logp"].split(sizes), out["ref_logp"].split(sizes)):
         s.old_logp, s.ref_logp = lp, ref
     for s, w in zip(samples, build_algorithm(*GRPO_KL).token_weights(view(samples)).split(sizes)):
@@ -85,7 +85,7 @@ def test_reference_is_the_initial_model(model_dir, packing, checkpointing):
         samples = fixed_samples()
         for _ in range(2):
             rl_step(learner, samples)
-        out = learner.logprobs([samples], with_ref=True)[0]
+        out = learner.logprobs([samples], with_ref=True)
         initial = initial_logprobs(model_dir, learner, samples)
         # in train mode, as ASFT's and the preference losses' reference passes run
         inputs = learner._inputs(collate(samples, 0, learner.packed))
@@ -115,7 +115,7 @@ def test_merged_weights_are_the_adapted_model(model_dir, tmp_path, engine):
     try:
         for _ in range(3):
             rl_step(learner, samples)
-        learner_logp = learner.logprobs([samples])[0]["logp"].split(sizes)
+        learner_logp = learner.logprobs([samples])["logp"].split(sizes)
         ids = torch.tensor([s.prompt_ids + s.response_ids for s in samples[:1]])
         with torch.no_grad():
             peft_logits = learner.adapter(input_ids=ids).logits  # peft's own forward

@@ -20,6 +20,7 @@ from rlpost.config import ModelConfig, TrainConfig
 from rlpost.models import load_model, materialise_initial_model
 from rlpost.workers.group import WorkerGroup
 from rlpost.workers.learner import LRSchedule, start_learner_group
+from rlpost.trainer import train_minibatches
 from run_helpers import assert_gradients_match
 
 RTOL, ATOL = 1e-5, 1e-7
@@ -69,9 +70,8 @@ def aggregate(per_seq: list[torch.Tensor], samples: list[Sample], loss_agg: str)
     return torch.stack(groups).mean()
 
 
-def reference(model_dir, samples, loss_agg: str = "token-mean"):
-    """Independent: full logits, log_softmax, the clipped surrogate, the aggregation."""
-    model = load_model(model_dir)
+def surrogate_sums(model, samples) -> list[torch.Tensor]:
+    """Per sequence, the sum over its tokens of the clipped surrogate, from full logits."""
     losses = []
     for s in samples:
         ids = torch.tensor([s.prompt_ids + s.response_ids])
@@ -81,7 +81,13 @@ def reference(model_dir, samples, loss_agg: str = "token-mean"):
         ratio = torch.exp(logp - s.old_logp)
         a = s.advantages
         losses.append(torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)).sum())
-    loss = aggregate(losses, samples, loss_agg)
+    return losses
+
+
+def reference(model_dir, samples, loss_agg: str = "token-mean"):
+    """Independent: full logits, log_softmax, the clipped surrogate, the aggregation."""
+    model = load_model(model_dir)
+    loss = aggregate(surrogate_sums(model, samples), samples, loss_agg)
     loss.backward()
     grads = {"lm." + n: p.grad.clone() for n, p in model.named_parameters()}
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
@@ -143,3 +149,34 @@ def test_zero2_two_ranks_grad_norm_matches_formula(model_dir, ray_cluster):
             group.shutdown()
         assert metrics["loss"] == pytest.approx(ref_loss, rel=RTOL, abs=ATOL)
         assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
+
+
+def test_one_call_trains_each_minibatch_on_its_own_loss(model_dir):
+    """`train_minibatches` hands a step's mini-batches to the learners in one call. Each
+    mini-batch is weighted over its own tokens, also where mini-batches share samples (as
+    with learner.epochs > 1), and gets its own optimizer step: the losses reported are the
+    formula's for each mini-batch in turn, with an AdamW step between them."""
+    samples = make_samples()
+    minibatches = [samples[:5], samples[2:]]  # samples 2-4 in both
+    model = load_model(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3,
+                                  weight_decay=TrainConfig().learner.weight_decay)
+    want = []
+    for mb in minibatches:
+        loss = aggregate(surrogate_sums(model, mb), mb, "token-mean")
+        want.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():  # the second mini-batch's loss had there been no step between
+        unstepped = aggregate(surrogate_sums(load_model(model_dir), minibatches[1]), minibatches[1],
+                              "token-mean").item()
+    assert abs(unstepped - want[1]) > 100 * RTOL * abs(want[1])
+
+    group = learner_group(model_dir, world=1, zero_stage=0)
+    try:
+        got = train_minibatches(group, build_algorithm(*algo()), minibatches,
+                                lambda mb: shard(mb, 1, max_seqs=2, packed=False))
+    finally:
+        group.shutdown()
+    assert [m.result()["loss"] for m in got] == pytest.approx(want, rel=1e-4)

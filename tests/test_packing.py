@@ -1,12 +1,13 @@
 """Micro-batch planning and packed collation."""
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
 import torch
 
-from rlpost.batch import Sample, collate, plan
+from rlpost.batch import TOKEN_FIELDS, Sample, Shard, collate, plan, repeat, shard
 
 
 def test_plan_hand_example():
@@ -101,3 +102,51 @@ def test_collate_matches_loops(seed, packed):
     assert got["weights"].dtype == torch.float64 and got["advantages"].dtype == torch.float32
     assert torch.equal(got["extra"]["h_hat"], torch.cat([s.extra["h_hat"] for s in samples]))
     assert "ref_logp" not in got
+
+
+def test_repeat_is_repeat_interleave():
+    values, counts = torch.tensor([4, -1, 7, 2]), torch.tensor([2, 0, 3, 1])
+    assert torch.equal(repeat(values, counts), torch.repeat_interleave(values, counts))
+    assert repeat(torch.tensor([True, False]), torch.tensor([1, 2])).tolist() == [True, False, False]
+
+
+def transport_samples(rng: random.Random, count: int, with_old_logp: bool = True) -> list[Sample]:
+    prompt = [rng.randint(1, 50) for _ in range(5)]  # shared by the samples, as a group's are
+    samples = []
+    for i in range(count):
+        n = rng.randint(1, 6)
+        samples.append(Sample(
+            prompt_ids=prompt if i % 2 else [rng.randint(1, 50) for _ in range(rng.randint(1, 9))],
+            response_ids=[rng.randint(1, 50) for _ in range(n)], group=i // 2, reward=rng.random(),
+            truncated=i % 3 == 0, rollout_logp=[-rng.random() for _ in range(n)] if i % 4 else [],
+            advantages=torch.randn(n), old_logp=torch.randn(n) if with_old_logp else None,
+            weights=torch.rand(n, dtype=torch.float64),
+            extra={"mask": torch.rand(n) > 0.5, "pair": torch.full((n,), i, dtype=torch.long)}))
+    return samples
+
+
+def assert_same_samples(got: list[Sample], want: list[Sample]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a.prompt_ids, a.response_ids, a.group, a.reward, a.truncated, a.rollout_logp) == \
+               (b.prompt_ids, b.response_ids, b.group, b.reward, b.truncated, b.rollout_logp)
+        for name in TOKEN_FIELDS:
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), name
+        assert a.extra.keys() == b.extra.keys()
+        for k in a.extra:
+            assert a.extra[k].dtype == b.extra[k].dtype and torch.equal(a.extra[k], b.extra[k])
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_a_shard_pickles_back_to_the_same_samples(uniform):
+    """A rank's shard crosses to a Ray actor as columns (or, if its samples differ in their
+    fields, sample by sample) and comes back as the same micro-batches of the same samples."""
+    rng = random.Random(0)
+    samples = transport_samples(rng, 9) + transport_samples(rng, 3, with_old_logp=uniform)
+    assert all(isinstance(r, Shard) for r in shard(samples, num_ranks=2, max_seqs=4))
+    rank = Shard([samples[:5], [], samples[5:]])  # ranks are padded with empty micro-batches
+    back = pickle.loads(pickle.dumps(rank))
+    assert isinstance(back, Shard) and [len(m) for m in back] == [len(m) for m in rank]
+    assert_same_samples([s for m in back for s in m], [s for m in rank for s in m])
+    assert pickle.loads(pickle.dumps(Shard([[], []]))) == [[], []]

@@ -4,7 +4,6 @@ configs/smollm2_reasoning_gym.yaml on the real model."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 

@@ -43,7 +43,7 @@ def test_engine_matches_learner_after_sync(engine, tmp_path):
         s.weights = w
     for _ in range(5):
         learner.train_minibatch([samples])
-    learner_logp = learner.logprobs([samples])[0]["logp"].split([s.num_tokens for s in samples])
+    learner_logp = learner.logprobs([samples])["logp"].split([s.num_tokens for s in samples])
 
     worker = RolloutWorker(str(model_dir), cfg.rollout, "float32", seed=0, rank=0)
     try:

@@ -443,30 +443,31 @@ class Learner:
 
     @torch.no_grad()
     def logprobs(self, micro_batches: list[list[Sample]], with_ref: bool = False,
-                 rule: TemperatureRule | None = None) -> list[dict]:
-        """Per micro-batch: log-probs, entropies (and reference log-probs) of its response
-        tokens, flat in sequence order (a few tensors cross back, not three per sequence).
+                 rule: TemperatureRule | None = None) -> dict[str, torch.Tensor | None]:
+        """Log-probs, entropies (and reference log-probs) of the response tokens of all
+        the micro-batches, flat in their order: a few tensors cross back to the controller,
+        not a few per micro-batch or per sequence.
 
         `rule`: the per-token temperature rule the samples were drawn under. Entropies
         are then at the base temperature, log-probs at each token's T_t, returned as
         "temperature" for the update pass to use."""
         self.engine.eval()
-        out = []
+        parts: dict[str, list[torch.Tensor]] = {"logp": [], "entropy": [], "ref_logp": [], "temperature": []}
         for mb in micro_batches:
             if not mb:
                 continue
             inputs = self._inputs(collate(mb, self.pad_id, self.packed))
-            temperature = None
             with self.clock("logprob"):
                 logp, ent = self.engine(**inputs, rule=rule)
+                parts["logp"].append(logp)
+                parts["entropy"].append(ent)
                 if rule is not None:
-                    temperature = inputs["temperature"] = self.temperature * rule.factor(ent)
-                ref = self.ref(**inputs)[0] if with_ref and self.ref is not None else None
-            out.append({"logp": logp.cpu(), "entropy": ent.cpu(),
-                        "ref_logp": ref.cpu() if ref is not None else None,
-                        "temperature": temperature.cpu() if temperature is not None else None})
+                    inputs["temperature"] = self.temperature * rule.factor(ent)
+                    parts["temperature"].append(inputs["temperature"])
+                if with_ref and self.ref is not None:
+                    parts["ref_logp"].append(self.ref(**inputs)[0])
         self.engine.train()
-        return out
+        return {k: torch.cat(v).cpu() if v else None for k, v in parts.items()}
 
     @torch.no_grad()
     def position_divergence(self, groups: list[list[Sample]]) -> list[torch.Tensor]:
@@ -549,6 +550,11 @@ class Learner:
         self._accumulate(micro_batches, micro_loss, apply, metrics)
         return metrics
 
+    def train_minibatches(self, minibatches: list[list[list[Sample]]]) -> list[MetricSums]:
+        """`train_minibatch` of each of this rank's shares of mini-batches in turn, an
+        optimizer step after each."""
+        return [self.train_minibatch(micro_batches) for micro_batches in minibatches]
+
     def _accumulate(self, micro_batches: list[list[Sample]], micro_loss, apply: bool,
                     metrics: MetricSums) -> None:
         """Forward/backward of each micro-batch (`micro_loss`: its share of the mini-batch
@@ -601,6 +607,15 @@ class Learner:
             if self.adapter is not None:
                 return merged_state_dict(lm)
             return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+
+    def put_weights(self):
+        """`export_weights` put in Ray's object store from this process: the reference goes
+        to the rollout workers and the weights never pass through the controller (one
+        serialisation, not three)."""
+        import ray
+
+        weights = self.export_weights()
+        return ray.put(weights) if weights is not None else None
 
     def save_pretrained(self, out_dir: str) -> None:
         """A plain HF model directory; with LoRA, the merged model and the adapter alone in
