@@ -611,7 +611,7 @@ class Learner:
     def put_weights(self):
         """`export_weights` put in Ray's object store from this process: the reference goes
         to the rollout workers and the weights never pass through the controller (one
-        serialisation, not three)."""
+        serialisation, not two)."""
         import ray
 
         weights = self.export_weights()
