@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from typing import Any, Callable
 
 from rlpost.cdpo_config import CDPOConfig, stage_config
 from rlpost.config import ConfigError, dump_config
+from rlpost.files import read_jsonl, write_json, write_jsonl
 from rlpost.preference_data import load_preference_pairs
 from rlpost.tracking import Tracker
 from rlpost.trainer import VERIFIER, Trainer, derive_seed, prepare_run_dir, prompt_record
@@ -62,26 +62,6 @@ class CDPOTracker(Tracker):
 
     def format_line(self, metrics: dict[str, Any], step: int) -> str:
         return "cdpo: greedy accuracy | " + super().format_line(metrics, step).split(" | ", 1)[-1]
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Written whole or not at all: an interrupted stage must not look finished."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def usable(sample: dict) -> bool:
@@ -135,7 +115,7 @@ class Pipeline:
                                        and json.loads(started.read_text())["fingerprint"] == key):
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_json(started, {"fingerprint": key, "inputs": inputs})
+        write_json(started, {"fingerprint": key, "inputs": inputs}, indent=1)
         self.trainer.tracker.print_line(f"[cdpo] {name}: started ({directory})")
         self.started = time.time()
         return directory, None
@@ -144,7 +124,7 @@ class Pipeline:
         seconds = time.time() - self.started
         record = {"fingerprint": self.key, "finished": time.time(), "seconds": seconds,
                   "result": result}
-        write_json(self.run_dir / "stages" / name / "done.json", record)
+        write_json(self.run_dir / "stages" / name / "done.json", record, indent=1)
         self.records[name] = record
         self.trainer.tracker.print_line(f"[cdpo] {name}: done in {seconds:.0f}s")
         return record
@@ -198,7 +178,7 @@ class Pipeline:
         metrics = {f"accuracy/{m}_{k.rsplit('_', 1)[-1]}": v for m, acc in accuracy.items() for k, v in acc.items()}
         metrics.update({f"sample/{k}": v for k, v in sampled.items()})
         write_json(self.run_dir / "results.json", {"accuracy": accuracy, "sample": sampled,
-                                                   "stages": self.records})
+                                                   "stages": self.records}, indent=1)
         tracker.log(metrics, step=0)
         return CDPOResult(self.run_dir, accuracy)
 

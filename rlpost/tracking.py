@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlpost.files import write_jsonl
+
 if TYPE_CHECKING:
     from rlpost.config import TrainConfig
 
@@ -159,12 +161,7 @@ class Tracker:
         rows = read_metrics(self.metrics_path)
         if not rows:
             return None
-        kept = [r for r in rows if r["step"] <= resume_step]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.metrics_path)
+        write_jsonl(self.metrics_path, [r for r in rows if r["step"] <= resume_step])
         return int(max(r["step"] for r in rows))
 
     def _init_wandb(self, resume: bool):

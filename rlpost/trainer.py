@@ -27,6 +27,7 @@ from rlpost.algorithms.dapo import informative_groups, overlong_penalty
 from rlpost.algorithms.hapo import TemperatureRule
 from rlpost.batch import Sample, Shard, plan, repeat, shard, view
 from rlpost.config import ConfigError, RayConfig, TaskConfig, TrainConfig, dump_config
+from rlpost.files import write_json
 from rlpost.metrics import MetricSums
 from rlpost.models import load_tokenizer, materialise_initial_model
 from rlpost.rewards import Problem, build_task
@@ -599,9 +600,7 @@ def write_trainer_state(tag_dir: Path, state: dict) -> None:
     plus the RNG states."""
     state = {**state, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state().tolist()}
     # written whole or not at all: a run killed mid-write must still find its last checkpoint
-    tmp = tag_dir / "trainer_state.json.tmp"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, tag_dir / "trainer_state.json")
+    write_json(tag_dir / "trainer_state.json", state)
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[str, dict] | None:
