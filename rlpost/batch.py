@@ -21,7 +21,7 @@ from rlpost.algorithms.base import TOKEN_MASK, TOKEN_SCALE, MiniBatchView
 
 TOKEN_FIELDS = ("advantages", "old_logp", "ref_logp", "weights", "temperature")
 
-# Ray hands unpickled numpy arrays over as read-only views of its object store; the
+# Ray hands a `Shard`'s columns over as read-only numpy views of its object store; the
 # tensors made from them are only read (collate concatenates them), so torch's warning
 # about writing into them would be noise on every learner's console.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
@@ -45,23 +45,6 @@ class Sample:
     @property
     def num_tokens(self) -> int:
         return len(self.response_ids)
-
-    # Samples cross to Ray actors by the hundred: pickling a torch tensor costs tens
-    # of microseconds, a numpy array a few, and that made up most of a Ray step.
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        for name in TOKEN_FIELDS:
-            if state[name] is not None:
-                state[name] = state[name].numpy()
-        state["extra"] = {k: v.numpy() for k, v in self.extra.items()}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        for name in TOKEN_FIELDS:
-            if state[name] is not None:
-                state[name] = torch.from_numpy(state[name])
-        state["extra"] = {k: torch.from_numpy(v) for k, v in state["extra"].items()}
-        self.__dict__.update(state)
 
 
 class Shard(list):
