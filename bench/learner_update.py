@@ -4,9 +4,10 @@
     python bench/learner_update.py --shape qwen2.5-1.5b     # GPU: bf16, random weights
 
 - rlpost: the product's `Learner.train_minibatch` (DeepSpeed), micro-batches cut
-  by token budget; on CUDA packed rows with varlen flash attention, elsewhere
-  right-padded to each micro-batch's own longest; log-prob and entropy chunked
-  from hidden states.
+  by token budget; on CUDA packed rows with varlen flash attention and Liger's
+  fused RMSNorm/RoPE/SwiGLU where liger-kernel is installed (the arm
+  `rlpost:packed:off` turns them off), elsewhere right-padded to each
+  micro-batch's own longest; log-prob and entropy chunked from hidden states.
 - naive: the whole mini-batch right-padded to its longest sequence, fixed
   sequences per micro-batch, full logits and an fp32 log_softmax.
 - trl: TRL's GRPO loss path (trl.GRPOTrainer._get_per_token_logps_and_entropies
@@ -155,7 +156,7 @@ def baseline_update(engine, batches, device):
     return update
 
 
-def rlpost_arm(args, model_dir: str, samples, packing: str):
+def rlpost_arm(args, model_dir: str, samples, packing: str = "auto", fused_kernels: str = "auto"):
     from rlpost.batch import shard
     from rlpost.config import TrainConfig
     from rlpost.workers.group import free_port
@@ -167,11 +168,13 @@ def rlpost_arm(args, model_dir: str, samples, packing: str):
     cfg.learner.micro_batch_tokens = args.micro_tokens
     cfg.learner.gradient_checkpointing = args.gradient_checkpointing
     cfg.learner.packing = packing
+    cfg.learner.fused_kernels = fused_kernels
     learner = Learner(cfg, model_dir, ("grpo", {"loss_agg": "token-mean"}), LRSchedule(1e-6),
                       rank=0, world_size=1, pad_id=0)
     learner.setup("127.0.0.1", free_port())
     parts = shard(samples, 1, args.micro_tokens, packed=learner.packed)[0]
-    label = f"rlpost ({'packed' if learner.packed else 'padded'}, {len(parts)} micro)"
+    label = f"rlpost ({'packed' if learner.packed else 'padded'}, {len(parts)} micro" + \
+        (", liger)" if learner.fused_kernels else ")")
     return learner, label, lambda: learner.train_minibatch(parts)
 
 
@@ -181,8 +184,9 @@ def run_arm(name: str, args, model_dir: str, samples, device, dtype, micro: int)
     import deepspeed
     from rlpost.models import load_model
 
-    if name.startswith("rlpost"):  # rlpost, or rlpost:packed / rlpost:padded to force one
-        holder, label, update = rlpost_arm(args, model_dir, samples, name.partition(":")[2] or "auto")
+    if name.startswith("rlpost"):  # rlpost[:packing[:fused_kernels]], e.g. rlpost:packed:off
+        holder, label, update = rlpost_arm(args, model_dir, samples,
+                                           *[part or "auto" for part in name.split(":")[1:]])
     else:
         from rlpost.workers.group import free_port
         from rlpost.workers.learner import deepspeed_config, join_process_group
@@ -192,7 +196,7 @@ def run_arm(name: str, args, model_dir: str, samples, device, dtype, micro: int)
         if args.gradient_checkpointing:
             lm.gradient_checkpointing_enable()
         module = NaiveLoss(lm) if name == "naive" else TRLLoss(lm)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=device.type == "cuda")
         holder, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
                                           config=deepspeed_config(args.zero_stage, 1.0,
                                                                   dtype == torch.bfloat16))
@@ -220,8 +224,8 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=32 if on_gpu else 16)
     ap.add_argument("--prompt-len", type=int, default=256 if on_gpu else 64)
     ap.add_argument("--max-response", type=int, default=4096 if on_gpu else 512)
-    ap.add_argument("--micro-tokens", type=int, default=8192 if on_gpu else 2048,
-                    help="rlpost's token budget per micro-batch")
+    ap.add_argument("--micro-tokens", type=int, default=16384 if on_gpu else 2048,
+                    help="rlpost's token budget per micro-batch (learner.micro_batch_tokens)")
     ap.add_argument("--padded-micro", type=int, default=2 if on_gpu else 4,
                     help="sequences per micro-batch of the padded arms")
     ap.add_argument("--zero-stage", type=int, default=1)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from rlpost.rewards.config import RewardConfig
 
@@ -20,6 +20,14 @@ M = TypeVar("M", bound=BaseModel)
 
 class ConfigError(ValueError):
     """A config problem a user can fix; printed as one line by the CLI."""
+
+
+def _yaml_switch(value: Any) -> Any:
+    # YAML reads a bare on / off (in a file or a key=value override) as a boolean
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+OnOff = BeforeValidator(_yaml_switch)  # for choices that include "on" or "off"
 
 
 class Section(BaseModel):
@@ -53,7 +61,7 @@ class TaskConfig(Section):
     args: dict[str, Any] = Field(default_factory=dict)
     train_size: int = Field(4096, gt=0)
     eval_size: int = Field(256, gt=0)
-    chat_template: Literal["auto", "on", "off"] = Field(
+    chat_template: Annotated[Literal["auto", "on", "off"], OnOff] = Field(
         "auto", description="render each problem as a user message with the tokenizer's chat "
         "template (and a generation prompt); auto: when the tokenizer has one")
     system_prompt: str | None = Field(
@@ -156,6 +164,9 @@ class LearnerConfig(Section):
     epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     logprob_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the output head")
     gradient_checkpointing: bool = False
+    fused_kernels: Annotated[Literal["auto", "liger", "off"], OnOff] = Field(
+        "auto", description="Liger Kernel's fused RMSNorm, RoPE and SwiGLU in the transformer "
+        "body (CUDA only); auto: where liger-kernel is installed and supports the model")
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of the "
                                     "full weights; None: full fine-tuning")
 
@@ -344,6 +355,12 @@ def check_model_and_resume(cfg, source: str) -> None:
             smollm2_gguf()
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+    if cfg.learner.fused_kernels == "liger":
+        from rlpost.fused_kernels import INSTALL, liger_installed
+
+        if not liger_installed():
+            raise ConfigError(f"{source}: key 'learner.fused_kernels': liger needs the "
+                              f"liger-kernel package: {INSTALL}")
     if cfg.learner.lora is not None:
         from rlpost.lora import check_model_config
 

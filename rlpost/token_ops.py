@@ -23,8 +23,10 @@ def _rows(temperature: Temperature, s: int, e: int) -> Temperature:
     return temperature[s:e, None] if isinstance(temperature, torch.Tensor) else temperature
 
 
-def _logits(hidden, weight, bias, temperature: Temperature) -> torch.Tensor:
-    z = nn.functional.linear(hidden, weight, bias).float()
+def _scaled(logits: torch.Tensor, temperature: Temperature) -> torch.Tensor:
+    """fp32 logits / temperature. Inside the compiled chunk kernels, so that the upcast of
+    the head's bf16 output is fused into their first read instead of being a pass of its own."""
+    z = logits.float()
     return z if isinstance(temperature, float) and temperature == 1.0 else z / temperature
 
 
@@ -36,25 +38,26 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_((a @ b).float())
 
 
-def _chunk_stats(z: torch.Tensor, targets: torch.Tensor):
-    """Log-prob of the target, entropy and log-normaliser of each row of logits z (fp32)."""
+def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: Temperature):
+    """Log-prob of the target, entropy and log-normaliser of each row of a chunk's
+    distribution at `temperature` (fp32)."""
+    z = _scaled(logits, temperature)
     lz = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lz
     log_q = z.sub_(lz[:, None])
     return logp, -(log_q.exp() * log_q).sum(-1), lz
 
 
-def _chunk_grad(z: torch.Tensor, lz, entropy, targets, grad_logp, grad_entropy, inv_t,
-                dtype: torch.dtype) -> torch.Tensor:
-    """d loss / d (pre-temperature) logits of a chunk, in `dtype` (inv_t: 1 / temperature,
-    a float or a [rows, 1] column).
+def _chunk_grad(logits: torch.Tensor, lz, entropy, targets, grad_logp, grad_entropy,
+                temperature: Temperature, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d (pre-temperature) logits of a chunk, in `dtype`.
 
-    d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H)."""
-    log_q = z.sub_(lz[:, None])
+    d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H);  z = logits / temperature."""
+    log_q = _scaled(logits, temperature).sub_(lz[:, None])
     g = log_q.add(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])
     g = g.mul_(log_q.exp_()).neg_()
     g.scatter_add_(-1, targets[:, None], grad_logp[:, None])
-    return g.mul_(inv_t).to(dtype)
+    return g.div_(temperature).to(dtype)
 
 
 @functools.cache
@@ -97,9 +100,9 @@ class _ChunkedLogProb(torch.autograd.Function):
         stats = _kernel(hidden.device, _chunk_stats)
         logp, entropy, log_z = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
         for s in range(0, n, chunk_size):
-            z = _logits(hidden[s:s + chunk_size], weight, bias, _rows(temperature, s, s + chunk_size))
-            logp[s:s + chunk_size], entropy[s:s + chunk_size], log_z[s:s + chunk_size] = \
-                stats(z, targets[s:s + chunk_size])
+            e = s + chunk_size
+            logp[s:e], entropy[s:e], log_z[s:e] = stats(
+                nn.functional.linear(hidden[s:e], weight, bias), targets[s:e], _rows(temperature, s, e))
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return logp, entropy
@@ -113,8 +116,8 @@ class _ChunkedLogProb(torch.autograd.Function):
         grad_entropy = zeros if grad_entropy is None else grad_entropy.float()
 
         def chunk_grad(s, e, h, t):
-            return grad_of(_logits(h, weight, bias, t), log_z[s:e], entropy[s:e], targets[s:e],
-                           grad_logp[s:e], grad_entropy[s:e], 1.0 / t, weight.dtype)
+            return grad_of(nn.functional.linear(h, weight, bias), log_z[s:e], entropy[s:e],
+                           targets[s:e], grad_logp[s:e], grad_entropy[s:e], t, weight.dtype)
 
         return (*_head_backward(ctx, hidden, weight, bias, chunk_grad), None, None, None)
 
@@ -153,9 +156,11 @@ def chunked_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tenso
 # the backward pass recomputes both chunks of logits (reference included: it has no
 # gradient, but p - r needs r) and forms the gradient in place.
 
-def _kl_chunk_stats(z: torch.Tensor, zr: torch.Tensor, targets: torch.Tensor):
+def _kl_chunk_stats(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor,
+                    temperature: Temperature):
     """Policy and reference log-probs of the targets, KL(r || p) and both log-normalisers of
-    rows of policy logits z and reference logits zr (fp32; both are overwritten)."""
+    a chunk's rows of policy and reference logits, both at `temperature` (fp32)."""
+    z, zr = _scaled(logits, temperature), _scaled(ref_logits, temperature)
     lz, lzr = torch.logsumexp(z, dim=-1), torch.logsumexp(zr, dim=-1)
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lz
     ref_logp = zr.gather(-1, targets[:, None]).squeeze(-1) - lzr
@@ -165,16 +170,16 @@ def _kl_chunk_stats(z: torch.Tensor, zr: torch.Tensor, targets: torch.Tensor):
     return logp, ref_logp, kl, lz, lzr
 
 
-def _kl_chunk_grad(z: torch.Tensor, zr: torch.Tensor, lz, lzr, targets, grad_logp, grad_kl,
-                   inv_t, dtype: torch.dtype) -> torch.Tensor:
+def _kl_chunk_grad(logits: torch.Tensor, ref_logits: torch.Tensor, lz, lzr, targets, grad_logp,
+                   grad_kl, temperature: Temperature, dtype: torch.dtype) -> torch.Tensor:
     """d loss / d (pre-temperature) policy logits of a chunk, in `dtype`.
 
-    d KL(r || p) / dz = p - r;  d logp_y / dz = onehot(y) - p."""
-    p = z.sub_(lz[:, None]).exp_()
-    r = zr.sub_(lzr[:, None]).exp_()
+    d KL(r || p) / dz = p - r;  d logp_y / dz = onehot(y) - p;  z = logits / temperature."""
+    p = _scaled(logits, temperature).sub_(lz[:, None]).exp_()
+    r = _scaled(ref_logits, temperature).sub_(lzr[:, None]).exp_()
     g = p.mul_((grad_kl - grad_logp)[:, None]).sub_(r.mul_(grad_kl[:, None]))
     g.scatter_add_(-1, targets[:, None], grad_logp[:, None])
-    return g.mul_(inv_t).to(dtype)
+    return g.div_(temperature).to(dtype)
 
 
 class _ChunkedTokenKL(torch.autograd.Function):
@@ -187,8 +192,8 @@ class _ChunkedTokenKL(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e, t = s + chunk_size, _rows(temperature, s, s + chunk_size)
             logp[s:e], ref_logp[s:e], kl[s:e], log_z[s:e], ref_log_z[s:e] = stats(
-                _logits(hidden[s:e], weight, bias, t), _logits(ref_hidden[s:e], ref_weight, ref_bias, t),
-                targets[s:e])
+                nn.functional.linear(hidden[s:e], weight, bias),
+                nn.functional.linear(ref_hidden[s:e], ref_weight, ref_bias), targets[s:e], t)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
                               log_z, ref_log_z)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -204,9 +209,10 @@ class _ChunkedTokenKL(torch.autograd.Function):
         grad_kl = zeros if grad_kl is None else grad_kl.float()
 
         def chunk_grad(s, e, h, t):
-            return grad_of(_logits(h, weight, bias, t), _logits(ref_hidden[s:e], ref_weight, ref_bias, t),
+            return grad_of(nn.functional.linear(h, weight, bias),
+                           nn.functional.linear(ref_hidden[s:e], ref_weight, ref_bias),
                            log_z[s:e], ref_log_z[s:e], targets[s:e], grad_logp[s:e], grad_kl[s:e],
-                           1.0 / t, weight.dtype)
+                           t, weight.dtype)
 
         return (*_head_backward(ctx, hidden, weight, bias, chunk_grad),
                 None, None, None, None, None, None)

@@ -74,3 +74,66 @@ def test_chunked_logprobs_on_cuda_match_full_logits():
         for a, b in zip(got, (ref_logp, ref_ent, hidden.grad, head.weight.grad)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         hidden.grad = head.weight.grad = None
+
+
+@pytest.fixture
+def restore_transformers_modules():
+    """Liger patches functions and classes of a model family's transformers module for the
+    whole process; put them back so the other tests run the eager code."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+
+    saved = [(mod, dict(vars(mod))) for mod in (modeling_llama, modeling_qwen2)]
+    yield
+    for mod, attrs in saved:
+        for name, value in attrs.items():
+            setattr(mod, name, value)
+
+
+def small_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, vocab_size=1000,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("build", [small_qwen, small_llama])
+def test_liger_kernels_match_the_eager_model(build, restore_transformers_modules):
+    """learner.fused_kernels=liger: packed log-probs, entropies and gradients as eager's."""
+    pytest.importorskip("liger_kernel")
+    from rlpost.fused_kernels import use_fused_kernels
+
+    g = torch.Generator().manual_seed(2)
+    samples = [Sample(prompt_ids=torch.randint(3, 1000, (p,), generator=g).tolist(),
+                      response_ids=torch.randint(3, 1000, (r,), generator=g).tolist())
+               for p, r in [(5, 40), (17, 3), (9, 120), (30, 1), (2, 64)]]
+    results = []
+    for liger in (False, True):
+        lm = build()
+        use_varlen_attention(lm)
+        assert use_fused_kernels("liger" if liger else "off", lm, on_gpu=True) is liger
+        results.append(run(PolicyModel(lm, 64), samples, packed=True))
+    eager, fused = results
+    torch.testing.assert_close(fused[0], eager[0], rtol=0, atol=0.06)
+    torch.testing.assert_close(fused[1], eager[1], rtol=0, atol=0.06)
+    cos = torch.nn.functional.cosine_similarity(fused[2], eager[2], dim=0)
+    assert cos > 0.999, cos
+
+
+def test_compute_clock_times_gpu_work_without_waiting_for_it():
+    import time
+
+    from rlpost.workers.learner import ComputeClock
+
+    clock = ComputeClock(cuda=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with clock("update"):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles
+    host = time.perf_counter() - start
+    seconds = clock.take()["update"]
+    assert host < 0.02 < 0.05 < seconds, (host, seconds)
+    assert clock.take() == {}

@@ -23,6 +23,7 @@ from rlpost.algorithms.sft import TOKEN_KL
 from rlpost.attention import packed_kwargs, use_varlen_attention, varlen_available
 from rlpost.batch import Sample, collate
 from rlpost.config import TrainConfig
+from rlpost.fused_kernels import use_fused_kernels
 from rlpost.lora import add_lora, merged_state_dict
 from rlpost.metrics import MetricSums
 from rlpost.models import load_model
@@ -136,21 +137,42 @@ class ComputeClock:
     def __init__(self, cuda: bool = False):
         self.cuda = cuda
         self.seconds: dict[str, float] = {}
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextmanager
     def __call__(self, name: str):
-        # CUDA runs asynchronously: without a barrier on both sides, kernels queued
-        # before the region would count in it and its own would count after it.
-        if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        if not self.cuda:
+            start = time.perf_counter()
+            yield
+            self._add(name, time.perf_counter() - start)
+            return
+        # CUDA runs asynchronously: events in the stream time the region's own kernels,
+        # and are read when taken, so timing never makes the host wait for the GPU.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         yield
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        end.record()
+        self._events.append((name, start, end))
+        if len(self._events) > 64:  # jobs that never take (sft, dpo) keep a bounded list
+            self._read_events(wait=False)
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def _read_events(self, wait: bool) -> None:
+        """Adds the regions whose kernels have finished (all of them, waiting, if `wait`)."""
+        left = []
+        for name, start, end in self._events:
+            if wait or end.query():
+                end.synchronize()
+                self._add(name, start.elapsed_time(end) / 1e3)
+            else:
+                left.append((name, start, end))
+        self._events = left
 
     def take(self) -> dict[str, float]:
         """The sums since the last take."""
+        self._read_events(wait=True)
         seconds, self.seconds = self.seconds, {}
         return seconds
 
@@ -276,14 +298,16 @@ class Learner:
         self.packed = lc.packing == "packed" or (lc.packing == "auto" and varlen)
         if self.packed and varlen:
             use_varlen_attention(lm)
+        self.fused_kernels = use_fused_kernels(lc.fused_kernels, lm, on_gpu)
         # the adapter goes into `lm` in place; `self.adapter` is its PeftModel handle
         self.adapter = add_lora(lm, lc.lora, cfg.seed) if lc.lora is not None else None
         policy = PolicyModel(lm, lc.logprob_chunk_size)
         if isinstance(self.algorithm, Preference) and self.algorithm.learned_masks:
             policy.masks = self.algorithm.mask_networks(
                 lm.config.num_hidden_layers, lm.config.hidden_size, cfg.seed).to(lm.dtype)
+        # fused: one pass over the fp32 master weights and Adam moments instead of several
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
-                                      lr=schedule.lr, weight_decay=lc.weight_decay)
+                                      lr=schedule.lr, weight_decay=lc.weight_decay, fused=on_gpu)
         # Adam moves every parameter by about lr on its first steps, whatever the
         # gradient's size; a linear warm-up keeps the first RL updates small.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
@@ -298,6 +322,7 @@ class Learner:
             ref_lm = load_model(model_dir, cfg.model.dtype)
             if self.packed and varlen:
                 use_varlen_attention(ref_lm)
+            use_fused_kernels(lc.fused_kernels, ref_lm, on_gpu)
             self.ref = PolicyModel(ref_lm, lc.logprob_chunk_size)
             self.ref.to(self.device).eval().requires_grad_(False)
 
@@ -405,7 +430,7 @@ class Learner:
                 present = torch.tensor(sorted({int(s.extra[PAIR_INDEX][0]) for s in mb}),
                                        device=self.device)
                 loss = self.algorithm.pair_loss(sums).index_select(0, present).sum() / num_pairs
-            metrics.add_total("loss", loss.item())
+            metrics.add_total("loss", loss)
             totals.append(sums.map(lambda x: x.detach().cpu()))
             return loss
 
@@ -540,7 +565,7 @@ class Learner:
                                  extra=extra)
                 token_loss, token_metrics = self.algorithm.token_loss(t)
                 loss = (token_loss.double() * get("weights")).sum()
-            metrics.add_total("loss", loss.item())
+            metrics.add_total("loss", loss)
             if entropy is not None:
                 metrics.add_tokens("entropy", entropy)
             for name, values in token_metrics.items():
