@@ -33,7 +33,7 @@ def use_fused_kernels(setting: str, lm: nn.Module, on_gpu: bool) -> bool:
     Liger patches RoPE at the level of the model's transformers module, so every model of
     that family in this process (a reference model, an in-process rollout engine on the
     same GPU) uses its kernel from then on; it computes the same function."""
-    if setting == "off" or not on_gpu and setting == "auto":
+    if setting == "off" or (setting == "auto" and not on_gpu):
         return False
     if not on_gpu:
         raise RuntimeError("learner.fused_kernels=liger needs a CUDA learner (Liger's kernels "
