@@ -137,3 +137,11 @@ def test_compute_clock_times_gpu_work_without_waiting_for_it():
     seconds = clock.take()["update"]
     assert host < 0.02 < 0.05 < seconds, (host, seconds)
     assert clock.take() == {}
+    for _ in range(100):  # past the 64 regions after which finished ones are read as it goes
+        with clock("update"):
+            torch.cuda._sleep(1_000_000)
+    torch.cuda.synchronize()
+    with clock("update"):
+        pass
+    assert len(clock._events) < 64
+    assert 100 * 1e-4 < clock.take()["update"] < 1.0
