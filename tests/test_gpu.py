@@ -145,3 +145,40 @@ def test_compute_clock_times_gpu_work_without_waiting_for_it():
         pass
     assert len(clock._events) < 64
     assert 100 * 1e-4 < clock.take()["update"] < 1.0
+
+
+def test_liger_kernels_under_lora_and_activation_hooks(restore_transformers_modules):
+    """Liger's SwiGLU still calls the projection modules: a peft adapter on them trains
+    the same, and SparsePO's down_proj input hooks read the same activations."""
+    pytest.importorskip("liger_kernel")
+    from rlpost.config import LoraConfig
+    from rlpost.fused_kernels import use_fused_kernels
+    from rlpost.lora import add_lora
+    from rlpost.workers.learner import activation_means
+
+    g = torch.Generator().manual_seed(3)
+    samples = [Sample(prompt_ids=torch.randint(3, 1000, (p,), generator=g).tolist(),
+                      response_ids=torch.randint(3, 1000, (r,), generator=g).tolist())
+               for p, r in [(6, 30), (12, 50), (3, 9)]]
+    batch = collate(samples, 0, True)
+    results = []
+    for liger in (False, True):
+        lm = small_qwen()
+        use_varlen_attention(lm)
+        use_fused_kernels("liger" if liger else "off", lm, on_gpu=True)
+        add_lora(lm, LoraConfig(r=4), seed=0)
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero; move it so every adapter has a gradient
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator(p.device).manual_seed(0))
+        policy = PolicyModel(lm, 64)
+        with activation_means(lm) as means:
+            logp, _ = policy(batch["input_ids"].cuda(), batch["pred_pos"].cuda(), batch["targets"].cuda(),
+                             **packed_kwargs(batch, "cuda"))
+        logp.float().sum().backward()
+        grads = torch.cat([p.grad.float().flatten() for n, p in lm.named_parameters() if "lora_" in n])
+        results.append((logp.detach().float(), torch.cat([m.flatten() for m in means["mlp"]]), grads))
+    (logp0, mlp0, g0), (logp1, mlp1, g1) = results
+    assert g0.abs().sum() > 0
+    torch.testing.assert_close(logp1, logp0, rtol=0, atol=0.06)
+    torch.testing.assert_close(mlp1, mlp0, rtol=0, atol=0.02)
+    assert torch.nn.functional.cosine_similarity(g1, g0, dim=0) > 0.999
