@@ -52,6 +52,10 @@ class Needs:
     # the full-vocabulary KL(pi_ref || pi_theta) per token, with its gradient (TDPO, SparsePO,
     # ASFT); the learner computes it in its forward pass (token_ops.chunked_token_kl)
     token_kl: bool = False
+    # `token_inputs` or `token_mask` read the old policy's entropies: the controller must
+    # see the log-prob pass before the update. Without it, an RL step scores and trains in
+    # one learner call (`Learner.score_and_train`), and `token_mask` gets entropy=None.
+    old_policy_entropy: bool = False
 
 
 @dataclass

@@ -98,7 +98,8 @@ class GRPO(Algorithm):
     def __init__(self, cfg: GRPOConfig):
         super().__init__(cfg)
         self.needs = Needs(reference=cfg.kl_coef > 0, entropy_grad=cfg.entropy_coef > 0,
-                           position_divergence=cfg.tw_alpha is not None)
+                           position_divergence=cfg.tw_alpha is not None,
+                           old_policy_entropy=cfg.selection in ("d3s", "entropy_mask"))
 
     def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return ADVANTAGES[self.cfg.advantage](rewards, lengths, self.cfg.std_eps)

@@ -40,7 +40,7 @@ uses the previous rollout batch's), h_hat is clamped to [-1, 1].
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 import torch
 from pydantic import Field
 
@@ -224,6 +224,10 @@ class HAPOConfig(GRPOConfig):
 class HAPO(GRPO):
     name = "hapo"
     Config = HAPOConfig
+
+    def __init__(self, cfg: HAPOConfig):
+        super().__init__(cfg)
+        self.needs = replace(self.needs, old_policy_entropy=True)  # h_hat comes from them
 
     def token_inputs(self, entropy: torch.Tensor) -> dict[str, torch.Tensor]:
         stats = entropy_stats(entropy, q=self.cfg.entropy_quantile)

@@ -55,8 +55,9 @@ PHASES = [
     ("weight sync", lambda r: r["time/weight_sync"]),
     ("framework overhead", lambda r: r["time/framework_overhead"]),
     ("  in rollout", lambda r: r["time/rollout"] - r["time/compute/generate"]),
-    ("  in log-prob", lambda r: r["time/logprob"] - r["time/compute/logprob"]),
-    ("  in update", lambda r: r["time/update"] - r["time/compute/update"]),
+    # one phase when a learner call scores and trains (no time/logprob; learner.epochs 1)
+    ("  in log-prob and update", lambda r: r.get("time/logprob", 0.0) + r["time/update"]
+     - r["time/compute/logprob"] - r["time/compute/update"]),
     ("framework overhead + weight sync", lambda r: r["time/framework_overhead"] + r["time/weight_sync"]),
     ("step (time/step)", lambda r: r["time/step"]),
     ("outside the step (metrics, logging)", lambda r: r["loop"] - r["time/step"]),

@@ -256,7 +256,39 @@ class Trainer:
             batch_metrics["selection/sample_frac"] = len(samples) / len(batch)
         times["reward"] += time.perf_counter() - t
 
+        needs = self.algorithm.needs
         t = time.perf_counter()
+        if (needs.old_policy_entropy or needs.position_divergence or lc.epochs > 1
+                or self.sampling_rule is not None):
+            entropy = self.logprob_pass(samples, step, batch_metrics)
+            times["logprob"] = time.perf_counter() - t
+            t = time.perf_counter()
+            update = train_minibatches(self.learners, self.algorithm, self.minibatches(samples, step),
+                                       self.shard)
+        else:
+            # nothing between the two passes needs the controller: one call per learner rank
+            # scores its samples and trains on them (time/update covers both passes)
+            self.set_token_mask(samples, None, step, batch_metrics)
+            update, entropies = score_and_train(self.learners, self.algorithm,
+                                                self.minibatches(samples, step), self.shard,
+                                                needs.reference)
+            entropy = torch.cat([entropies[id(s)] for s in samples])
+            self.sampling_rule = self.algorithm.sampling_rule(entropy)
+        step_update = MetricSums()
+        for merged in update:
+            for k, v in merged.result().items():
+                step_update.add_mean(k, v)
+        times["update"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.sync_weights()
+        times["weight_sync"] = time.perf_counter() - t
+        return self.step_metrics(rollouts, samples, entropy, step_update, times, batch_metrics)
+
+    def logprob_pass(self, samples: list[Sample], step: int, batch_metrics: dict[str, float]) -> torch.Tensor:
+        """The log-prob pass, and what the controller derives from its entropies before the
+        update (token inputs, token mask, TW-GRPO's position weights, the next sampling
+        rule). Returns the entropies, flat in the order of `samples`."""
         parts = self.shard(samples)
         rule = self.sampling_rule  # the rule these samples were drawn under
         results = self.learners.call("logprobs", per_rank=[(p, self.algorithm.needs.reference, rule)
@@ -280,43 +312,37 @@ class Trainer:
         for name, values in self.algorithm.token_inputs(entropy).items():
             for s, v in zip(samples, values.split([s.num_tokens for s in samples])):
                 s.extra[name] = v
+        self.set_token_mask(samples, entropy, step, batch_metrics)
+        if self.algorithm.needs.position_divergence:
+            scale = self.set_position_weights(list(groups_of(samples).values()))
+            batch_metrics["selection/position_weight_mean"] = scale.mean().item()
+        return entropy
+
+    def set_token_mask(self, samples: list[Sample], entropy: torch.Tensor | None, step: int,
+                       batch_metrics: dict[str, float]) -> None:
+        """The algorithm's token selection and the runtime's valid tokens, on each sample."""
         sizes = [s.num_tokens for s in samples]
         valid = None
-        if cfg.rollout.mask_truncated:
+        if self.cfg.rollout.mask_truncated:
             valid = repeat(torch.tensor([not s.truncated for s in samples]), torch.tensor(sizes))
         mask = self.algorithm.token_mask(entropy, torch.cat([s.advantages for s in samples]), valid, step)
         if mask is not None:
             for s, m in zip(samples, mask.split(sizes)):
                 s.extra[TOKEN_MASK] = m
             batch_metrics["selection/token_frac"] = mask.double().mean().item()
-        groups: dict[int, list[Sample]] = {}
-        for s in samples:
-            groups.setdefault(s.group, []).append(s)
-        group_lists = list(groups.values())
-        if self.algorithm.needs.position_divergence:
-            scale = self.set_position_weights(group_lists)
-            batch_metrics["selection/position_weight_mean"] = scale.mean().item()
-        times["logprob"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        minibatches = []
+    def minibatches(self, samples: list[Sample], step: int) -> list[list[Sample]]:
+        """Each epoch's mini-batches: whole groups, shuffled, cut into mini_batch_size."""
+        lc = self.cfg.learner
+        groups = list(groups_of(samples).values())
+        out = []
         for epoch in range(lc.epochs):
-            order = list(range(len(group_lists)))
-            random.Random(derive_seed(cfg.seed, "shuffle", step, epoch)).shuffle(order)
-            # whole groups stay together; mini-batches are cut from the shuffled groups
-            shuffled = [s for g in order for s in group_lists[g]]
-            minibatches += [shuffled[start:start + lc.mini_batch_size]
-                            for start in range(0, len(shuffled), lc.mini_batch_size)]
-        update = MetricSums()
-        for merged in train_minibatches(self.learners, self.algorithm, minibatches, self.shard):
-            for k, v in merged.result().items():
-                update.add_mean(k, v)
-        times["update"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        self.sync_weights()
-        times["weight_sync"] = time.perf_counter() - t
-        return self.step_metrics(rollouts, samples, entropy, update, times, batch_metrics)
+            order = list(range(len(groups)))
+            random.Random(derive_seed(self.cfg.seed, "shuffle", step, epoch)).shuffle(order)
+            shuffled = [s for g in order for s in groups[g]]
+            out += [shuffled[start:start + lc.mini_batch_size]
+                    for start in range(0, len(shuffled), lc.mini_batch_size)]
+        return out
 
     def set_position_weights(self, groups: list[list[Sample]]) -> torch.Tensor:
         """TW-GRPO: each group's position divergences from the learners (whole groups
@@ -532,31 +558,75 @@ def encode_prompt(tokenizer, text: str, task: TaskConfig) -> list[int]:
     return ([bos] if bos is not None else []) + tokenizer.encode(prompt, add_special_tokens=False)
 
 
+def groups_of(samples: list[Sample]) -> dict[int, list[Sample]]:
+    """The samples by group, groups in order of first appearance."""
+    groups: dict[int, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.group, []).append(s)
+    return groups
+
+
+def weighted_minibatches(algorithm, minibatches: list[list[Sample]], shard
+                         ) -> tuple[list[tuple], list[list[list[list[Sample]]]], dict[int, Sample]]:
+    """Each mini-batch's aggregation weights over the whole mini-batch, and its copies of
+    the samples carrying them ([mini-batch][rank][micro][Sample], cut by `shard`): a sample
+    in several mini-batches (epochs > 1) has other weights in each. Also each copy's
+    original, by id of the copy."""
+    views, parts, originals = [], [], {}
+    for samples in minibatches:
+        batch = view(samples)
+        weights = algorithm.token_weights(batch)
+        copies = [replace(s, weights=w) for s, w in zip(samples, weights.split([s.num_tokens for s in samples]))]
+        originals.update((id(c), s) for c, s in zip(copies, samples))
+        parts.append(shard(copies))
+        views.append((batch, weights))
+    return views, parts, originals
+
+
+def merged_metrics(algorithm, views: list[tuple], per_rank: list[list[MetricSums]]) -> list[MetricSums]:
+    """Per mini-batch: the ranks' metrics merged, with the weights' own metrics."""
+    out = []
+    for i, (batch, weights) in enumerate(views):
+        merged = MetricSums()
+        for rank in per_rank:
+            merged.merge(rank[i])
+        for name, value in algorithm.weight_metrics(batch, weights).items():
+            merged.add_mean(name, value)
+        out.append(merged)
+    return out
+
+
 def train_minibatches(learners: WorkerGroup, algorithm, minibatches: list[list[Sample]],
                       shard: Callable[[list[Sample]], list[list[list[Sample]]]]) -> list[MetricSums]:
     """One optimizer step per mini-batch: aggregation weights over each whole mini-batch,
     then each split across learner ranks and micro-batches by `shard`. One call per rank
     takes them all: the weights depend on the samples alone, not on the policy the earlier
     steps leave, and each call to a Ray actor costs milliseconds."""
-    views, parts = [], []
-    for samples in minibatches:
-        batch = view(samples)
-        weights = algorithm.token_weights(batch)
-        # copies: a sample in several mini-batches (epochs > 1) has other weights in each
-        parts.append(shard([replace(s, weights=w) for s, w in
-                            zip(samples, weights.split([s.num_tokens for s in samples]))]))
-        views.append((batch, weights))
+    views, parts, _ = weighted_minibatches(algorithm, minibatches, shard)
     results = learners.call("train_minibatches",
                             per_rank=[([p[rank] for p in parts],) for rank in range(len(learners))])
-    out = []
-    for i, (batch, weights) in enumerate(views):
-        merged = MetricSums()
-        for rank in results:
-            merged.merge(rank[i])
-        for name, value in algorithm.weight_metrics(batch, weights).items():
-            merged.add_mean(name, value)
-        out.append(merged)
-    return out
+    return merged_metrics(algorithm, views, results)
+
+
+def score_and_train(learners: WorkerGroup, algorithm, minibatches: list[list[Sample]], shard,
+                    with_ref: bool) -> tuple[list[MetricSums], dict[int, torch.Tensor]]:
+    """`train_minibatches` with the log-prob pass in the same learner call
+    (`Learner.score_and_train`; one epoch: each sample in one mini-batch). Sets each
+    sample's old_logp (and ref_logp) as the learner scored it; returns the metrics and
+    the entropies by id of the sample."""
+    views, parts, originals = weighted_minibatches(algorithm, minibatches, shard)
+    results = learners.call("score_and_train", per_rank=[([p[rank] for p in parts], with_ref)
+                                                         for rank in range(len(learners))])
+    entropies = {}
+    for rank, (scores, _) in enumerate(results):
+        copies = [c for p in parts for micro in p[rank] for c in micro]
+        split = {k: v.split([c.num_tokens for c in copies]) if v is not None else [None] * len(copies)
+                 for k, v in scores.items()}
+        for c, lp, h, ref in zip(copies, split["logp"], split["entropy"], split["ref_logp"]):
+            s = originals[id(c)]
+            s.old_logp, s.ref_logp = lp, ref
+            entropies[id(s)] = h
+    return merged_metrics(algorithm, views, [metrics for _, metrics in results]), entropies
 
 
 def with_verifier(reward: RewardConfig) -> RewardConfig:

@@ -180,3 +180,62 @@ def test_one_call_trains_each_minibatch_on_its_own_loss(model_dir):
     finally:
         group.shutdown()
     assert [m.result()["loss"] for m in got] == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_score_and_train_equals_scoring_then_training(model_dir, world, request):
+    """The RL step's one-call path (`trainer.score_and_train`: each learner rank scores the
+    samples it trains on, then trains) against the two-call path (log-prob pass over the
+    whole batch, then `train_minibatches`): the same old log-probs, which are the formula's
+    (full logits of the initial model), the same losses and the same weights after."""
+    if world > 1:
+        request.getfixturevalue("ray_cluster")
+    from rlpost.trainer import score_and_train
+
+    def fresh_samples():
+        samples = make_samples()
+        for s in samples:
+            s.old_logp = None
+        return samples
+
+    def cut(mb):
+        return shard(mb, world, max_seqs=2, packed=False)
+
+    model = load_model(model_dir)
+    with torch.no_grad():
+        formula = []
+        for s in make_samples():
+            ids = torch.tensor([s.prompt_ids + s.response_ids])
+            logp = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1:-1].float().log_softmax(-1)
+            formula.append(logp.gather(-1, ids[0, len(s.prompt_ids):, None]).squeeze(-1))
+
+    results = []
+    for one_call in (False, True):
+        samples = fresh_samples()
+        minibatches = [samples[:4], samples[4:]]
+        group = learner_group(model_dir, world=world, zero_stage=0)
+        try:
+            if one_call:
+                metrics, entropies = score_and_train(group, build_algorithm(*algo()), minibatches,
+                                                     cut, with_ref=False)
+                assert sorted(entropies) == sorted(id(s) for s in samples)
+            else:
+                parts = cut(samples)
+                scores = group.call("logprobs", per_rank=[(p, False, None) for p in parts])
+                for rank, r in zip(parts, scores):
+                    ordered = [s for micro in rank for s in micro]
+                    for s, lp in zip(ordered, r["logp"].split([s.num_tokens for s in ordered])):
+                        s.old_logp = lp
+                metrics = train_minibatches(group, build_algorithm(*algo()), minibatches, cut)
+            params = group.call("named_parameters")[0]
+        finally:
+            group.shutdown()
+        for s, want in zip(samples, formula):
+            torch.testing.assert_close(s.old_logp, want, rtol=RTOL, atol=1e-6)
+        results.append(([m.result()["loss"] for m in metrics], params))
+    (loss_a, params_a), (loss_b, params_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=RTOL) and loss_a[0] != 0
+    # Adam divides by sqrt(v): where a gradient is ~0, fp32 rounding of the 2-rank sums
+    # (summed in another order) moves a weight by up to ~1e-6; 1e-5 is 1% of one lr step
+    for name, value in params_a.items():
+        torch.testing.assert_close(params_b[name], value, rtol=RTOL, atol=1e-5)

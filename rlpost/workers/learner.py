@@ -580,6 +580,23 @@ class Learner:
         optimizer step after each."""
         return [self.train_minibatch(micro_batches) for micro_batches in minibatches]
 
+    def score_and_train(self, minibatches: list[list[list[Sample]]], with_ref: bool = False
+                        ) -> tuple[dict[str, torch.Tensor | None], list[MetricSums]]:
+        """An RL step's learner work in one call, when the controller needs nothing from the
+        log-prob pass before the update (`Needs.old_policy_entropy` False, one epoch): the
+        old policy's log-probs of this rank's samples, in the micro-batches they train in,
+        then `train_minibatches`. Returns `logprobs`'s results (flat, in the order of the
+        samples in `minibatches`) and the metrics."""
+        micro_batches = [micro for mb in minibatches for micro in mb]
+        scores = self.logprobs(micro_batches, with_ref)
+        samples = [s for micro in micro_batches for s in micro]
+        if samples:  # a rank can have none when a batch has fewer samples than ranks
+            sizes = [s.num_tokens for s in samples]
+            refs = scores["ref_logp"].split(sizes) if scores["ref_logp"] is not None else [None] * len(samples)
+            for s, logp, ref in zip(samples, scores["logp"].split(sizes), refs):
+                s.old_logp, s.ref_logp = logp, ref
+        return scores, self.train_minibatches(minibatches)
+
     def _accumulate(self, micro_batches: list[list[Sample]], micro_loss, apply: bool,
                     metrics: MetricSums) -> None:
         """Forward/backward of each micro-batch (`micro_loss`: its share of the mini-batch
