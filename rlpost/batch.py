@@ -47,6 +47,13 @@ class Sample:
         return len(self.response_ids)
 
 
+def per_sample(flat: dict[str, torch.Tensor | None], samples: list[Sample]) -> dict[str, list]:
+    """Per-token results over `samples` end to end (as `Learner.logprobs` returns them), cut
+    into one piece per sample; a result that is None gives None for every sample."""
+    sizes = [s.num_tokens for s in samples]
+    return {k: list(v.split(sizes)) if v is not None else [None] * len(samples) for k, v in flat.items()}
+
+
 class Shard(list):
     """One learner rank's micro-batches ([micro][Sample]), as `shard` returns them (or its
     groups of samples, for TW-GRPO's position divergences).

@@ -25,7 +25,7 @@ from rlpost.algorithms import build_algorithm
 from rlpost.algorithms.base import TOKEN_MASK, TOKEN_SCALE
 from rlpost.algorithms.dapo import informative_groups, overlong_penalty
 from rlpost.algorithms.hapo import TemperatureRule
-from rlpost.batch import Sample, Shard, plan, repeat, shard, view
+from rlpost.batch import Sample, Shard, per_sample, plan, repeat, shard, view
 from rlpost.config import ConfigError, RayConfig, TaskConfig, TrainConfig, dump_config
 from rlpost.files import write_json
 from rlpost.metrics import MetricSums
@@ -296,8 +296,7 @@ class Trainer:
         entropies = {}
         for rank, r in zip(parts, results):  # each rank's results are flat in its shard's order
             ordered = [s for micro in rank for s in micro]
-            sizes = [s.num_tokens for s in ordered]
-            split = {k: v.split(sizes) if v is not None else [None] * len(ordered) for k, v in r.items()}
+            split = per_sample(r, ordered)
             for s, lp, h, ref, temp in zip(ordered, split["logp"], split["entropy"], split["ref_logp"],
                                            split["temperature"]):
                 s.old_logp, s.ref_logp, s.temperature = lp, ref, temp
@@ -620,8 +619,7 @@ def score_and_train(learners: WorkerGroup, algorithm, minibatches: list[list[Sam
     entropies = {}
     for rank, (scores, _) in enumerate(results):
         copies = [c for p in parts for micro in p[rank] for c in micro]
-        split = {k: v.split([c.num_tokens for c in copies]) if v is not None else [None] * len(copies)
-                 for k, v in scores.items()}
+        split = per_sample(scores, copies)
         for c, lp, h, ref in zip(copies, split["logp"], split["entropy"], split["ref_logp"]):
             s = originals[id(c)]
             s.old_logp, s.ref_logp = lp, ref

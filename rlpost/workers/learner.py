@@ -21,7 +21,7 @@ from rlpost.algorithms.preference import (CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
 from rlpost.algorithms.selection import position_divergence
 from rlpost.algorithms.sft import TOKEN_KL
 from rlpost.attention import packed_kwargs, use_varlen_attention, varlen_available
-from rlpost.batch import Sample, collate
+from rlpost.batch import Sample, collate, per_sample
 from rlpost.config import TrainConfig
 from rlpost.fused_kernels import use_fused_kernels
 from rlpost.lora import add_lora, merged_state_dict
@@ -590,11 +590,9 @@ class Learner:
         micro_batches = [micro for mb in minibatches for micro in mb]
         scores = self.logprobs(micro_batches, with_ref)
         samples = [s for micro in micro_batches for s in micro]
-        if samples:  # a rank can have none when a batch has fewer samples than ranks
-            sizes = [s.num_tokens for s in samples]
-            refs = scores["ref_logp"].split(sizes) if scores["ref_logp"] is not None else [None] * len(samples)
-            for s, logp, ref in zip(samples, scores["logp"].split(sizes), refs):
-                s.old_logp, s.ref_logp = logp, ref
+        split = per_sample(scores, samples)
+        for s, logp, ref in zip(samples, split["logp"], split["ref_logp"]):
+            s.old_logp, s.ref_logp = logp, ref
         return scores, self.train_minibatches(minibatches)
 
     def _accumulate(self, micro_batches: list[list[Sample]], micro_loss, apply: bool,
