@@ -13,7 +13,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (GRPO, HAPO, 
 
 
 def build_algorithm_config(name: str, params: dict) -> AlgoConfig:
-    from rlpost.config import ConfigError
+    from rlpost.errors import ConfigError
 
     if name not in ALGORITHMS:
         raise ConfigError(f"key 'algorithm.name': unknown algorithm {name!r}; "

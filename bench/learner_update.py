@@ -46,7 +46,7 @@ OUT_OF_MEMORY = 3  # a child's exit code
 
 def make_samples(args, vocab: int):
     from rlpost.algorithms import build_algorithm
-    from rlpost.batch import Sample, view
+    from rlpost.data.batch import Sample, view
 
     g = torch.Generator().manual_seed(0)
     responses = long_tail_lengths(args.sequences, args.max_response, seed=1)
@@ -157,8 +157,8 @@ def baseline_update(engine, batches, device):
 
 
 def rlpost_arm(args, model_dir: str, samples, packing: str = "auto", fused_kernels: str = "auto"):
-    from rlpost.batch import shard
-    from rlpost.config import TrainConfig
+    from rlpost.data.batch import shard
+    from rlpost.config.rl import TrainConfig
     from rlpost.workers.group import free_port
     from rlpost.workers.learner import Learner, LRSchedule
 
@@ -182,7 +182,7 @@ def run_arm(name: str, args, model_dir: str, samples, device, dtype, micro: int)
     """Median update seconds and peak memory of one arm; the padded arms run `micro`
     sequences per micro-batch."""
     import deepspeed
-    from rlpost.models import load_model
+    from rlpost.model.load import load_model
 
     if name.startswith("rlpost"):  # rlpost[:packing[:fused_kernels]], e.g. rlpost:packed:off
         holder, label, update = rlpost_arm(args, model_dir, samples,

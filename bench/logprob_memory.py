@@ -53,7 +53,7 @@ def main() -> None:
     arms = {"naive": lambda: naive(hidden, weight, targets)}
     head = None
     if "rlpost" in args.arms:
-        from rlpost.token_ops import chunked_logprobs
+        from rlpost.model.token_ops import chunked_logprobs
 
         head = torch.nn.Linear(args.hidden, args.vocab, bias=False, device=device, dtype=dtype)
         head.weight = torch.nn.Parameter(weight.detach().clone())

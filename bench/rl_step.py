@@ -96,8 +96,8 @@ def trl_child(args) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlpost.config import load_config
-    from rlpost.models import BOS
+    from rlpost.jobs.preflight import load_config
+    from rlpost.model.load import BOS
     from rlpost.rewards import build_task
 
     cfg = load_config(QUICKSTART)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def measure(engine_name: str, model_dir: str, prompts, args) -> dict:
-    from rlpost.config import RolloutConfig
+    from rlpost.config.sections import RolloutConfig
     from rlpost.workers.rollout import make_engine
 
     cfg = RolloutConfig(engine=engine_name)
@@ -31,7 +31,7 @@ def measure(engine_name: str, model_dir: str, prompts, args) -> dict:
         out = engine.generate(prompts, args.n, 1.0, 1.0, args.max_new_tokens, seed=i + 1)
         gen_times.append(time.perf_counter() - t)
         tokens = sum(len(c.ids) for group in out for c in group)
-    from rlpost.models import load_model
+    from rlpost.model.load import load_model
 
     weights = load_model(model_dir).state_dict()
     sync_times = []
@@ -54,8 +54,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
-    from rlpost.config import load_config
-    from rlpost.models import load_tokenizer, materialise_initial_model
+    from rlpost.jobs.preflight import load_config
+    from rlpost.model.load import load_tokenizer, materialise_initial_model
     from rlpost.rewards import build_task
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")

@@ -9,7 +9,7 @@ TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic}
 
 def build_task(name: str, args: dict) -> Task:
     """A task of TASKS, or `reasoning_gym:<dataset>` with the dataset's config as args."""
-    from rlpost.config import ConfigError
+    from rlpost.errors import ConfigError
     from rlpost.rewards.reasoning_gym_task import PREFIX, ReasoningGym
 
     if name.startswith(PREFIX):

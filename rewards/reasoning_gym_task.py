@@ -44,7 +44,7 @@ class ReasoningGym(Task):
 
     def __post_init__(self):
         """Fail now, naming the config key, on an unknown dataset or bad config fields."""
-        from rlpost.config import ConfigError
+        from rlpost.errors import ConfigError
 
         names = dataset_names()
         if self.dataset not in names:

@@ -9,8 +9,10 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from rlpost.config import ConfigError, load_config, parse_override
-from rlpost.preference_data import PreferenceDataError
+from rlpost.config.load import parse_override
+from rlpost.errors import ConfigError
+from rlpost.jobs.preflight import load_config
+from rlpost.data.datasets import PreferenceDataError
 
 
 def load_train_config(config: str, overrides: list[str], load=load_config):
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return sweep_command(args)
         if args.command == "report":
-            from rlpost.report import write_report
+            from rlpost.sweeps.report import write_report
 
             print(f"report: {write_report(args.sweep_dir, args.out)}")
             return 0
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             return cdpo_command(args.config, args.overrides)
         cfg = load_train_config(args.config, args.overrides)
         quiet_libraries()
-        from rlpost.trainer import train
+        from rlpost.jobs.rl import train
 
         result = train(cfg)  # its task's problems are checked before anything starts
     except (ConfigError, PreferenceDataError) as e:
@@ -108,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 def offline_command(job: str, config: str, overrides: list[str]) -> int:
     """`rlpost sft` / `rlpost dpo`. Config and data errors (the data is read and checked
     here, before anything expensive starts) propagate as one-line errors."""
-    from rlpost.offline_config import load_offline_config
+    from rlpost.jobs.preflight import load_offline_config
 
     cfg = load_train_config(config, overrides, load=partial(load_offline_config, job))
     quiet_libraries()
-    from rlpost.offline_trainer import TRAINERS
+    from rlpost.jobs.offline import TRAINERS
 
     trainer = TRAINERS[job](cfg)
     try:
@@ -132,11 +134,11 @@ def offline_command(job: str, config: str, overrides: list[str]) -> int:
 
 
 def cdpo_command(config: str, overrides: list[str]) -> int:
-    from rlpost.cdpo_config import load_cdpo_config
+    from rlpost.jobs.preflight import load_cdpo_config
 
     cfg = load_train_config(config, overrides, load=load_cdpo_config)
     quiet_libraries()
-    from rlpost.cdpo import run_cdpo
+    from rlpost.jobs.cdpo import run_cdpo
 
     result = run_cdpo(cfg)
     print("held-out accuracy (greedy / sampled):")
@@ -147,8 +149,8 @@ def cdpo_command(config: str, overrides: list[str]) -> int:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from rlpost.sweep import load_sweep, yaml_text
-    from rlpost.sweep_runner import run_sweep
+    from rlpost.sweeps.sweep import load_sweep, yaml_text
+    from rlpost.sweeps.runner import run_sweep
 
     overrides = args.overrides + ([f"ray.address={args.ray_address}"] if args.ray_address else [])
     spec = load_sweep(args.sweep, overrides, name=args.name, output_dir=args.output_dir)

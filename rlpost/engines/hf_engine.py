@@ -6,7 +6,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from rlpost.algorithms.hapo import TemperatureRule
 from rlpost.engines.base import Completion
-from rlpost.models import load_model
+from rlpost.model.load import load_model
 
 
 class _AdaptiveTemperature(LogitsProcessor):

@@ -33,7 +33,7 @@ from rlpost.engines.base import Completion
 
 if TYPE_CHECKING:
     from rlpost.algorithms.hapo import TemperatureRule
-    from rlpost.config import RolloutConfig
+    from rlpost.config.sections import RolloutConfig
 
 WORKER_EXTENSION = "rlpost.engines.vllm_worker_ext.WeightSyncExtension"
 ADAPTIVE_TEMPERATURE = "rlpost.engines.vllm_logits:AdaptiveTemperatureProcessor"

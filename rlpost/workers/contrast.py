@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from rlpost.algorithms.preference import chunked_critical_weights
-from rlpost.batch import Sample, collate, shard
+from rlpost.data.batch import Sample, collate, shard
 from rlpost.workers.learner import PolicyModel, set_threads
-from rlpost.models import load_model
+from rlpost.model.load import load_model
 
 
 class ContrastScorer:

@@ -20,15 +20,15 @@ from rlpost.algorithms.preference import (CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
                                           Preference, SparsePOMasks, activation_mask, pair_sums)
 from rlpost.algorithms.selection import position_divergence
 from rlpost.algorithms.sft import TOKEN_KL
-from rlpost.attention import packed_kwargs, use_varlen_attention, varlen_available
-from rlpost.batch import Sample, collate, per_sample
-from rlpost.config import TrainConfig
-from rlpost.fused_kernels import use_fused_kernels
-from rlpost.lora import add_lora, merged_state_dict
-from rlpost.metrics import MetricSums
-from rlpost.models import load_model
-from rlpost.offline_config import OfflineConfig
-from rlpost.token_ops import Temperature, chunked_logprobs, chunked_token_kl
+from rlpost.model.attention import packed_kwargs, use_varlen_attention, varlen_available
+from rlpost.data.batch import Sample, collate, per_sample
+from rlpost.config.rl import TrainConfig
+from rlpost.model.fused_kernels import use_fused_kernels
+from rlpost.model.lora import add_lora, merged_state_dict
+from rlpost.tracking.metrics import MetricSums
+from rlpost.model.load import load_model
+from rlpost.config.offline import OfflineConfig
+from rlpost.model.token_ops import Temperature, chunked_logprobs, chunked_token_kl
 from rlpost.workers.group import Slots, WorkerGroup, free_port
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from rlpost.algorithms.hapo import TemperatureRule
-from rlpost.config import RolloutConfig
+from rlpost.config.sections import RolloutConfig
 from rlpost.engines.base import Completion
 from rlpost.workers.learner import ComputeClock, set_threads
 

@@ -1,0 +1,114 @@
+"""YAML file + dotted command-line overrides -> a typed config.
+
+Every error is a `ConfigError` whose message names the file and the dotted key.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from rlpost.algorithms import build_algorithm_config
+from rlpost.config.rl import TrainConfig
+from rlpost.errors import ConfigError
+from rlpost.rewards import build_task
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    got = first.get("input")
+    where = f"key '{key}': " if key else ""
+    msg = first["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{source}: {where}{msg}"
+    return f"{source}: {where}{msg} (got {got!r})"
+
+
+def read_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple[dict, str]:
+    """The YAML tree of `path` (empty when None) with the overrides applied, and the source
+    to name in errors."""
+    source = str(path) if path is not None else "<defaults>"
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {source}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{source}:{line} is not valid YAML") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of keys")
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(tree, key, value)
+    if overrides:
+        source += " (with overrides)"
+    return tree, source
+
+
+def validate_config(schema: type[M], tree: dict, source: str) -> M:
+    """`tree` as a `schema` (TrainConfig, or an offline job's config); a ConfigError names the key."""
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e)) from None
+
+
+def read_train_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """Load YAML (or start from defaults when path is None), apply overrides, validate the
+    schema and the names (`rlpost.jobs.preflight.load_config` also checks disk and packages)."""
+    tree, source = read_config(path, overrides)
+    cfg = validate_config(TrainConfig, tree, source)
+    check_names(cfg, source)
+    return cfg
+
+
+def check_names(cfg: TrainConfig, source: str) -> None:
+    """The task and algorithm a config names, and their arguments: checked now, not in a worker."""
+    try:
+        build_task(cfg.task.name, cfg.task.args)  # checks the name and the args
+        build_algorithm_config(cfg.algorithm.name, cfg.algorithm.params())
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    tree = cfg.model_dump(mode="json")
+    return yaml.safe_dump(tree, sort_keys=False)

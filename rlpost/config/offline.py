@@ -1,0 +1,120 @@
+"""Typed configs of the offline jobs, `rlpost sft CONFIG` and `rlpost dpo CONFIG`.
+
+They share the RL config's sections where the meaning is the same (`model`, `tracking`,
+the learner's keys) and its loader and error style (`rlpost.config.read_config` /
+`validate_config`: one `ConfigError` naming the file and the dotted key). What differs:
+
+- `data`: the dataset file or directory (rlpost/preference_data.py describes the formats);
+- `batch_size` pairs (dpo) or examples (sft) per optimizer step, and `epochs` over the
+  training data (or `steps`), instead of rollouts and mini-batches;
+- `algorithm`: the loss's own config, `PreferenceConfig` or `SFTConfig`, with no `name`;
+- `learner` and `ray` without the RL-only keys (mini-batches and epochs of a rollout batch,
+  rollout placement).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, create_model, field_serializer, model_validator
+
+from rlpost.algorithms.preference import PreferenceConfig
+from rlpost.algorithms.sft import SFTConfig
+from rlpost.config.load import read_config, validate_config
+from rlpost.config.sections import LearnerConfig, ModelConfig, RayConfig, Section, TrackingConfig
+from rlpost.errors import ConfigError
+
+
+def _without(model: type[Section], name: str, *dropped: str) -> type[Section]:
+    """`model` less the keys `dropped`, every other key defined (defaults, bounds) once."""
+    fields: dict[str, Any] = {n: (f.annotation, f) for n, f in model.model_fields.items()
+                               if n not in dropped}
+    return create_model(name, __base__=Section, __module__=__name__, **fields)
+
+
+# `learner.mini_batch_size` and `learner.epochs` cut a rollout batch: offline jobs use the
+# top-level `batch_size` and `epochs`. `ray.placement` and `ray.gpus_per_rollout_worker`
+# place rollout workers, which offline jobs do not have.
+OfflineLearnerConfig = _without(LearnerConfig, "OfflineLearnerConfig", "mini_batch_size", "epochs")
+OfflineRayConfig = _without(RayConfig, "OfflineRayConfig", "placement", "gpus_per_rollout_worker")
+
+
+class DataConfig(Section):
+    path: str = Field(description=".jsonl, .parquet or a datasets.save_to_disk directory")
+    split: str | None = Field(None, description="split of a DatasetDict directory; None: train")
+    max_length: int | None = Field(None, gt=0, description="rows with more prompt + response "
+                                   "tokens are skipped (never truncated); None: no limit")
+    strict: bool = Field(False, description="stop at the first bad row instead of skipping it")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="held out for evaluation, "
+                                 "chosen by the seed (at least one row when > 0)")
+
+
+class OfflineConfig(Section):
+    name: str = "offline"
+    seed: int = 0
+    mode: Literal["ray", "inprocess"] = "ray"
+    batch_size: int = Field(32, gt=0, description="pairs (dpo) or examples (sft) per optimizer step")
+    epochs: int = Field(1, gt=0, description="passes over the training data (when steps is 0)")
+    steps: int = Field(0, ge=0, description="optimizer steps; 0: as many as `epochs` take")
+    eval_every: int = Field(0, ge=0, description="0: evaluate only before and after training")
+    save_every: int = Field(0, ge=0, description="0: only a final checkpoint")
+    output_dir: str = "runs"
+    resume: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    learner: OfflineLearnerConfig = Field(default_factory=OfflineLearnerConfig)
+    ray: OfflineRayConfig = Field(default_factory=OfflineRayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "OfflineConfig":
+        if self.mode == "inprocess" and self.learner.num_learners > 1:
+            raise ValueError("mode 'inprocess' runs one learner; set learner.num_learners=1 "
+                             "or mode=ray")
+        return self
+
+    # Only the algorithm keys the config sets are written (as RL's `algorithm.*`): the
+    # loss configs reject a key of another loss that is set, even to its default, so a
+    # fully written section would not load again on resume.
+    @field_serializer("algorithm", check_fields=False)
+    def _set_keys_only(self, algorithm):
+        return algorithm.model_dump(mode="json", exclude_unset=True)
+
+    def algorithm_spec(self) -> tuple[str, dict]:
+        """(registry name, params) of the loss, as the learners build it."""
+        raise NotImplementedError
+
+
+class SFTJobConfig(OfflineConfig):
+    name: str = "sft"
+    algorithm: SFTConfig = Field(default_factory=SFTConfig)
+
+    def algorithm_spec(self) -> tuple[str, dict]:
+        return "sft", self.algorithm.model_dump(exclude_unset=True)
+
+
+class DPOJobConfig(OfflineConfig):
+    name: str = "dpo"
+    algorithm: PreferenceConfig = Field(default_factory=PreferenceConfig)
+
+    def algorithm_spec(self) -> tuple[str, dict]:
+        return "preference", self.algorithm.model_dump(exclude_unset=True)
+
+
+JOBS: dict[str, type[OfflineConfig]] = {"sft": SFTJobConfig, "dpo": DPOJobConfig}
+
+
+def read_offline_config(job: str, path: str | os.PathLike | None,
+                        overrides: list[str] = ()) -> OfflineConfig:
+    """The config of `rlpost <job>` (sft or dpo) from YAML and overrides, validated, its
+    data path checked (`rlpost.jobs.preflight` checks the model)."""
+    tree, source = read_config(path, overrides)
+    data = tree.get("data")
+    if not isinstance(data, dict) or data.get("path") is None:
+        raise ConfigError(f"{source}: key 'data.path' is required: the dataset (.jsonl, .parquet "
+                          "or a datasets.save_to_disk directory)")
+    cfg = validate_config(JOBS[job], tree, source)
+    if not Path(cfg.data.path).exists():
+        raise ConfigError(f"{source}: key 'data.path': no such file or directory: {cfg.data.path}")
+    return cfg

