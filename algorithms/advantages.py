@@ -1,4 +1,4 @@
-"""Sequence advantages from group rewards (ALGORITHMS.md section 1, "Advantages").
+"""Sequence advantages from group rewards (docs/algorithms.md section 1, "Advantages").
 
 Every function maps rewards [P, G] (P prompts, G responses per prompt) to
 advantages [P, G]; every token of response i then carries A_i. `ADVANTAGES`

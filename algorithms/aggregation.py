@@ -1,6 +1,6 @@
 """Aggregation of per-token losses as per-token weights over a whole mini-batch.
 
-loss = sum_{i,t} w_{i,t} * l_{i,t}; see ALGORITHMS.md "Aggregation". The weights
+loss = sum_{i,t} w_{i,t} * l_{i,t}; see docs/algorithms.md "Aggregation". The weights
 are computed on the controller over one whole optimizer-step mini-batch, before
 it is split into micro-batches and ranks, so every normaliser below (token
 counts, sequence counts, group sizes) is a mini-batch quantity and the loss

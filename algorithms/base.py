@@ -1,47 +1,89 @@
-"""The algorithm interface.
+"""The algorithm interface: three kinds (TokenLoss, PolicyGradient, PairLoss), Needs, SamplingRule.
 
-An algorithm is pure tensor code in three parts, each run where its inputs live:
+Every algorithm is pure tensor code, in one of three kinds; the runtime reads `needs` to
+decide what to compute (reference log-probs, entropy with gradient, ...) and never knows
+which algorithm runs (DESIGN.md: outside rlpost/jobs it imports only the registry and this
+module).
 
-- `advantages(rewards, lengths)`: on the controller, over the whole rollout
-  batch ([prompts, group] rewards and response lengths -> [prompts, group]
-  sequence advantages). Then, optionally and also over the whole rollout batch,
-  `select_samples` (which rollouts train) and, once the old policy's entropies
-  are known, `token_inputs`, `token_mask` (which tokens enter the loss),
-  `position_weights` (TW-GRPO) and `sampling_rule` (a per-token temperature
-  for the next rollout batch, HAPO).
-- `token_weights(batch)`: on the controller, over one whole optimizer-step
-  mini-batch, *before* it is split into micro-batches and learner ranks. The
-  loss of the mini-batch is sum_tokens weight * token_loss, so every
-  normaliser (token counts, sequence counts, group sizes) lives in the weights
-  and the result cannot depend on how the mini-batch is cut.
-- `token_loss(t)`: on the learners, per micro-batch, on flat token tensors.
-
-The runtime never knows which algorithm runs; it reads `needs` to decide what
-to compute (reference log-probs, entropy with gradient).
+- `TokenLoss` (SFT): `token_weights(batch)` on the controller, over one whole
+  optimizer-step mini-batch *before* it is split into micro-batches and learner ranks,
+  and `token_loss(t)` on the learners, per micro-batch, on flat token tensors. The loss
+  of the mini-batch is sum_tokens weight * token_loss, so every normaliser (token
+  counts, sequence counts, group sizes) lives in the weights and the result cannot
+  depend on how the mini-batch is cut.
+- `PolicyGradient(TokenLoss)` (GRPO, HAPO, GSPO): also `advantages(rewards, lengths)` on
+  the controller over the whole rollout batch, then, optionally and also over the whole
+  rollout batch, `select_samples` (which rollouts train) and, once the old policy's
+  entropies are known, `token_inputs`, `token_mask` (which tokens enter the loss),
+  `position_weights` (TW-GRPO) and `sampling_rule` (a per-token temperature for the
+  next rollout batch, HAPO).
+- `PairLoss` (DPO, TDPO, SparsePO, cDPO): a loss of per-pair sums over tokens
+  (`algorithms.pairs`), taken where a pair's sums are complete.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
+from torch import nn
 
-if TYPE_CHECKING:
-    from rlpost.algorithms.hapo import TemperatureRule
+from rlpost.algorithms.pairs import PairSums, pair_sums
+from rlpost.errors import ConfigError
+
+# Keys of `Sample.extra` (per-token tensors) the runtime moves between the controller and
+# the learners:
+# the loss mask (bool) from `token_mask` to `MiniBatchView.token_mask`. It also reaches
+# `TokenTensors.extra`, where it is not needed: the weights already hold it.
+TOKEN_MASK = "token_mask"
+# per-token multipliers of the aggregation weights (TW-GRPO's position weights), to
+# `MiniBatchView.token_scale`
+TOKEN_SCALE = "token_scale"
+# the full-vocabulary KL(pi_ref || pi_theta) per token, with its gradient w.r.t. the
+# policy, in `TokenTensors.extra` under `needs.token_kl` (the learner computes it)
+TOKEN_KL = "token_kl"
+# a pair's identity and cDPO's weights, from the controller to `PairLoss.pair_sums`
+PAIR_INDEX = "pair_index"  # long: the token's pair, numbered over the whole mini-batch
+CHOSEN_SIDE = "chosen_side"  # bool: True on y_w's tokens, False on y_l's
+REWARD_WEIGHT = "reward_weight"  # float: cDPO's critical weight w_t on y_l, 1 on y_w
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """`key` is a setting of `switch`'s `values` only. Under another value it would be
+    silently ignored, so a config that sets it is refused (a ConfigError: its message names
+    the keys), and a dump leaves it out: it holds its default there, and written out it
+    would be refused when the dump is loaded again (resume)."""
+
+    key: str
+    switch: str
+    values: tuple[Any, ...]
+    hint: str
 
 
 class AlgoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    conditionals: ClassVar[tuple[Conditional, ...]] = ()
 
+    def ignored_keys(self) -> set[str]:
+        """The keys of options that are not selected."""
+        return {c.key for c in self.conditionals if getattr(self, c.switch) not in c.values}
 
-# Key of `Sample.extra` that carries the loss mask (bool per token) from `token_mask`
-# to `MiniBatchView.token_mask`. It also reaches `TokenTensors.extra`, where it is not
-# needed: the weights already hold it.
-TOKEN_MASK = "token_mask"
-# Key of `Sample.extra` that carries per-token multipliers of the aggregation weights
-# (TW-GRPO's position weights) to `MiniBatchView.token_scale`.
-TOKEN_SCALE = "token_scale"
+    @model_validator(mode="after")
+    def _no_ignored_settings(self) -> AlgoConfig:
+        for c in self.conditionals:
+            value = getattr(self, c.switch)
+            if c.key in self.model_fields_set and value not in c.values:
+                raise ConfigError(f"algorithm.{c.key} is set but algorithm.{c.switch} is "
+                                  f"{value!r}; {c.hint}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        ignored = self.ignored_keys()
+        return {k: v for k, v in handler(self).items() if k not in ignored}
 
 
 @dataclass(frozen=True)
@@ -56,6 +98,9 @@ class Needs:
     # see the log-prob pass before the update. Without it, an RL step scores and trains in
     # one learner call (`Learner.score_and_train`), and `token_mask` gets entropy=None.
     old_policy_entropy: bool = False
+    # a critic's value of every response position, for advantages from values (PPO's GAE).
+    # The future critic role starts from it; nothing in the runtime reads it yet.
+    values: bool = False
 
 
 @dataclass
@@ -80,7 +125,10 @@ class MiniBatchView:
 
 @dataclass
 class TokenTensors:
-    """What a learner hands to `token_loss` for one micro-batch (flat over tokens)."""
+    """What a learner hands to `token_loss` for one micro-batch (flat over tokens).
+
+    A micro-batch holds whole sequences (`data.batch.plan` never splits one), so a loss
+    may reduce over each sequence's tokens through `seq_index` (GSPO does)."""
 
     logp: torch.Tensor  # [T] log pi_theta(y_t), with grad
     old_logp: torch.Tensor  # [T] at rollout-batch time
@@ -93,15 +141,67 @@ class TokenTensors:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # from `token_inputs`
 
 
+@runtime_checkable
+class SamplingRule(Protocol):
+    """A per-token sampling rule, as rollout engines and learners use it: both derive the
+    same per-token temperature from the entropy at the base temperature. Hashable (engines
+    group rows by rule). `to_dict` names its class under "rule" ("pkg.module:Class"), so
+    `rlpost.algorithms.sampling_rule_from_dict` rebuilds it in an engine or a checkpoint."""
+
+    def factor(self, entropy: torch.Tensor) -> torch.Tensor:
+        """T_t / T from the entropies at the base temperature T."""
+
+    def apply(self, scaled_logits: torch.Tensor) -> torch.Tensor:
+        """Logits already divided by T ([rows, vocab]) -> divided by T_t instead."""
+
+    def to_dict(self) -> dict: ...
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingRule: ...
+
+
 class Algorithm:
+    """What the kinds share: a registry name, a typed Config and `needs`."""
+
     name: ClassVar[str]
     Config: ClassVar[type[AlgoConfig]] = AlgoConfig
-    needs: ClassVar[Needs] = Needs()
+    needs: Needs = Needs()  # instances may set their own from the config
+    kind_name: ClassVar[str]  # "a pair loss": for the registry's errors
+    runs: ClassVar[str]  # the job that runs the kind, "`rlpost dpo` runs pair losses"
 
     def __init__(self, cfg: AlgoConfig):
         self.cfg = cfg
 
+
+class TokenLoss(Algorithm):
+    kind_name = "a token loss"
+    runs = "`rlpost sft` runs token losses"
+
+    def token_weights(self, batch: MiniBatchView) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_metrics(self, batch: MiniBatchView, weights: torch.Tensor) -> dict[str, float]:
+        """Per-mini-batch diagnostics of the aggregation weights (logged as step means)."""
+        return {}
+
+    def token_loss(self, t: TokenTensors) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-token loss [T] and per-token metric tensors.
+
+        Metric names ending in '_max' / '_min' are reduced by max / min over the
+        mini-batch; all others are averaged over its tokens.
+        """
+        raise NotImplementedError
+
+
+class PolicyGradient(TokenLoss):
+    kind_name = "a policy-gradient algorithm"
+    runs = "`rlpost train` runs policy-gradient algorithms"
+
     def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """From rewards and response lengths [prompts, group]: per-sequence advantages
+        [prompts, group] (every token of a response carries its A_i), or a per-token result
+        (a critic's GAE, process rewards: docs/algorithms.md section 5). The runtime takes the
+        [prompts, group] form today; a per-token estimator brings the runtime's side with it."""
         raise NotImplementedError
 
     def select_samples(self, advantages: torch.Tensor, step: int) -> torch.Tensor | None:
@@ -116,9 +216,6 @@ class Algorithm:
         algorithm's token selection. None: all tokens."""
         return valid
 
-    def token_weights(self, batch: MiniBatchView) -> torch.Tensor:
-        raise NotImplementedError
-
     def token_inputs(self, entropy: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra per-token inputs of `token_loss`, computed on the controller over the
         whole rollout batch from the old policy's entropies [T] (flat, in sequence
@@ -127,22 +224,60 @@ class Algorithm:
 
     def position_weights(self, divergence: torch.Tensor) -> torch.Tensor:
         """Weights [L] of a group's response positions from their divergence D_t [L]
-        (`Learner.position_divergence`), when `needs.position_divergence`."""
+        (`position_divergence`), called only under `needs.position_divergence`."""
         raise NotImplementedError
 
-    def sampling_rule(self, entropy: torch.Tensor) -> "TemperatureRule | None":
-        """A per-token temperature rule for the *next* rollout batch, from this batch's
+    def sampling_rule(self, entropy: torch.Tensor) -> SamplingRule | None:
+        """A per-token sampling rule for the *next* rollout batch, from this batch's
         old-policy entropies at the base temperature; None: plain temperature."""
         return None
 
-    def weight_metrics(self, batch: MiniBatchView, weights: torch.Tensor) -> dict[str, float]:
-        """Per-mini-batch diagnostics of the aggregation weights (logged as step means)."""
+
+def position_divergence(log_probs: torch.Tensor) -> torch.Tensor:
+    """TW-GRPO's D_t from one group's full-vocabulary log-probs [G, L, V] (rows past a
+    rollout's end hold the uniform distribution): the group mean of KL(p_i,t || g_t),
+    g_t the normalised geometric mean of the G distributions at t. Returns [L]. The learner
+    computes it under `needs.position_divergence`; `position_weights` turns it into weights."""
+    lp = log_probs.double()
+    mean_lp = lp.mean(0)
+    log_g = mean_lp - torch.logsumexp(mean_lp, dim=-1, keepdim=True)
+    return (lp.exp() * (lp - log_g)).sum(-1).mean(0)
+
+
+class PairLoss(Algorithm):
+    """A loss of per-pair sums over tokens (`PairSums`), as the pair learner runs it: it adds
+    each micro-batch's `pair_sums` (pair-atomic micro-batches, `algorithms.pairs`) and
+    takes `pair_loss` of complete sums; `metrics` reads complete sums too.
+
+    Flags, each with its method: `activation_masks` (m^u = m^d from the reference model's
+    activations, `activation_mask`), `learned_masks` (networks trained with the policy on
+    the reference's hidden states, `mask_networks`), `critical_weights` (cDPO's weights on
+    the rejected tokens come with the data, `REWARD_WEIGHT`)."""
+
+    kind_name = "a pair loss"
+    runs = "`rlpost dpo` runs pair losses"
+    needs = Needs(reference=True)
+    activation_masks: bool = False
+    learned_masks: bool = False
+    critical_weights: bool = False
+    pair_sums = staticmethod(pair_sums)
+
+    def pair_loss(self, sums: PairSums) -> torch.Tensor:
+        """The loss of each pair [P]; the mini-batch loss is their mean."""
+        raise NotImplementedError
+
+    def metrics(self, sums: PairSums) -> dict[str, float]:
+        """Diagnostics from the complete sums of a mini-batch (or an evaluation set)."""
         return {}
 
-    def token_loss(self, t: TokenTensors) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-token loss [T] and per-token metric tensors.
+    def activation_mask(self, activations: Mapping[str, Sequence[torch.Tensor]],
+                        valid: torch.Tensor) -> torch.Tensor:
+        """The mask [..., T] of each valid token from the reference model's hooked
+        activations (per kind, one [..., T, D] per layer), under `activation_masks`."""
+        raise NotImplementedError
 
-        Metric names ending in '_max' / '_min' are reduced by max / min over the
-        mini-batch; all others are averaged over its tokens.
-        """
+    def mask_networks(self, num_layers: int, d_model: int, seed: int) -> nn.Module:
+        """The mask networks (hidden states per layer -> (m^u, m^d)), initialised from
+        `seed` alone so that every learner rank starts from the same ones, under
+        `learned_masks`."""
         raise NotImplementedError

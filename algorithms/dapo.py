@@ -1,4 +1,4 @@
-"""DAPO's rollout-side pieces as pure functions (ALGORITHMS.md section 1, "DAPO pieces").
+"""DAPO's rollout-side pieces as pure functions (docs/algorithms.md section 1, "DAPO pieces").
 
 The trainer applies them to every algorithm when the `rollout` config asks
 (`dynamic_sampling`, `overlong_buffer`, `mask_truncated`):

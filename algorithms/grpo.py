@@ -1,6 +1,6 @@
 """GRPO and its relatives: the advantage estimator, the aggregation, the clip range,
 dual-clip, a KL term, an entropy bonus and token / sample selection are config
-choices (ALGORITHMS.md section 1)."""
+choices (docs/algorithms.md section 1)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from rlpost.algorithms.advantages import ADVANTAGES, AdvantageName
 from rlpost.algorithms.aggregation import aggregate, side_weights
-from rlpost.algorithms.base import AlgoConfig, Algorithm, MiniBatchView, Needs, TokenTensors
+from rlpost.algorithms.base import AlgoConfig, Conditional, MiniBatchView, Needs, PolicyGradient, TokenTensors
 from rlpost.algorithms.selection import (d3s_token_mask, entropy_quantile_mask, linear_schedule,
                                          max_variance_subset, position_weights, subset_size)
 
@@ -46,16 +46,14 @@ class GRPOConfig(AlgoConfig):
     tw_alpha: float | None = Field(None, ge=1, description="TW-GRPO position weights in "
                                    "[1, tw_alpha] (1.7 in the paper); None: off")
 
+    conditionals = tuple(Conditional(key, "selection", (method,), f"set algorithm.selection: {method}")
+                         for key, method in (("d3s", "d3s"), ("entropy_mask_rho", "entropy_mask")))
+
     @model_validator(mode="after")
-    def _consistent(self) -> "GRPOConfig":
+    def _constant_given(self) -> "GRPOConfig":
         if self.loss_agg == "constant" and self.loss_agg_constant is None:
             raise ValueError("loss_agg 'constant' needs algorithm.loss_agg_constant "
                              "(e.g. max response length x sequences per mini-batch)")
-        # settings of a selection method that is not selected would be silently ignored
-        for key, method in (("d3s", "d3s"), ("entropy_mask_rho", "entropy_mask")):
-            if key in self.model_fields_set and self.selection != method:
-                raise ValueError(f"algorithm.{key} is set but algorithm.selection is "
-                                 f"{self.selection!r}; set algorithm.selection: {method}")
         return self
 
 
@@ -91,7 +89,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
     return log_x.exp() - log_x - 1.0
 
 
-class GRPO(Algorithm):
+class GRPO(PolicyGradient):
     name = "grpo"
     Config = GRPOConfig
 

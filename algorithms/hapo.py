@@ -1,4 +1,4 @@
-"""HAPO's token-level pieces as pure tensor functions (ALGORITHMS.md section 1, "HAPO").
+"""HAPO's token-level pieces as pure tensor functions (docs/algorithms.md section 1, "HAPO").
 
 "From Uniform to Heterogeneous: Tailoring Policy Optimization to Every Token's
 Nature". All four parts are keyed to a normalised log-entropy h_hat in [-1, 1]:
@@ -123,7 +123,7 @@ class TemperatureRule:
     """HAPO's adaptive temperature for one rollout batch: T_t = T (1 + tau h_hat_t), with
     h_hat_t from the entropy at the base temperature T of the distribution the token is
     drawn from, normalised by `stats` of the previous batch. One function serves both
-    rollout engines and the learners, so all three derive the same T_t."""
+    rollout engines and the learners, so all three derive the same T_t. A `SamplingRule`."""
 
     stats: EntropyStats
     tau: float
@@ -141,7 +141,8 @@ class TemperatureRule:
         return scaled_logits.div_(self.factor(entropy).to(scaled_logits.dtype)[:, None])
 
     def to_dict(self) -> dict:
-        return {"stats": asdict(self.stats), "tau": self.tau}
+        return {"rule": f"{type(self).__module__}:{type(self).__qualname__}",
+                "stats": asdict(self.stats), "tau": self.tau}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TemperatureRule":

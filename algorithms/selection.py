@@ -1,4 +1,4 @@
-"""Token and sample selection (ALGORITHMS.md section 1, "Token and sample selection").
+"""Token and sample selection (docs/algorithms.md section 1, "Token and sample selection").
 
 Everything here runs on the controller over the whole rollout batch, before it
 is cut into mini-batches, so that quantiles and top-K thresholds do not depend
@@ -14,7 +14,7 @@ weighs 0 and leaves every normaliser, see `aggregation.aggregate`).
 - `entropy_quantile_mask`: keep tokens with H >= the (1 - rho) quantile.
 - TW-GRPO ("Reinforcing Video Reasoning with Focused Thinking"): a weight per
   response position shared by a group, from how much the group's rollouts
-  disagree there (`position_divergence`, `position_weights`). Weights scale the
+  disagree there (`base.position_divergence`, `position_weights`). Weights scale the
   tokens' aggregation weights; they select nothing.
 
 `valid` arguments are the tokens that may enter the loss at all (e.g. not those
@@ -26,6 +26,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+# the learner computes D_t, so it lives with the interface; re-exported for the old path
+from rlpost.algorithms.base import position_divergence  # noqa: F401
 
 
 def quantile_linear(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -113,16 +116,6 @@ def entropy_quantile_mask(entropy: torch.Tensor, rho: float, valid: torch.Tensor
         h = entropy.detach()[idx]
         mask[idx] = h >= quantile_linear(h, 1.0 - rho)
     return mask
-
-
-def position_divergence(log_probs: torch.Tensor) -> torch.Tensor:
-    """TW-GRPO's D_t from one group's full-vocabulary log-probs [G, L, V] (rows past a
-    rollout's end hold the uniform distribution): the group mean of KL(p_i,t || g_t),
-    g_t the normalised geometric mean of the G distributions at t. Returns [L]."""
-    lp = log_probs.double()
-    mean_lp = lp.mean(0)
-    log_g = mean_lp - torch.logsumexp(mean_lp, dim=-1, keepdim=True)
-    return (lp.exp() * (lp - log_g)).sum(-1).mean(0)
 
 
 def position_weights(divergence: torch.Tensor, alpha: float) -> torch.Tensor:

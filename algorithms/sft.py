@@ -1,5 +1,5 @@
 """Supervised fine-tuning, token-mean over the response tokens (the warm-up stage, and the
-positive / negative models of cDPO), with the loss per token of ALGORITHMS.md section 3:
+positive / negative models of cDPO), with the loss per token of docs/algorithms.md section 3:
 
 - nll:  -log p_t
 - dft:  -sg(p_t) log p_t (Dynamic Fine-Tuning)
@@ -12,38 +12,27 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from rlpost.algorithms.aggregation import token_mean
-from rlpost.algorithms.base import AlgoConfig, Algorithm, MiniBatchView, Needs, TokenTensors
-
-# Key of `TokenTensors.extra` with the per-token full-vocabulary KL(pi_ref || pi_theta), with
-# its gradient w.r.t. the policy.
-TOKEN_KL = "token_kl"
+from rlpost.algorithms.base import (TOKEN_KL, AlgoConfig, Conditional, MiniBatchView, Needs, TokenLoss,
+                                    TokenTensors)
 
 
 class SFTConfig(AlgoConfig):
     loss: Literal["nll", "dft", "asft"] = "nll"
     asft_lambda: float = Field(0.05, ge=0, description="ASFT: weight of the KL to the reference")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "SFTConfig":
-        if "asft_lambda" in self.model_fields_set and self.loss != "asft":
-            raise ValueError(f"algorithm.asft_lambda is set but algorithm.loss is {self.loss!r}; "
-                             "set algorithm.loss: asft")
-        return self
+    conditionals = (Conditional("asft_lambda", "loss", ("asft",), "set algorithm.loss: asft"),)
 
 
-class SFT(Algorithm):
+class SFT(TokenLoss):
     name = "sft"
     Config = SFTConfig
 
     def __init__(self, cfg: SFTConfig):
         super().__init__(cfg)
         self.needs = Needs(reference=cfg.loss == "asft", token_kl=cfg.loss == "asft")
-
-    def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        raise TypeError("sft is a supervised loss; it computes no advantages")
 
     def token_weights(self, batch: MiniBatchView) -> torch.Tensor:
         return token_mean(batch)

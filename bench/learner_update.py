@@ -189,7 +189,7 @@ def run_arm(name: str, args, model_dir: str, samples, device, dtype, micro: int)
                                            *[part or "auto" for part in name.split(":")[1:]])
     else:
         from rlpost.workers.group import free_port
-        from rlpost.workers.learner import deepspeed_config, join_process_group
+        from rlpost.workers.policy_rank import deepspeed_config, join_process_group
 
         join_process_group(0, 1, "127.0.0.1", free_port())
         lm = load_model(model_dir, "bfloat16" if dtype == torch.bfloat16 else "float32")

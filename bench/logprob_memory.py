@@ -4,7 +4,7 @@
     python bench/logprob_memory.py --tokens 16384 --vocab 151936 --hidden 896   # GPU default
 
 - naive: full logits, an fp32 log_softmax, gather, entropy from the full distribution.
-- rlpost: `rlpost.token_ops.chunked_logprobs` (chunks of the output head,
+- rlpost: `rlpost.model.token_ops.chunked_logprobs` (chunks of the output head,
   recomputed in the backward pass; peak [chunk x vocab]).
 - trl: TRL's `ChunkedLogProbFunction` (its fused LM head), when trl is installed.
 

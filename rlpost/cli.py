@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     job("train", "run a training job from a YAML config")
     p_sweep = sub.add_parser("sweep", help="run a sweep file's runs one after another "
                              "(again: skip the finished ones), then write its report")
-    p_sweep.add_argument("sweep", help="sweep file (YAML; see rlpost/sweep.py)")
+    p_sweep.add_argument("sweep", help="sweep file (YAML; see rlpost/sweeps/sweep.py)")
     p_sweep.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
     p_sweep.add_argument("--name", help="sweep name (directory, W&B group) instead of the file's")
     p_sweep.add_argument("--output-dir", help="where the sweep directory goes "

@@ -3,7 +3,7 @@ learner, ray, tracking: the sampling and the evaluation use them as `rlpost trai
 plus a `cdpo` section. The two training stages are `rlpost sft` and `rlpost dpo` jobs whose
 configs the pipeline writes: every key of theirs can be set under `cdpo.contrast` (the
 positive and negative models) and `cdpo.dpo` (the weighted DPO stage, and the plain-DPO
-baseline), over defaults from ALGORITHMS.md. They inherit `seed`, `mode`, `ray`, `tracking`
+baseline), over defaults from docs/algorithms.md. They inherit `seed`, `mode`, `ray`, `tracking`
 and the `learner` section; `model` and `data` are the pipeline's to set.
 
 Every stage's config is built and validated when the file is loaded, before anything starts.
@@ -17,12 +17,13 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from rlpost.algorithms.base import PolicyGradient
 from rlpost.config.load import check_names, read_config, validate_config
 from rlpost.config.rl import TrainConfig
-from rlpost.config.sections import AlgorithmConfig, Section
+from rlpost.config.sections import Section, algorithm_section
 from rlpost.config.offline import JOBS, OfflineConfig, OfflineLearnerConfig, OfflineRayConfig
 
-# ALGORITHMS.md, cDPO step 2: LoRA r = 8 on the MLP projections, lr 3e-4, 1 epoch.
+# docs/algorithms.md, cDPO step 2: LoRA r = 8 on the MLP projections, lr 3e-4, 1 epoch.
 CONTRAST_DEFAULTS = {"epochs": 1, "batch_size": 32, "learner": {"lr": 3e-4, "lora": {"r": 8}}}
 # step 4: token-weighted DPO, beta = 0.1 (the learning rate is the `learner` section's)
 DPO_DEFAULTS = {"epochs": 1, "batch_size": 32, "algorithm": {"loss": "cdpo", "beta": 0.1}}
@@ -51,6 +52,15 @@ class CDPOConfig(TrainConfig):
     name: str = "cdpo"
     cdpo: CDPOSection = Field(default_factory=CDPOSection)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_algorithm(cls, data: Any) -> Any:
+        # before the section is typed: an RL algorithm, even an unknown one, is refused here
+        if isinstance(data, dict) and not _default_algorithm(data.get("algorithm", {})):
+            raise ValueError("key 'algorithm' is for rlpost train; the DPO stage's loss is set "
+                             "under cdpo.dpo.algorithm")
+        return data
+
     @model_validator(mode="after")
     def _check_batch_shape(self) -> "CDPOConfig":
         return self  # replaces TrainConfig's: there are no RL mini-batches to cut
@@ -65,9 +75,6 @@ class CDPOConfig(TrainConfig):
         if self.cdpo.problems > self.task.train_size:
             raise ValueError(f"key 'cdpo.problems': {self.cdpo.problems} is more than the task's "
                              f"training problems (task.train_size = {self.task.train_size})")
-        if self.algorithm != AlgorithmConfig():
-            raise ValueError("key 'algorithm' is for rlpost train; the DPO stage's loss is set "
-                             "under cdpo.dpo.algorithm")
         for section in ("contrast", "dpo"):
             for key in SET_BY_PIPELINE:
                 if key in getattr(self.cdpo, section):
@@ -76,6 +83,13 @@ class CDPOConfig(TrainConfig):
             if "path" in getattr(self.cdpo, section).get("data", {}):
                 raise ValueError(f"key 'cdpo.{section}.data.path' is set by the pipeline")
         return self
+
+
+def _default_algorithm(value: Any) -> bool:
+    try:
+        return algorithm_section(value, PolicyGradient) == algorithm_section({}, PolicyGradient)
+    except ValueError:  # ConfigError and ValidationError
+        return False
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from rlpost.algorithms import build_algorithm_config
 from rlpost.config.rl import TrainConfig
 from rlpost.errors import ConfigError
 from rlpost.rewards import build_task
@@ -54,6 +53,8 @@ def _format_error(source: str, err: ValidationError) -> str:
     where = f"key '{key}': " if key else ""
     msg = first["msg"].removeprefix("Value error, ")
     if kind == "value_error":
+        if isinstance(first.get("ctx", {}).get("error"), ConfigError):  # it names its keys
+            return f"{source}: {msg}"
         return f"{source}: {where}{msg}"
     return f"{source}: {where}{msg} (got {got!r})"
 
@@ -101,10 +102,10 @@ def read_train_config(path: str | os.PathLike | None, overrides: list[str] = ())
 
 
 def check_names(cfg: TrainConfig, source: str) -> None:
-    """The task and algorithm a config names, and their arguments: checked now, not in a worker."""
+    """The task a config names, and its arguments: checked now, not in a worker (the
+    algorithm's section is typed by its name when the config is validated)."""
     try:
         build_task(cfg.task.name, cfg.task.args)  # checks the name and the args
-        build_algorithm_config(cfg.algorithm.name, cfg.algorithm.params())
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

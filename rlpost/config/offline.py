@@ -4,10 +4,10 @@ They share the RL config's sections where the meaning is the same (`model`, `tra
 the learner's keys) and its loader and error style (`rlpost.config.read_config` /
 `validate_config`: one `ConfigError` naming the file and the dotted key). What differs:
 
-- `data`: the dataset file or directory (rlpost/preference_data.py describes the formats);
+- `data`: the dataset file or directory (rlpost/data/datasets.py describes the formats);
 - `batch_size` pairs (dpo) or examples (sft) per optimizer step, and `epochs` over the
   training data (or `steps`), instead of rollouts and mini-batches;
-- `algorithm`: the loss's own config, `PreferenceConfig` or `SFTConfig`, with no `name`;
+- `algorithm`: the loss's own config (the registry's `preference` or `sft`), with no `name`;
 - `learner` and `ray` without the RL-only keys (mini-batches and epochs of a rollout batch,
   rollout placement).
 """
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, create_model, field_serializer, model_validator
 
-from rlpost.algorithms.preference import PreferenceConfig
-from rlpost.algorithms.sft import SFTConfig
+from rlpost.algorithms import algorithm_class
+from rlpost.algorithms.base import Algorithm, PairLoss, TokenLoss
 from rlpost.config.load import read_config, validate_config
 from rlpost.config.sections import LearnerConfig, ModelConfig, RayConfig, Section, TrackingConfig
 from rlpost.errors import ConfigError
@@ -74,32 +74,34 @@ class OfflineConfig(Section):
                              "or mode=ray")
         return self
 
-    # Only the algorithm keys the config sets are written (as RL's `algorithm.*`): the
-    # loss configs reject a key of another loss that is set, even to its default, so a
-    # fully written section would not load again on resume.
+    loss: ClassVar[type[Algorithm]]  # the algorithm whose Config is the `algorithm` section
+
+    # config.yaml holds the algorithm keys the config set, as `algorithm_spec` hands them
+    # to the learners (tests/config/test_offline_config.py pins this form). Every default
+    # would load again too: a dump leaves out the settings of unselected options.
     @field_serializer("algorithm", check_fields=False)
     def _set_keys_only(self, algorithm):
         return algorithm.model_dump(mode="json", exclude_unset=True)
 
     def algorithm_spec(self) -> tuple[str, dict]:
         """(registry name, params) of the loss, as the learners build it."""
-        raise NotImplementedError
+        return self.loss.name, self.algorithm.model_dump(exclude_unset=True)
+
+
+SFT = algorithm_class("sft", TokenLoss)
+PREFERENCE = algorithm_class("preference", PairLoss)
 
 
 class SFTJobConfig(OfflineConfig):
     name: str = "sft"
-    algorithm: SFTConfig = Field(default_factory=SFTConfig)
-
-    def algorithm_spec(self) -> tuple[str, dict]:
-        return "sft", self.algorithm.model_dump(exclude_unset=True)
+    loss = SFT
+    algorithm: SFT.Config = Field(default_factory=SFT.Config)
 
 
 class DPOJobConfig(OfflineConfig):
     name: str = "dpo"
-    algorithm: PreferenceConfig = Field(default_factory=PreferenceConfig)
-
-    def algorithm_spec(self) -> tuple[str, dict]:
-        return "preference", self.algorithm.model_dump(exclude_unset=True)
+    loss = PREFERENCE
+    algorithm: PREFERENCE.Config = Field(default_factory=PREFERENCE.Config)
 
 
 JOBS: dict[str, type[OfflineConfig]] = {"sft": SFTJobConfig, "dpo": DPOJobConfig}

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
+from rlpost.algorithms.base import AlgoConfig, PolicyGradient
 from rlpost.config.placement import placement_problem
-from rlpost.config.sections import (AlgorithmConfig, LearnerConfig, ModelConfig, RayConfig,
-                                    RolloutConfig, Section, TaskConfig, TrackingConfig, WarmupConfig)
+from rlpost.config.sections import (LearnerConfig, ModelConfig, RayConfig, RolloutConfig, Section,
+                                    TaskConfig, TrackingConfig, WarmupConfig, algorithm_section)
 from rlpost.rewards.config import RewardConfig
 
 
@@ -25,10 +26,18 @@ class TrainConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    # the chosen algorithm's Config with its `name` (`algorithm_section`); serialised as
+    # that class, so config.yaml holds every default
+    algorithm: SerializeAsAny[AlgoConfig] = Field(
+        default_factory=lambda: algorithm_section({}, PolicyGradient))
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _typed_algorithm(cls, value):
+        return algorithm_section(value, PolicyGradient)
 
     @model_validator(mode="after")
     def _check_batch_shape(self) -> "TrainConfig":

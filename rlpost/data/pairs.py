@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rlpost.algorithms.preference import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
+from rlpost.algorithms.base import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
 from rlpost.data.batch import Sample, Shard, plan
 from rlpost.data.datasets import PreferencePair, SFTExample
 

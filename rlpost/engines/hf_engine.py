@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
-from rlpost.algorithms.hapo import TemperatureRule
+from rlpost.algorithms.base import SamplingRule
 from rlpost.engines.base import Completion
 from rlpost.model.load import load_model
 
 
 class _AdaptiveTemperature(LogitsProcessor):
-    def __init__(self, temperature: float, rule: TemperatureRule):
+    def __init__(self, temperature: float, rule: SamplingRule):
         self.temperature, self.rule = temperature, rule
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,7 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int, rule: TemperatureRule | None = None
+                 max_new_tokens: int, seed: int, rule: SamplingRule | None = None
                  ) -> list[list[Completion]]:
         """`rule`: sample each token at the rule's per-token temperature instead of at
         `temperature` (which stays the base T the rule scales)."""

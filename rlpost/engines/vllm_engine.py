@@ -32,7 +32,7 @@ import torch
 from rlpost.engines.base import Completion
 
 if TYPE_CHECKING:
-    from rlpost.algorithms.hapo import TemperatureRule
+    from rlpost.algorithms.base import SamplingRule
     from rlpost.config.sections import RolloutConfig
 
 WORKER_EXTENSION = "rlpost.engines.vllm_worker_ext.WeightSyncExtension"
@@ -144,7 +144,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ sampling
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int, rule: "TemperatureRule | None" = None
+                 max_new_tokens: int, seed: int, rule: "SamplingRule | None" = None
                  ) -> list[list[Completion]]:
         """`rule`: sample each token at the rule's per-token temperature instead of at
         `temperature` (which stays the base T the rule scales)."""

@@ -14,14 +14,15 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from rlpost.algorithms.hapo import TemperatureRule
+from rlpost.algorithms import sampling_rule_from_dict
+from rlpost.algorithms.base import SamplingRule
 
 RULE_KEY = "rlpost_temperature_rule"
 
 
 class AdaptiveTemperatureProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        self.rules: dict[int, TemperatureRule] = {}  # batch row -> the rule of its request
+        self.rules: dict[int, SamplingRule] = {}  # batch row -> the rule of its request
 
     def is_argmax_invariant(self) -> bool:
         return True
@@ -30,7 +31,7 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
         process_dict_updates(self.rules, batch_update, _rule_of)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        by_rule: dict[TemperatureRule, list[int]] = {}
+        by_rule: dict[SamplingRule, list[int]] = {}
         for row, rule in self.rules.items():
             by_rule.setdefault(rule, []).append(row)
         for rule, rows in by_rule.items():  # one rule per rollout batch in practice
@@ -39,6 +40,6 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
         return logits
 
 
-def _rule_of(params, _prompt_ids, _output_ids) -> TemperatureRule | None:
+def _rule_of(params, _prompt_ids, _output_ids) -> SamplingRule | None:
     d = (params.extra_args or {}).get(RULE_KEY)
-    return TemperatureRule.from_dict(d) if d is not None else None
+    return sampling_rule_from_dict(d) if d is not None else None

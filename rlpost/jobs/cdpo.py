@@ -1,4 +1,4 @@
-"""`rlpost cdpo CONFIG`: cDPO's pipeline (ALGORITHMS.md section 2, cDPO), stage by stage.
+"""`rlpost cdpo CONFIG`: cDPO's pipeline (docs/algorithms.md section 2, cDPO), stage by stage.
 
     start     the starting policy: the task's supervised warm-up (or the model as it is)
     sample    rollout.n trajectories of each of the first cdpo.problems training problems,
@@ -31,18 +31,22 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rlpost.config.cdpo import CDPOConfig, stage_config
 from rlpost.config.load import dump_config
+from rlpost.data.datasets import load_preference_pairs
+from rlpost.data.prompts import prompt_record
+from rlpost.data.stream import derive_seed
 from rlpost.errors import ConfigError
 from rlpost.files import read_jsonl, write_json, write_jsonl
-from rlpost.data.datasets import load_preference_pairs
+from rlpost.jobs.run_dir import prepare_run_dir
+from rlpost.jobs.session import VERIFIER, Session
 from rlpost.tracking.tracker import Tracker
-from rlpost.jobs.rl import VERIFIER, Trainer, derive_seed, prepare_run_dir, prompt_record
 from rlpost.workers.contrast import ContrastScorer
 from rlpost.workers.group import WorkerGroup
 
@@ -92,7 +96,8 @@ def make_pairs(samples: list[dict], per_problem: int) -> list[dict]:
 class Pipeline:
     def __init__(self, cfg: CDPOConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
-        self.trainer = Trainer(cfg, run_dir)
+        self.session = Session(cfg, run_dir)
+        self.tracker: Tracker | None = None  # the pipeline's; the session prints to it too
         self.records: dict[str, dict] = {}  # stage -> its done.json
 
     # ----- stage bookkeeping ----------------------------------------------------------
@@ -110,14 +115,14 @@ class Pipeline:
             record = json.loads(done.read_text())
             if record["fingerprint"] == key:
                 self.records[name] = record
-                self.trainer.tracker.print_line(f"[cdpo] {name}: complete, skipped")
+                self.tracker.print_line(f"[cdpo] {name}: complete, skipped")
                 return directory, record
         if directory.exists() and not (started.is_file()
                                        and json.loads(started.read_text())["fingerprint"] == key):
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_json(started, {"fingerprint": key, "inputs": inputs}, indent=1)
-        self.trainer.tracker.print_line(f"[cdpo] {name}: started ({directory})")
+        self.tracker.print_line(f"[cdpo] {name}: started ({directory})")
         self.started = time.time()
         return directory, None
 
@@ -127,7 +132,7 @@ class Pipeline:
                   "result": result}
         write_json(self.run_dir / "stages" / name / "done.json", record, indent=1)
         self.records[name] = record
-        self.trainer.tracker.print_line(f"[cdpo] {name}: done in {seconds:.0f}s")
+        self.tracker.print_line(f"[cdpo] {name}: done in {seconds:.0f}s")
         return record
 
     def stage(self, name: str, inputs: Any, reads: tuple[str, ...],
@@ -139,22 +144,26 @@ class Pipeline:
     def rollout(self, model: Path):
         """Rollout workers on `model` for the duration; their slots are free again after
         (the training stages' learners take the learners' slots)."""
-        self.trainer.start_rollout(model)
+        self.session.start_rollout(model)
         try:
             yield
         finally:
-            self.trainer.rollout.shutdown()
-            self.trainer.rollout = None
+            self.session.stop_rollout()
+
+    def shutdown(self) -> None:
+        self.session.shutdown()
+        if self.tracker is not None:
+            self.tracker.close()
 
     # ----- the pipeline ----------------------------------------------------------------
     def run(self) -> CDPOResult:
-        cfg, trainer = self.cfg, self.trainer
+        cfg = self.cfg
         # the pipeline's W&B run in the group of its stages' runs (`stage_config`)
         group = cfg.tracking.model_copy(update={"group": cfg.tracking.group or cfg.name})
-        trainer.tracker = tracker = CDPOTracker(self.run_dir, cfg.model_copy(update={"tracking": group}))
+        self.tracker = tracker = CDPOTracker(self.run_dir, cfg.model_copy(update={"tracking": group}))
         directory, record = self.begin("start", cfg.model_dump(
             mode="json", include={"seed", "model", "task", "warmup", "learner"}), ())
-        start = trainer.prepare(tracker, directory / "model")
+        start = self.session.prepare(tracker, directory / "model")
         if record is None:
             self.finish("start", {"model": str(start)})
         sampled = self.stage("sample", cfg.model_dump(mode="json", include={
@@ -186,34 +195,34 @@ class Pipeline:
     def sample(self, directory: Path, start: Path) -> dict:
         """rollout.n trajectories per problem, scored by the verifier; the training data
         of the positive and negative models and the unweighted pairs."""
-        cfg, trainer = self.cfg, self.trainer
-        problems = trainer.train_problems[:cfg.cdpo.problems]
+        cfg, session = self.cfg, self.session
+        problems = session.train_problems[:cfg.cdpo.problems]
         per_round = cfg.rollout.prompts_per_step
         rows, t0 = [], time.time()
         with self.rollout(start):
             for first in range(0, len(problems), per_round):
                 batch = problems[first:first + per_round]
-                groups = trainer.generate(batch, cfg.rollout.n, cfg.rollout.temperature,
+                groups = session.generate(batch, cfg.rollout.n, cfg.rollout.temperature,
                                           derive_seed(cfg.seed, "cdpo-sample", first))
                 flat = [(i, c) for i, group in zip(range(first, first + len(batch)), groups) for c in group]
-                scores = trainer.score([c.ids for _, c in flat], [problems[i] for i, _ in flat])
-                texts = trainer.tokenizer.batch_decode([c.ids for _, c in flat], skip_special_tokens=True)
+                scores = session.score([c.ids for _, c in flat], [problems[i] for i, _ in flat])
+                texts = session.tokenizer.batch_decode([c.ids for _, c in flat], skip_special_tokens=True)
                 for (i, c), text, verdict, total in zip(flat, texts, scores.components[VERIFIER], scores.totals):
                     rows.append({"problem": i, "question": problems[i].prompt, "response": text,
                                  "correct": verdict >= 1.0, "verifier": verdict, "reward": total,
                                  "truncated": c.truncated})
                 correct = sum(r["correct"] for r in rows) / len(rows)
                 empty = sum(not usable(r) for r in rows)
-                trainer.tracker.print_line(f"[cdpo] sample: {first + len(batch)}/{len(problems)} problems "
-                                           f"| {correct:.1%} correct | {empty} empty (not used) "
-                                           f"| {time.time() - t0:.0f}s")
+                self.tracker.print_line(f"[cdpo] sample: {first + len(batch)}/{len(problems)} problems "
+                                        f"| {correct:.1%} correct | {empty} empty (not used) "
+                                        f"| {time.time() - t0:.0f}s")
         pairs = make_pairs(rows, cfg.cdpo.pairs_per_problem)
         if not pairs:
             raise RuntimeError(f"cdpo: no problem among {len(problems)} has both a correct and an "
                                f"incorrect trajectory; nothing to pair (see {directory}/samples.jsonl)")
         write_jsonl(directory / "samples.jsonl", rows)
         # as the offline loaders read them, the prompt tokenizes as the rollout workers' did
-        prompt = {i: prompt_record(trainer.tokenizer, p.prompt, cfg.task) for i, p in enumerate(problems)}
+        prompt = {i: prompt_record(session.tokenizer, p.prompt, cfg.task) for i, p in enumerate(problems)}
 
         def response(text: str) -> str | list[dict[str, str]]:
             return [{"role": "assistant", "content": text}] if isinstance(prompt[0], list) else text
@@ -239,7 +248,7 @@ class Pipeline:
         (directory / "config.yaml").write_text(dump_config(job))
         try:
             trainer = TRAINERS["sft" if stage in ("positive", "negative") else "dpo"](
-                job, slots=self.trainer.placement.slots("learner"))
+                job, slots=self.session.placement.slots("learner"))
         except ConfigError as e:
             section = "contrast" if stage in ("positive", "negative") else "dpo"
             raise ConfigError(f"stage {stage} (cdpo.{section}): {e}") from None
@@ -254,7 +263,7 @@ class Pipeline:
         """Critical weights of every pair's rejected tokens -> pairs.jsonl, and the view."""
         from rlpost.tracking.token_view import WeightedTokens, write_token_view
 
-        cfg, tokenizer = self.cfg, self.trainer.tokenizer
+        cfg, tokenizer = self.cfg, self.session.tokenizer
         source = self.run_dir / "stages" / "sample" / "pairs_unweighted.jsonl"
         pairs, _ = load_preference_pairs(source, tokenizer, strict=True)
         lc, n = cfg.learner, cfg.learner.num_learners
@@ -263,8 +272,8 @@ class Pipeline:
                 positive=positive, negative=negative, dtype=cfg.model.dtype, gamma=cfg.cdpo.gamma,
                 pad_id=tokenizer.pad_token_id, chunk_size=lc.logprob_chunk_size,
                 micro_batch_tokens=lc.micro_batch_tokens, micro_batch_size=lc.micro_batch_size),
-            use_ray=self.trainer.use_ray, num_gpus=cfg.ray.gpus_per_learner,
-            slots=self.trainer.placement.slots("learner"))
+            use_ray=self.session.use_ray, num_gpus=cfg.ray.gpus_per_learner,
+            slots=self.session.placement.slots("learner"))
         try:
             parts = [[(p.prompt_ids, p.rejected_ids) for p in pairs[r::n]] for r in range(n)]
             scored = scorers.call("weights", per_rank=[(part,) for part in parts])
@@ -276,25 +285,25 @@ class Pipeline:
         rows = read_jsonl(source)
         write_jsonl(directory / "pairs.jsonl", [{**row, "rejected_weights": w} for row, w in zip(rows, weights)])
         shown = [WeightedTokens(label=f"pair {i} (problem {rows[i]['problem']})",
-                                prompt=self.trainer.train_problems[rows[i]["problem"]].prompt,
+                                prompt=self.session.train_problems[rows[i]["problem"]].prompt,
                                 tokens=[tokenizer.decode([t]) for t in pairs[i].rejected_ids],
                                 weights=weights[i], chosen=tokenizer.decode(pairs[i].chosen_ids))
                  for i in range(min(cfg.cdpo.view_pairs, len(pairs)))]
         html, png = write_token_view(directory, shown, title="cDPO critical-token weights",
                                      weight_name="w_t = 1 - s_t")
-        self.trainer.tracker.print_line(f"[cdpo] token-weight view: {html} and {png}")
+        self.tracker.print_line(f"[cdpo] token-weight view: {html} and {png}")
         flat = [w for ws in weights for w in ws]
         return {"pairs": len(pairs), "weight_mean": sum(flat) / len(flat),
                 "weight_above_half": sum(w > 0.5 for w in flat) / len(flat)}
 
     def evaluate(self, models: dict[str, str]) -> dict[str, dict[str, float]]:
-        """The RL trainer's evaluation (greedy and sampled accuracy on the held-out
+        """The session's evaluation (greedy and sampled accuracy on the held-out
         problems) of each model, one rollout group at a time."""
         out = {}
         for name, path in models.items():
             with self.rollout(Path(path)):
-                out[name] = self.trainer.evaluate()
-            self.trainer.tracker.print_line(
+                out[name] = self.session.evaluate()
+            self.tracker.print_line(
                 f"[cdpo] evaluate {name}: greedy {out[name]['eval/accuracy_greedy']:.3f}, "
                 f"sampled {out[name]['eval/accuracy_sampled']:.3f}")
         return out
@@ -305,4 +314,4 @@ def run_cdpo(cfg: CDPOConfig) -> CDPOResult:
     try:
         return pipeline.run()
     finally:
-        pipeline.trainer.shutdown()
+        pipeline.shutdown()

@@ -1,6 +1,6 @@
 """`rlpost sft` and `rlpost dpo`: training on a dataset instead of rollouts, on the RL
-trainer's machinery (run directory, Tracker, checkpoints and resume, DeepSpeed learner
-groups in-process or on Ray).
+job's machinery (run directory, Tracker, the seeded epoch stream, checkpoints and resume,
+DeepSpeed learner groups in-process or on Ray).
 
     tokenizer, data (bad rows skipped and reported, or `data.strict` stops) -> run directory
       -> learners (the reference model inside them where the loss needs one)
@@ -23,21 +23,29 @@ from pathlib import Path
 import torch
 
 from rlpost.algorithms import build_algorithm
-from rlpost.algorithms.preference import preference_loss, preference_metrics
-from rlpost.data.batch import Sample, shard
-from rlpost.errors import ConfigError
-from rlpost.tracking.metrics import MetricSums
-from rlpost.model.load import (char_tokenizer, load_tokenizer, materialise_initial_model,
-                               pretrained_dir)
-from rlpost.data.pairs import pair_samples, sft_samples, shard_pairs
 from rlpost.config.offline import DPOJobConfig, OfflineConfig, SFTJobConfig
+from rlpost.data.batch import Sample
 from rlpost.data.datasets import PreferenceDataError, load_preference_pairs, load_sft_examples
+from rlpost.data.pairs import pair_samples, sft_samples, shard_pairs
+from rlpost.data.stream import EpochStream, derive_seed
+from rlpost.errors import ConfigError
+from rlpost.jobs.run_dir import (
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_run_dir,
+    save_checkpoint,
+    save_final_model,
+)
+from rlpost.jobs.session import init_ray
+from rlpost.jobs.update import learner_split, train_minibatches
+from rlpost.model.load import char_tokenizer, load_tokenizer, materialise_initial_model, pretrained_dir
+from rlpost.tracking.metrics import MetricSums
 from rlpost.tracking.token_view import WeightedTokens, write_token_view
 from rlpost.tracking.tracker import METRICS_FILE, Tracker, read_metrics
-from rlpost.jobs.rl import (derive_seed, init_ray, latest_checkpoint, prepare_run_dir, restore_rng,
-                            train_minibatches, write_trainer_state)
 from rlpost.workers.group import Slots, WorkerGroup
-from rlpost.workers.learner import LRSchedule, set_threads, start_learner_group
+from rlpost.workers.learner import Learner, LRSchedule, start_learner_group
+from rlpost.workers.pair_learner import PairLearner
+from rlpost.workers.threads import set_threads
 
 # A tiny model built in code (model.kind: tiny) gets a character tokenizer of printable ASCII:
 # offline data is free text, unlike a task's known alphabet.
@@ -51,33 +59,13 @@ class OfflineResult:
     after: dict[str, float]  # the last step's metrics
 
 
-class EpochStream:
-    """Row indices in seeded epoch orders, read as one stream whose position is
-    checkpointed (as the RL trainer reads its prompts)."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.position = size, seed, 0
-        self._order: tuple[int, list[int]] | None = None
-
-    def take(self, count: int) -> list[int]:
-        out = []
-        for pos in range(self.position, self.position + count):
-            epoch, i = divmod(pos, self.size)
-            if self._order is None or self._order[0] != epoch:
-                order = list(range(self.size))
-                random.Random(derive_seed(self.seed, "epoch", epoch)).shuffle(order)
-                self._order = (epoch, order)
-            out.append(self._order[1][i])
-        self.position += count
-        return out
-
-
 class OfflineTrainer:
     """The job both commands share; `SFTTrainer` and `DPOTrainer` say what the data, a
     step and an evaluation are."""
 
     unit = "rows"
     tracker_class = Tracker
+    learner_role = Learner
 
     def __init__(self, cfg: OfflineConfig, slots: Slots | None = None):
         """`slots`: where the learners go in a pipeline's `Placement` (`rlpost cdpo`);
@@ -141,13 +129,13 @@ class OfflineTrainer:
         self.learners = start_learner_group(
             cfg, start, cfg.algorithm_spec(),
             LRSchedule(lc.lr, lc.lr_warmup_steps, lc.lr_schedule, total_steps=self.steps),
-            pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray, slots=self.slots)
+            pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray, slots=self.slots,
+            role=self.learner_role)
         self.packed = self.learners.call("is_packed")[0]
         first = 1
         if checkpoint:
             tag, state = checkpoint
-            self.learners.call("load_checkpoint", str(run_dir / "checkpoints"), tag)
-            restore_rng(state)
+            load_checkpoint(run_dir, self.learners, tag, state)
             self.stream.position = state["data_position"]
             first = state["step"] + 1
             self.tracker.print_line(f"resumed {run_dir} after step {first - 1}")
@@ -165,18 +153,14 @@ class OfflineTrainer:
             if (cfg.save_every and step % cfg.save_every == 0) or step == self.steps:
                 self.save_checkpoint(step)
         self.after_training()
-        final = run_dir / "final_model"
-        self.learners.call("save_pretrained", str(final))
-        self.tokenizer.save_pretrained(final)
+        save_final_model(run_dir, self.learners, self.tokenizer)
         self.shutdown()
         rows = read_metrics(run_dir / METRICS_FILE)
         return OfflineResult(run_dir, next((r for r in rows if r["step"] == 0), {}), rows[-1])
 
     def save_checkpoint(self, step: int) -> None:
-        ckpt_dir, tag = self.run_dir / "checkpoints", f"step_{step}"
-        self.learners.call("save_checkpoint", str(ckpt_dir), tag)
-        write_trainer_state(ckpt_dir / tag, {"step": step, "data_position": self.stream.position,
-                                             "train_rows": len(self.train_rows)})
+        save_checkpoint(self.run_dir, self.learners, step, {"data_position": self.stream.position,
+                                                            "train_rows": len(self.train_rows)})
         self.tracker.plot()
 
     def shutdown(self) -> None:
@@ -216,8 +200,7 @@ class SFTTrainer(OfflineTrainer):
         return load_sft_examples(d.path, self.tokenizer, d.max_length, d.strict, d.split)
 
     def shard(self, samples: list[Sample]) -> list[list[list[Sample]]]:
-        lc = self.cfg.learner
-        return shard(samples, lc.num_learners, lc.micro_batch_tokens, lc.micro_batch_size, self.packed)
+        return learner_split(self.cfg.learner, self.packed)(samples)
 
     def train_step(self, rows: list) -> dict[str, float]:
         samples = sft_samples(rows)
@@ -257,12 +240,13 @@ class DPOTracker(Tracker):
 
 class DPOTrainer(OfflineTrainer):
     """DPO, TDPO1/2, SparsePO (activation or learned masks) or cDPO's weighted DPO on
-    preference pairs, through `Learner.train_pairs`: pair-atomic micro-batches, loss
+    preference pairs, through `PairLearner.train_pairs`: pair-atomic micro-batches, loss
     sum_p L_p / P."""
 
     unit = "pairs"
     view_pairs = 6  # pairs in the token view (`after_training`)
     tracker_class = DPOTracker
+    learner_role = PairLearner
     cfg: DPOJobConfig
 
     def load_data(self):
@@ -282,7 +266,7 @@ class DPOTrainer(OfflineTrainer):
             merged.merge(m)
             sums += [rank_sums] if rank_sums is not None else []
         total = sum(sums[1:], sums[0])  # each pair's sums come whole from one rank
-        return {**merged.result(), **preference_metrics(total, self.cfg.algorithm),
+        return {**merged.result(), **self.algorithm.metrics(total),
                 "tokens": tokens([s for rank in parts for micro in rank for s in micro])}
 
     def evaluate(self) -> dict[str, float]:
@@ -291,12 +275,12 @@ class DPOTrainer(OfflineTrainer):
                                                               for p in self.shard(self.eval_rows)])
         sums = [r for r in results if r is not None]
         total = sum(sums[1:], sums[0])
-        out = {"eval/loss": preference_loss(total, self.cfg.algorithm).mean().item()}
-        out.update({f"eval/{k}": v for k, v in preference_metrics(total, self.cfg.algorithm).items()})
+        out = {"eval/loss": self.algorithm.pair_loss(total).mean().item()}
+        out.update({f"eval/{k}": v for k, v in self.algorithm.metrics(total).items()})
         return out
 
     def after_training(self) -> None:
-        """The token view (`rlpost.token_view`) of the first held-out pairs, or training
+        """The token view (`rlpost.tracking.token_view`) of the first held-out pairs, or training
         pairs when none are held out, for the losses that weigh tokens: cDPO's critical
         weights from the data, SparsePO's m^u of the final model from the learners."""
         algorithm = self.cfg.algorithm

@@ -5,7 +5,7 @@ chains of small elementwise kernels, each a pass over device memory; Liger's
 kernels do each in one pass and save less for the backward. On the H100 this took
 the Qwen2.5-1.5B update from 0.847 to 0.668 s (16,384-token micro-batches)
 (docs/performance.md). The output head is not Liger's: log-probs and entropies stay
-with `rlpost.token_ops`.
+with `rlpost.model.token_ops`.
 """
 from __future__ import annotations
 

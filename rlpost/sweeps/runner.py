@@ -5,7 +5,7 @@
       sweep.json    its expansion: arms, seeds, runs (what `rlpost report` reads)
       runs/<id>/    the run's output_dir: the trainer's run directory <name>-<time>/,
                     train.log (the run's console) and done.json once it finished
-      report/       report.md and the plots (rlpost.report)
+      report/       report.md and the plots (rlpost.sweeps.report)
 
 Each run is its own process (`python -m rlpost.cli train`), so a crash, Ray or
 DeepSpeed state, or memory a run leaves behind stays with that run. Running the
@@ -89,7 +89,7 @@ def format_seconds(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-# The trainer's progress lines (rlpost.tracking / rlpost.trainer): "warm-up 250/2500 | ..."
+# The trainer's progress lines (rlpost.tracking / rlpost.jobs.rl): "warm-up 250/2500 | ..."
 # and "step 20/80 | ...".
 PROGRESS_LINE = re.compile(r"^(warm-up|step) (\d+)/(\d+)\b")
 

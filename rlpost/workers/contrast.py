@@ -1,4 +1,4 @@
-"""cDPO's contrastive estimation as a worker (ALGORITHMS.md section 2, cDPO step 3): the
+"""cDPO's contrastive estimation as a worker (docs/algorithms.md section 2, cDPO step 3): the
 positive and the negative model side by side, scoring the tokens of incorrect trajectories.
 
     w_t = 1 - softmax((1 + gamma) z^pos_t - gamma z^neg_t)[y_t]
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from rlpost.algorithms.preference import chunked_critical_weights
+from rlpost.algorithms import chunked_critical_weights
 from rlpost.data.batch import Sample, collate, shard
-from rlpost.workers.learner import PolicyModel, set_threads
 from rlpost.model.load import load_model
+from rlpost.model.policy import PolicyModel
+from rlpost.workers.threads import set_threads
 
 
 class ContrastScorer:

@@ -1,10 +1,11 @@
 """A rollout worker: one inference engine (vLLM or transformers), as a Ray actor or in-process."""
 from __future__ import annotations
 
-from rlpost.algorithms.hapo import TemperatureRule
+from rlpost.algorithms.base import SamplingRule
 from rlpost.config.sections import RolloutConfig
 from rlpost.engines.base import Completion
-from rlpost.workers.learner import ComputeClock, set_threads
+from rlpost.workers.clock import ComputeClock
+from rlpost.workers.threads import set_threads
 
 
 def make_engine(model_dir: str, cfg: RolloutConfig, dtype: str, seed: int):
@@ -26,7 +27,7 @@ class RolloutWorker:
         self.clock = ComputeClock()
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int, rule: TemperatureRule | None = None
+                 max_new_tokens: int, seed: int, rule: SamplingRule | None = None
                  ) -> list[list[Completion]]:
         with self.clock("generate"):
             return self.engine.generate(prompts, n, temperature, top_p, max_new_tokens, seed, rule)

@@ -1,5 +1,5 @@
 """Advantage estimators and loss aggregations against hand-computed numbers
-(ALGORITHMS.md section 1, "Advantages" and "Aggregation of l_{i,t}")."""
+(docs/algorithms.md section 1, "Advantages" and "Aggregation of l_{i,t}")."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""DAPO pieces (ALGORITHMS.md section 1, "DAPO pieces"): the overlong penalty and the
+"""DAPO pieces (docs/algorithms.md section 1, "DAPO pieces"): the overlong penalty and the
 zero-variance filter against hand-computed numbers, and the trainer's dynamic-sampling
 bookkeeping (rounds, data position, seeds, metrics) with a scripted rollout engine."""
 from __future__ import annotations
@@ -15,7 +15,8 @@ from rlpost.jobs.preflight import load_config
 from rlpost.engines.base import Completion
 from rlpost.tracking.metrics import MetricSums
 from rlpost.rewards.pool import RewardResult
-from rlpost.jobs.rl import Trainer, derive_seed
+from rlpost.data.stream import derive_seed
+from rlpost.jobs.rl import Trainer
 
 
 def test_overlong_penalty_numbers_at_the_boundaries():
@@ -110,7 +111,7 @@ def test_dynamic_sampling_refills_up_to_the_batch(tmp_path):
     assert [[s.reward for s in g] for g in rollouts.groups] == [
         [0, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 0], [0, 1, 1, 1]]
     assert [s.group for g in rollouts.groups for s in g] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
-    assert len(rollouts.generated) == 48 and trainer.data_position == 12
+    assert len(rollouts.generated) == 48 and trainer.stream.position == 12
     assert trainer.seeds == [derive_seed(3, "rollout", 5), derive_seed(3, "rollout", 5, "round", 1),
                              derive_seed(3, "rollout", 5, "round", 2)]
     assert trainer.lines == []
@@ -125,7 +126,7 @@ def test_dynamic_sampling_refills_up_to_the_batch(tmp_path):
 def test_dynamic_sampling_gives_up_after_the_bound(tmp_path):
     trainer = scripted(tmp_path, "rollout.dynamic_sampling=true", "rollout.max_extra_rounds=1")
     rollouts = trainer.collect(1, {"rollout": 0.0, "reward": 0.0})
-    assert rollouts.rounds == 2 and len(rollouts.groups) == 2 and trainer.data_position == 8
+    assert rollouts.rounds == 2 and len(rollouts.groups) == 2 and trainer.stream.position == 8
     assert trainer.lines == ["step 1: dynamic sampling kept 2 of 4 groups after 1 extra rounds; "
                              "training on those"]
 
@@ -133,7 +134,7 @@ def test_dynamic_sampling_gives_up_after_the_bound(tmp_path):
 def test_without_dynamic_sampling_one_round_as_before(tmp_path):
     trainer = scripted(tmp_path)
     rollouts = trainer.collect(2, {"rollout": 0.0, "reward": 0.0})
-    assert rollouts.rounds == 1 and len(rollouts.groups) == 4 and trainer.data_position == 4
+    assert rollouts.rounds == 1 and len(rollouts.groups) == 4 and trainer.stream.position == 4
     assert trainer.seeds == [derive_seed(3, "rollout", 2)]
     metrics = trainer.step_metrics(rollouts, [], None, MetricSums(), {"rollout": 1.0}, {})
     assert not any(k.startswith(("dynamic_sampling/", "overlong/")) for k in metrics)
@@ -160,8 +161,8 @@ def test_prompt_stream_position_crosses_epochs_and_survives_a_checkpoint(tmp_pat
     size = len(trainer.train_problems)  # 64
     trainer.take_prompts(size - 4)
     crossing = trainer.take_prompts(8)
-    assert crossing[:4] == [trainer.train_problems[i] for i in trainer.epoch_order(0)[-4:]]
-    assert crossing[4:] == [trainer.train_problems[i] for i in trainer.epoch_order(1)[:4]]
+    assert crossing[:4] == [trainer.train_problems[i] for i in trainer.stream.order(0)[-4:]]
+    assert crossing[4:] == [trainer.train_problems[i] for i in trainer.stream.order(1)[:4]]
 
     class Learners:  # writes the directory the learner checkpoint would
         def call(self, method, ckpt_dir=None, tag=None):

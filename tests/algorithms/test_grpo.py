@@ -1,4 +1,4 @@
-"""GRPO's pieces against hand-computed numbers (ALGORITHMS.md section 1)."""
+"""GRPO's pieces against hand-computed numbers (docs/algorithms.md section 1)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""HAPO's pieces against hand-computed numbers (ALGORITHMS.md section 1, "HAPO")."""
+"""HAPO's pieces against hand-computed numbers (docs/algorithms.md section 1, "HAPO")."""
 from __future__ import annotations
 
 import math

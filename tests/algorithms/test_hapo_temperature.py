@@ -107,7 +107,7 @@ def test_learner_scores_at_the_rule_temperature(model_dir):
     """PolicyModel (the learner's forward) with a rule: entropies at T, log-probs at T_t."""
     from rlpost.data.batch import Sample, collate
     from rlpost.model.load import load_model
-    from rlpost.workers.learner import PolicyModel
+    from rlpost.model.policy import PolicyModel
 
     model = load_model(model_dir)
     policy = PolicyModel(model, chunk_size=3).eval()

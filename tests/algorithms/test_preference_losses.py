@@ -1,4 +1,4 @@
-"""DPO, TDPO1/2, SparsePO and cDPO losses against the formulas of ALGORITHMS.md section 2
+"""DPO, TDPO1/2, SparsePO and cDPO losses against the formulas of docs/algorithms.md section 2
 written out with the math module on hand-made numbers; their properties; exactness of the
 per-pair sums (and of the gradient) under any split of the tokens."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Token and sample selection against hand-computed numbers and brute force
-(ALGORITHMS.md section 1, "Token and sample selection")."""
+(docs/algorithms.md section 1, "Token and sample selection")."""
 from __future__ import annotations
 
 import itertools

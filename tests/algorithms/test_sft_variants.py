@@ -1,4 +1,4 @@
-"""SFT's per-token losses (ALGORITHMS.md section 3): NLL, DFT and ASFT, values and gradients."""
+"""SFT's per-token losses (docs/algorithms.md section 3): NLL, DFT and ASFT, values and gradients."""
 from __future__ import annotations
 
 import math

@@ -10,7 +10,7 @@ import torch
 
 from rlpost.algorithms.preference import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
 from rlpost.data.pairs import pair_samples, shard_pairs
-from rlpost.jobs.offline import EpochStream
+from rlpost.data.stream import EpochStream
 from rlpost.data.datasets import (PreferenceDataError, PreferencePair, load_preference_pairs,
                                   load_sft_examples)
 from tests.data.test_preference_data import BOS, EOS, bot, tok, user, write_jsonl  # noqa: F401 (tok: fixture)

@@ -9,7 +9,7 @@ from rlpost.config.sections import TaskConfig
 from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config
 from rlpost.model.load import char_tokenizer
-from rlpost.jobs.rl import encode_prompt
+from rlpost.data.prompts import encode_prompt
 
 # a ChatML-like template in the style of SmolLM2's (special tokens written as text)
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}</s>{% endfor %}"
@@ -64,7 +64,7 @@ def test_offline_records_tokenize_as_the_rollout_prompts(tmp_path, template, sys
     import json
 
     from rlpost.data.datasets import load_preference_pairs
-    from rlpost.jobs.rl import prompt_record
+    from rlpost.data.prompts import prompt_record
 
     tok, task = tokenizer(template), TaskConfig(system_prompt=system)
     prompt = prompt_record(tok, "1+2=", task)

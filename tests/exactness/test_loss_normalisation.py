@@ -21,7 +21,7 @@ from rlpost.config.sections import ModelConfig
 from rlpost.model.load import load_model, materialise_initial_model
 from rlpost.workers.group import WorkerGroup
 from rlpost.workers.learner import LRSchedule, start_learner_group
-from rlpost.jobs.rl import train_minibatches
+from rlpost.jobs.update import train_minibatches
 from tests.run_helpers import assert_gradients_match
 
 RTOL, ATOL = 1e-5, 1e-7
@@ -55,7 +55,7 @@ def make_samples(seed: int = 0, loss_agg: str = "token-mean") -> list[Sample]:
 
 
 def aggregate(per_seq: list[torch.Tensor], samples: list[Sample], loss_agg: str) -> torch.Tensor:
-    """ALGORITHMS.md "Aggregation", written out from the per-sequence token sums."""
+    """docs/algorithms.md "Aggregation", written out from the per-sequence token sums."""
     lengths = [s.num_tokens for s in samples]
     if loss_agg == "token-mean":
         return torch.stack(per_seq).sum() / sum(lengths)
@@ -185,13 +185,13 @@ def test_one_call_trains_each_minibatch_on_its_own_loss(model_dir):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_score_and_train_equals_scoring_then_training(model_dir, world, request):
-    """The RL step's one-call path (`trainer.score_and_train`: each learner rank scores the
+    """The RL step's one-call path (`jobs.update.score_and_train`: each learner rank scores the
     samples it trains on, then trains) against the two-call path (log-prob pass over the
     whole batch, then `train_minibatches`): the same old log-probs, which are the formula's
     (full logits of the initial model), the same losses and the same weights after."""
     if world > 1:
         request.getfixturevalue("ray_cluster")
-    from rlpost.jobs.rl import score_and_train
+    from rlpost.jobs.update import score_and_train
 
     def fresh_samples():
         samples = make_samples()

@@ -6,7 +6,7 @@ on 1 rank in this process and on 2 ranks on Ray (slow tier). The policy first ta
 optimizer step at a large learning rate, so that it differs from the reference (the KL
 terms and the log-ratios are then far from 0). Loss, gradients (ZeRO-0) and the metrics of
 `preference_metrics` must equal an independent computation with full logits of the
-formulas of ALGORITHMS.md section 2, one sequence at a time, with SparsePO's activation
+formulas of docs/algorithms.md section 2, one sequence at a time, with SparsePO's activation
 masks taken from hooks that keep the whole activations and materialised logits. The SFT
 losses (nll, dft, asft) go through `Learner.train_minibatch` the same way.
 Tolerance: fp32, rtol 1e-5 / atol 1e-7 on losses and gradients.
@@ -26,7 +26,8 @@ from rlpost.data.pairs import pair_samples, shard_pairs
 from rlpost.config.offline import DPOJobConfig, SFTJobConfig
 from rlpost.data.datasets import PreferencePair
 from rlpost.workers.group import WorkerGroup
-from rlpost.workers.learner import LRSchedule, start_learner_group
+from rlpost.workers.learner import Learner, LRSchedule, start_learner_group
+from rlpost.workers.pair_learner import PairLearner
 from tests.run_helpers import assert_gradients_match
 
 RTOL, ATOL = 1e-5, 1e-7
@@ -144,7 +145,8 @@ def learner_group(model_dir, cfg, world: int, packing: str, lr: float) -> Worker
     cfg.learner.num_learners, cfg.learner.zero_stage = world, 0
     cfg.learner.grad_clip, cfg.learner.packing = 0.0, packing
     return start_learner_group(cfg, model_dir, cfg.algorithm_spec(), LRSchedule(lr), pad_id=0,
-                               use_ray=world > 1)
+                               use_ray=world > 1,
+                               role=PairLearner if isinstance(cfg, DPOJobConfig) else Learner)
 
 
 def train_pairs(group, pairs, critical: bool, apply: bool, **split):

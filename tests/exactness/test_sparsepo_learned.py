@@ -1,4 +1,4 @@
-"""SparsePO with learned masks (ALGORITHMS.md section 2 (b)) trained with the policy on the
+"""SparsePO with learned masks (docs/algorithms.md section 2 (b)) trained with the policy on the
 DeepSpeed learner, exact under any cut of a mini-batch.
 
 The harness of tests/test_offline_exactness.py: six pairs trained by `Learner.train_pairs`

@@ -9,7 +9,7 @@ import torch
 
 from rlpost.model.attention import packed_kwargs, use_varlen_attention, varlen_available
 from rlpost.data.batch import Sample, collate
-from rlpost.workers.learner import PolicyModel
+from rlpost.model.policy import PolicyModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -126,7 +126,7 @@ def test_liger_kernels_match_the_eager_model(build, restore_transformers_modules
 def test_compute_clock_times_gpu_work_without_waiting_for_it():
     import time
 
-    from rlpost.workers.learner import ComputeClock
+    from rlpost.workers.clock import ComputeClock
 
     clock = ComputeClock(cuda=True)
     torch.cuda.synchronize()
@@ -154,7 +154,7 @@ def test_liger_kernels_under_lora_and_activation_hooks(restore_transformers_modu
     from rlpost.config.sections import LoraConfig
     from rlpost.model.fused_kernels import use_fused_kernels
     from rlpost.model.lora import add_lora
-    from rlpost.workers.learner import activation_means
+    from rlpost.model.activations import activation_means
 
     g = torch.Generator().manual_seed(3)
     samples = [Sample(prompt_ids=torch.randint(3, 1000, (p,), generator=g).tolist(),

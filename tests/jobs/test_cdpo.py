@@ -116,7 +116,7 @@ class Lines:
 def pipeline(run_dir):
     p = Pipeline(load_cdpo_config(CONFIG, ["task.train_size=512", "task.eval_size=8",
                                            "cdpo.problems=64"]), run_dir)
-    p.trainer.tracker = Lines()
+    p.tracker = Lines()
     return p
 
 
@@ -138,7 +138,7 @@ def test_a_rerun_skips_finished_stages_and_redoes_changed_ones(tmp_path):
     again = pipeline(tmp_path)  # the same inputs: nothing runs, the records come back
     assert again.stage("a", {"x": 1}, (), build("a", 1)) == {"value": 1}
     assert again.stage("b", {"y": 1}, ("a",), build("b", 2)) == {"value": 2}
-    assert calls == ["a", "b"] and again.trainer.tracker.lines == [
+    assert calls == ["a", "b"] and again.tracker.lines == [
         "[cdpo] a: complete, skipped", "[cdpo] b: complete, skipped"]
 
     changed = pipeline(tmp_path)  # a's inputs change: a and b (which reads a) run again

@@ -1,4 +1,4 @@
-"""LoRA through peft (`learner.lora`, rlpost/lora.py): only the adapter trains, the reference
+"""LoRA through peft (`learner.lora`, rlpost/model/lora.py): only the adapter trains, the reference
 is the base model with the adapter off, and everything leaving the learner (weight sync,
 saved models) is the merged model under the base model's names."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config
 from rlpost.model.load import load_model, materialise_initial_model
 from rlpost.jobs.preflight import load_offline_config
-from rlpost.workers.learner import Learner, LRSchedule, PolicyModel
+from rlpost.model.policy import PolicyModel
+from rlpost.workers.learner import Learner, LRSchedule
 from rlpost.workers.rollout import RolloutWorker
 from tests.run_helpers import ROOT, read_metrics, run_train
 from tests.runs.test_offline_runs import CONFIGS, run_job, write_data

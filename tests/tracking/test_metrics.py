@@ -69,7 +69,7 @@ class FakeEvent:
 
 
 def test_cuda_compute_clock_reads_finished_events_and_keeps_a_bounded_list(monkeypatch):
-    from rlpost.workers.learner import ComputeClock
+    from rlpost.workers.clock import ComputeClock
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     clock = ComputeClock(cuda=True)

@@ -1,4 +1,4 @@
-"""The token-weight view (rlpost/token_view.py): every token in the HTML, escaped, with its
+"""The token-weight view (rlpost/tracking/token_view.py): every token in the HTML, escaped, with its
 weight; shading monotone in the weight on one scale (1, or the largest weight above 1); a
 PNG of the same rows; and `rlpost dpo` writing both for cdpo and sparsepo runs."""
 from __future__ import annotations
