@@ -4,6 +4,7 @@ One file and one `ALGORITHMS` entry each; a user's algorithm needs no entry: its
 path in `algorithm.name`. Each job runs one kind (algorithms/base.py): `rlpost train` a
 PolicyGradient, `rlpost sft` a TokenLoss, `rlpost dpo` a PairLoss.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -58,18 +59,24 @@ def algorithm_class(name: str, kind: type[Algorithm] | None = None) -> type[Algo
     if ":" in name:
         cls = _imported(name)
         if not issubclass(cls, Algorithm):
-            raise ConfigError(f"key 'algorithm.name': {name} is not an algorithm (a subclass of "
-                              f"{(kind or Algorithm).__module__}.{(kind or Algorithm).__name__})")
+            raise ConfigError(
+                f"key 'algorithm.name': {name} is not an algorithm (a subclass of "
+                f"{(kind or Algorithm).__module__}.{(kind or Algorithm).__name__})"
+            )
     elif name in ALGORITHMS:
         cls = ALGORITHMS[name]
     else:
         known = sorted(n for n, c in ALGORITHMS.items() if kind is None or kind_of(c) is kind)
-        raise ConfigError(f"key 'algorithm.name': unknown algorithm {name!r}; known: "
-                          f"{', '.join(known)} (or pkg.module:Class)")
+        raise ConfigError(
+            f"key 'algorithm.name': unknown algorithm {name!r}; known: "
+            f"{', '.join(known)} (or pkg.module:Class)"
+        )
     if kind is not None and kind_of(cls) is not kind:
         names = ", ".join(n for n, c in ALGORITHMS.items() if kind_of(c) is kind)
-        raise ConfigError(f"key 'algorithm.name': {name} is {kind_of(cls).kind_name}; "
-                          f"{kind.runs} ({names}, or pkg.module:Class)")
+        raise ConfigError(
+            f"key 'algorithm.name': {name} is {kind_of(cls).kind_name}; "
+            f"{kind.runs} ({names}, or pkg.module:Class)"
+        )
     return cls
 
 
@@ -101,7 +108,22 @@ def sampling_rule_from_dict(d: dict) -> SamplingRule:
 
 # chunked_critical_weights: cDPO's contrastive estimation, which the runtime's contrast role runs
 # before any algorithm object exists
-__all__ = ["ALGORITHMS", "AlgoConfig", "Algorithm", "MiniBatchView", "Needs", "PairLoss", "PairSums",
-           "PolicyGradient", "SamplingRule", "TokenLoss", "TokenTensors", "algorithm_class",
-           "build_algorithm", "build_algorithm_config", "chunked_critical_weights", "kind_of",
-           "sampling_rule_from_dict"]
+__all__ = [
+    "ALGORITHMS",
+    "AlgoConfig",
+    "Algorithm",
+    "MiniBatchView",
+    "Needs",
+    "PairLoss",
+    "PairSums",
+    "PolicyGradient",
+    "SamplingRule",
+    "TokenLoss",
+    "TokenTensors",
+    "algorithm_class",
+    "build_algorithm",
+    "build_algorithm_config",
+    "chunked_critical_weights",
+    "kind_of",
+    "sampling_rule_from_dict",
+]

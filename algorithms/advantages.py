@@ -6,9 +6,11 @@ maps a name to a callable with one signature, `(rewards, lengths, eps)`, where
 `lengths` [P, G] are response token counts (only "hapo" reads them) and `eps`
 is the GRPO std epsilon (read by "grpo" and by the GRPO fallback of "hapo").
 """
+
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -40,8 +42,9 @@ def rloo(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - others_mean
 
 
-def hapo_token_level(rewards: torch.Tensor, lengths: torch.Tensor,
-                     eps_fallback_threshold: float = 5.0, eps: float = 1e-6) -> torch.Tensor:
+def hapo_token_level(
+    rewards: torch.Tensor, lengths: torch.Tensor, eps_fallback_threshold: float = 5.0, eps: float = 1e-6
+) -> torch.Tensor:
     """HAPO token-level group average: token-length-weighted group statistics
     mu = sum |o_i| r_i / sum |o_i|, sigma^2 = sum |o_i| (r_i - mu)^2 / sum |o_i|,
     A_i = (r_i - mu) / (sigma + 1e-6). A group in which some |A_i| >= the threshold

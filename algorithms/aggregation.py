@@ -10,9 +10,10 @@ cannot depend on the split.
 only "constant" reads `constant` (from the config), the others ignore it. These
 callables see every token; `aggregate` applies one under the view's token mask.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -41,8 +42,10 @@ def constant_normaliser(b: MiniBatchView, constant: float | None = None) -> torc
     """sum m l / C (Dr. GRPO) with C a constant from the config, never derived from
     padded widths: 1/C per token."""
     if constant is None:
-        raise ValueError("aggregation 'constant' needs the normaliser C from the config "
-                         "(e.g. max response length * number of sequences); got None")
+        raise ValueError(
+            "aggregation 'constant' needs the normaliser C from the config "
+            "(e.g. max response length * number of sequences); got None"
+        )
     if not constant > 0:
         raise ValueError(f"aggregation 'constant' needs a normaliser C > 0; got {constant!r}")
     return torch.full((b.seq_index.numel(),), 1.0 / float(constant), dtype=torch.float64)
@@ -129,9 +132,13 @@ def aggregate(name: str, b: MiniBatchView, constant: float | None = None) -> tor
     kept_lengths = torch.zeros(b.num_sequences, dtype=torch.long).index_add_(0, b.seq_index, kept.long())
     stays = (kept_lengths > 0) | (b.lengths == 0)
     new_index = torch.cumsum(stays.long(), 0) - 1
-    reduced = MiniBatchView(seq_index=new_index[b.seq_index[kept]], lengths=kept_lengths[stays],
-                            advantages=b.advantages[kept], group_index=b.group_index[stays],
-                            num_sequences=int(stays.sum().item()))
+    reduced = MiniBatchView(
+        seq_index=new_index[b.seq_index[kept]],
+        lengths=kept_lengths[stays],
+        advantages=b.advantages[kept],
+        group_index=b.group_index[stays],
+        num_sequences=int(stays.sum().item()),
+    )
     weights = torch.zeros(b.seq_index.numel(), dtype=torch.float64)
     weights[kept] = fn(reduced, constant)
     return weights

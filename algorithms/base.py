@@ -20,6 +20,7 @@ module).
 - `PairLoss` (DPO, TDPO, SparsePO, cDPO): a loss of per-pair sums over tokens
   (`algorithms.pairs`), taken where a pair's sums are complete.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -76,8 +77,7 @@ class AlgoConfig(BaseModel):
         for c in self.conditionals:
             value = getattr(self, c.switch)
             if c.key in self.model_fields_set and value not in c.values:
-                raise ConfigError(f"algorithm.{c.key} is set but algorithm.{c.switch} is "
-                                  f"{value!r}; {c.hint}")
+                raise ConfigError(f"algorithm.{c.key} is set but algorithm.{c.switch} is {value!r}; {c.hint}")
         return self
 
     @model_serializer(mode="wrap")
@@ -98,8 +98,8 @@ class Needs:
     # see the log-prob pass before the update. Without it, an RL step scores and trains in
     # one learner call (`Learner.score_and_train`), and `token_mask` gets entropy=None.
     old_policy_entropy: bool = False
-    # a critic's value of every response position, for advantages from values (PPO's GAE).
-    # The future critic role starts from it; nothing in the runtime reads it yet.
+    # a critic's value of every response position, for advantages from values (PPO's GAE):
+    # the critic role is to be started from this flag; no runtime role reads it yet.
     values: bool = False
 
 
@@ -199,9 +199,10 @@ class PolicyGradient(TokenLoss):
 
     def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """From rewards and response lengths [prompts, group]: per-sequence advantages
-        [prompts, group] (every token of a response carries its A_i), or a per-token result
-        (a critic's GAE, process rewards: docs/algorithms.md section 5). The runtime takes the
-        [prompts, group] form today; a per-token estimator brings the runtime's side with it."""
+        [prompts, group] (every token of a response carries its A_i), or per-token advantages,
+        1-D over all response tokens of the batch in sequence order (a critic's GAE, process
+        rewards: docs/algorithms.md section 5). The runtime takes either
+        (`rlpost.jobs.update.assign_advantages`) and hands the result to `select_samples`."""
         raise NotImplementedError
 
     def select_samples(self, advantages: torch.Tensor, step: int) -> torch.Tensor | None:
@@ -209,8 +210,9 @@ class PolicyGradient(TokenLoss):
         advantages [prompts, group]; None: all. `step` is the RL step (1-based)."""
         return None
 
-    def token_mask(self, entropy: torch.Tensor, advantages: torch.Tensor,
-                   valid: torch.Tensor | None, step: int) -> torch.Tensor | None:
+    def token_mask(
+        self, entropy: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor | None, step: int
+    ) -> torch.Tensor | None:
         """The tokens that enter the loss, over the whole rollout batch (flat, in
         sequence order): the runtime's `valid` tokens (None: all), narrowed by the
         algorithm's token selection. None: all tokens."""
@@ -270,8 +272,9 @@ class PairLoss(Algorithm):
         """Diagnostics from the complete sums of a mini-batch (or an evaluation set)."""
         return {}
 
-    def activation_mask(self, activations: Mapping[str, Sequence[torch.Tensor]],
-                        valid: torch.Tensor) -> torch.Tensor:
+    def activation_mask(
+        self, activations: Mapping[str, Sequence[torch.Tensor]], valid: torch.Tensor
+    ) -> torch.Tensor:
         """The mask [..., T] of each valid token from the reference model's hooked
         activations (per kind, one [..., T, D] per layer), under `activation_masks`."""
         raise NotImplementedError

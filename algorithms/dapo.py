@@ -12,6 +12,7 @@ The trainer applies them to every algorithm when the `rollout` config asks
 - Masking truncated responses happens through the loss mask (their tokens get
   weight 0 and leave the normalisers), see `Algorithm.token_mask`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,4 +32,6 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> tor
     y = lengths.double()
     soft = float(max_length - buffer)
     ramp = (soft - y) / buffer
-    return torch.where(y <= soft, torch.zeros_like(y), torch.where(y <= max_length, ramp, -torch.ones_like(y)))
+    return torch.where(
+        y <= soft, torch.zeros_like(y), torch.where(y <= max_length, ramp, -torch.ones_like(y))
+    )

@@ -1,6 +1,7 @@
 """GRPO and its relatives: the advantage estimator, the aggregation, the clip range,
 dual-clip, a KL term, an entropy bonus and token / sample selection are config
 choices (docs/algorithms.md section 1)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -11,8 +12,14 @@ from pydantic import Field, model_validator
 from rlpost.algorithms.advantages import ADVANTAGES, AdvantageName
 from rlpost.algorithms.aggregation import aggregate, side_weights
 from rlpost.algorithms.base import AlgoConfig, Conditional, MiniBatchView, Needs, PolicyGradient, TokenTensors
-from rlpost.algorithms.selection import (d3s_token_mask, entropy_quantile_mask, linear_schedule,
-                                         max_variance_subset, position_weights, subset_size)
+from rlpost.algorithms.selection import (
+    d3s_token_mask,
+    entropy_quantile_mask,
+    linear_schedule,
+    max_variance_subset,
+    position_weights,
+    subset_size,
+)
 
 
 class D3SConfig(AlgoConfig):
@@ -33,32 +40,40 @@ class GRPOConfig(AlgoConfig):
     clip_eps_low: float = Field(0.2, ge=0)
     clip_eps_high: float = Field(0.2, ge=0, description="0.28 with eps_low 0.2: DAPO clip-higher")
     dual_clip: float | None = Field(None, gt=1, description="c of dual-clip; None: off")
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant",
-                      "balanced"] = "token-mean"
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant", "balanced"] = (
+        "token-mean"
+    )
     loss_agg_constant: float | None = Field(None, gt=0, description="C of loss_agg 'constant'")
     kl_coef: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus: loss -= coef * H per token")
     selection: Literal["none", "d3s", "entropy_mask"] = "none"
     d3s: D3SConfig = Field(default_factory=D3SConfig)
-    entropy_mask_rho: float = Field(0.2, gt=0, le=1, description="entropy_mask keeps H >= the "
-                                    "(1 - rho) quantile over the rollout batch")
-    tw_alpha: float | None = Field(None, ge=1, description="TW-GRPO position weights in "
-                                   "[1, tw_alpha] (1.7 in the paper); None: off")
+    entropy_mask_rho: float = Field(
+        0.2, gt=0, le=1, description="entropy_mask keeps H >= the (1 - rho) quantile over the rollout batch"
+    )
+    tw_alpha: float | None = Field(
+        None, ge=1, description="TW-GRPO position weights in [1, tw_alpha] (1.7 in the paper); None: off"
+    )
 
-    conditionals = tuple(Conditional(key, "selection", (method,), f"set algorithm.selection: {method}")
-                         for key, method in (("d3s", "d3s"), ("entropy_mask_rho", "entropy_mask")))
+    conditionals = tuple(
+        Conditional(key, "selection", (method,), f"set algorithm.selection: {method}")
+        for key, method in (("d3s", "d3s"), ("entropy_mask_rho", "entropy_mask"))
+    )
 
     @model_validator(mode="after")
-    def _constant_given(self) -> "GRPOConfig":
+    def _constant_given(self) -> GRPOConfig:
         if self.loss_agg == "constant" and self.loss_agg_constant is None:
-            raise ValueError("loss_agg 'constant' needs algorithm.loss_agg_constant "
-                             "(e.g. max response length x sequences per mini-batch)")
+            raise ValueError(
+                "loss_agg 'constant' needs algorithm.loss_agg_constant "
+                "(e.g. max response length x sequences per mini-batch)"
+            )
         return self
 
 
-def clipped_surrogate(log_ratio: torch.Tensor, adv: torch.Tensor, eps_low, eps_high,
-                      dual_clip: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def clipped_surrogate(
+    log_ratio: torch.Tensor, adv: torch.Tensor, eps_low, eps_high, dual_clip: float | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)) per token, capped at -c A for
     A < 0 under dual-clip. The clip range may be a float or a per-token tensor."""
     ratio = log_ratio.exp()
@@ -95,9 +110,12 @@ class GRPO(PolicyGradient):
 
     def __init__(self, cfg: GRPOConfig):
         super().__init__(cfg)
-        self.needs = Needs(reference=cfg.kl_coef > 0, entropy_grad=cfg.entropy_coef > 0,
-                           position_divergence=cfg.tw_alpha is not None,
-                           old_policy_entropy=cfg.selection in ("d3s", "entropy_mask"))
+        self.needs = Needs(
+            reference=cfg.kl_coef > 0,
+            entropy_grad=cfg.entropy_coef > 0,
+            position_divergence=cfg.tw_alpha is not None,
+            old_policy_entropy=cfg.selection in ("d3s", "entropy_mask"),
+        )
 
     def advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return ADVANTAGES[self.cfg.advantage](rewards, lengths, self.cfg.std_eps)
@@ -109,8 +127,9 @@ class GRPO(PolicyGradient):
         frac = linear_schedule(d.sample_frac_start, d.sample_frac_end, d.schedule_steps, step)
         return max_variance_subset(advantages, subset_size(frac, advantages.shape[1]))
 
-    def token_mask(self, entropy: torch.Tensor, advantages: torch.Tensor,
-                   valid: torch.Tensor | None, step: int) -> torch.Tensor | None:
+    def token_mask(
+        self, entropy: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor | None, step: int
+    ) -> torch.Tensor | None:
         c = self.cfg
         if c.selection == "d3s":
             d = c.d3s
@@ -137,8 +156,9 @@ class GRPO(PolicyGradient):
 
     def token_loss(self, t: TokenTensors):
         c = self.cfg
-        loss, metrics = clipped_surrogate(t.logp - t.old_logp, t.advantages, c.clip_eps_low,
-                                          c.clip_eps_high, c.dual_clip)
+        loss, metrics = clipped_surrogate(
+            t.logp - t.old_logp, t.advantages, c.clip_eps_low, c.clip_eps_high, c.dual_clip
+        )
         return self.add_regularisers(t, loss, metrics)
 
     def add_regularisers(self, t: TokenTensors, loss: torch.Tensor, metrics: dict):

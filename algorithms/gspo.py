@@ -13,6 +13,7 @@ carries loss_i, and seq-mean-token-mean weights 1 / (S |o_i|) sum it to loss_i /
 A token mask (e.g. `rollout.mask_truncated`) decides which tokens weigh, not s_i: a
 sequence's ratio is over all its tokens.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,7 @@ class GSPOConfig(AlgoConfig):
     clip_eps_high: float = Field(4e-4, ge=0, description="eps_h on the sequence ratio s_i")
 
 
-def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor,
-                       seq_index: torch.Tensor) -> torch.Tensor:
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, seq_index: torch.Tensor) -> torch.Tensor:
     """log s_i = mean_t (logp - old_logp) over each sequence's tokens, given back per token [T]."""
     log_ratio = logp - old_logp
     n = int(seq_index.max()) + 1 if seq_index.numel() else 0
@@ -54,8 +54,7 @@ class GSPO(PolicyGradient):
     def token_loss(self, t: TokenTensors):
         c = self.cfg
         seq_log_ratio = sequence_log_ratio(t.logp, t.old_logp, t.seq_index)
-        loss, metrics = clipped_surrogate(seq_log_ratio, t.advantages, c.clip_eps_low,
-                                          c.clip_eps_high, None)
+        loss, metrics = clipped_surrogate(seq_log_ratio, t.advantages, c.clip_eps_low, c.clip_eps_high, None)
         # ratio_* and clip_frac_* are of s_i (per token of o_i); approx_kl stays per token,
         # comparable with the token-level algorithms'
         lr = (t.logp - t.old_logp).detach()

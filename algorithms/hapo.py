@@ -38,9 +38,11 @@ Degenerate cases (decisions, not from the paper):
 Because the statistics may come from another batch (the adaptive temperature
 uses the previous rollout batch's), h_hat is clamped to [-1, 1].
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+
 import torch
 from pydantic import Field
 
@@ -62,7 +64,7 @@ class EntropyStats:
     min_neg: float  # min of h over h <= 0 (-1 if there is none or it is 0)
 
     @classmethod
-    def neutral(cls) -> "EntropyStats":
+    def neutral(cls) -> EntropyStats:
         """Statistics under which every token has h_hat = 0."""
         return cls(p=0.0, s=0.0, max_pos=1.0, min_neg=-1.0)
 
@@ -113,7 +115,9 @@ def normalised_log_entropy(entropy: torch.Tensor, stats: EntropyStats) -> torch.
     return h_hat.clamp(-1.0, 1.0)
 
 
-def adaptive_temperature(base_T: float | torch.Tensor, h_hat: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+def adaptive_temperature(
+    base_T: float | torch.Tensor, h_hat: torch.Tensor, tau: float = 0.05
+) -> torch.Tensor:
     """Per-token sampling temperature T_t = T * (1 + tau * h_hat_t); tau = 0 gives plain T."""
     return base_T * (1.0 + tau * h_hat)
 
@@ -141,16 +145,20 @@ class TemperatureRule:
         return scaled_logits.div_(self.factor(entropy).to(scaled_logits.dtype)[:, None])
 
     def to_dict(self) -> dict:
-        return {"rule": f"{type(self).__module__}:{type(self).__qualname__}",
-                "stats": asdict(self.stats), "tau": self.tau}
+        return {
+            "rule": f"{type(self).__module__}:{type(self).__qualname__}",
+            "stats": asdict(self.stats),
+            "tau": self.tau,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TemperatureRule":
+    def from_dict(cls, d: dict) -> TemperatureRule:
         return cls(EntropyStats(**d["stats"]), d["tau"])
 
 
-def adaptive_clip_bounds(h_hat: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2,
-                         alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def adaptive_clip_bounds(
+    h_hat: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2, alpha: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (eps_low_t, eps_high_t):
     eps_low_t = eps_low (1 - alpha h_hat) if h_hat <= 0 else eps_low;
     eps_high_t = eps_high (1 + alpha h_hat) if h_hat > 0 else eps_high."""
@@ -162,17 +170,23 @@ def adaptive_clip_bounds(h_hat: torch.Tensor, eps_low: float = 0.2, eps_high: fl
     return eps_low_t, eps_high_t
 
 
-def neutral_zone(ratio: torch.Tensor, eps_low_t: torch.Tensor | float,
-                 eps_high_t: torch.Tensor | float) -> torch.Tensor:
+def neutral_zone(
+    ratio: torch.Tensor, eps_low_t: torch.Tensor | float, eps_high_t: torch.Tensor | float
+) -> torch.Tensor:
     """Boolean N_t = {1 - eps_low_t / 2 < rho_t < 1 + eps_high_t / 2} (strict bounds)."""
     r = ratio.detach()
     return (r > 1.0 - eps_low_t / 2) & (r < 1.0 + eps_high_t / 2)
 
 
 @torch.no_grad()
-def redistribute_advantages(adv: torch.Tensor, ratio: torch.Tensor, h_hat: torch.Tensor,
-                            eps_low_t: torch.Tensor | float, eps_high_t: torch.Tensor | float,
-                            beta: float = 1.0) -> torch.Tensor:
+def redistribute_advantages(
+    adv: torch.Tensor,
+    ratio: torch.Tensor,
+    h_hat: torch.Tensor,
+    eps_low_t: torch.Tensor | float,
+    eps_high_t: torch.Tensor | float,
+    beta: float = 1.0,
+) -> torch.Tensor:
     """Differential advantage redistribution, without gradient. A~ = A (1 + beta h_hat);
     high-entropy tokens (h_hat > 0) keep A inside the neutral zone and take A~ outside
     it; low-entropy tokens (h_hat <= 0) take A~ inside and keep A outside."""
@@ -183,10 +197,19 @@ def redistribute_advantages(adv: torch.Tensor, ratio: torch.Tensor, h_hat: torch
     return torch.where(use_tilde, a * (1.0 + beta * h), a)
 
 
-def hapo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, h_hat: torch.Tensor,
-                    eps_low: float = 0.2, eps_high: float = 0.2, alpha: float = 1.0, beta: float = 1.0,
-                    dual_clip: float | None = 10.0, adaptive_clip: bool = True, redistribute: bool = True,
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def hapo_token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    h_hat: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    dual_clip: float | None = 10.0,
+    adaptive_clip: bool = True,
+    redistribute: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token HAPO loss [T] and per-token metric tensors.
 
     Per-token clip bounds (adaptive, or the base ones), advantages redistributed (or
@@ -241,7 +264,17 @@ class HAPO(GRPO):
 
     def token_loss(self, t: TokenTensors):
         c = self.cfg
-        loss, metrics = hapo_token_loss(t.logp, t.old_logp, t.advantages, t.extra["h_hat"],
-                                        c.clip_eps_low, c.clip_eps_high, c.alpha, c.beta,
-                                        c.dual_clip, c.adaptive_clip, c.redistribute)
+        loss, metrics = hapo_token_loss(
+            t.logp,
+            t.old_logp,
+            t.advantages,
+            t.extra["h_hat"],
+            c.clip_eps_low,
+            c.clip_eps_high,
+            c.alpha,
+            c.beta,
+            c.dual_clip,
+            c.adaptive_clip,
+            c.redistribute,
+        )
         return self.add_regularisers(t, loss, metrics)

@@ -22,6 +22,7 @@ tokens; the loss is not: L(S_a + S_b) != L(S_a) + L(S_b). So:
        the exact gradient. It costs a second forward.
    Averaging or summing per-micro-batch losses of incomplete sums is not exact.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -73,10 +74,16 @@ class PairSums:
         return PairSums(**{k: mine[k] + theirs[k] for k in mine})
 
 
-def pair_sums(logp: torch.Tensor, ref_logp: torch.Tensor, pair_index: torch.Tensor,
-              chosen: torch.Tensor, num_pairs: int, kl: torch.Tensor | None = None,
-              reward_weight: torch.Tensor | None = None,
-              kl_weight: torch.Tensor | None = None) -> PairSums:
+def pair_sums(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    pair_index: torch.Tensor,
+    chosen: torch.Tensor,
+    num_pairs: int,
+    kl: torch.Tensor | None = None,
+    reward_weight: torch.Tensor | None = None,
+    kl_weight: torch.Tensor | None = None,
+) -> PairSums:
     """Flat per-token tensors [T] -> PairSums over `num_pairs` pairs.
 
     `pair_index` [T] long: the token's pair, global over the mini-batch (so that partial
@@ -92,8 +99,11 @@ def pair_sums(logp: torch.Tensor, ref_logp: torch.Tensor, pair_index: torch.Tens
         return out.index_add(0, slot, x.double()).view(num_pairs, 2)
 
     ratio = logp - ref_logp
-    sums = PairSums(delta=total(ratio if reward_weight is None else reward_weight * ratio),
-                    logp=total(logp.detach()), tokens=total(torch.ones_like(logp)))
+    sums = PairSums(
+        delta=total(ratio if reward_weight is None else reward_weight * ratio),
+        logp=total(logp.detach()),
+        tokens=total(torch.ones_like(logp)),
+    )
     if kl is not None:
         sums.kl = total(kl if kl_weight is None else kl_weight * kl)
         sums.kl_raw = total(kl.detach())
@@ -111,8 +121,7 @@ def loss_coefficients(loss_fn: Callable[[PairSums], torch.Tensor], total: PairSu
     leaves = total.map(lambda x: x.detach().requires_grad_(True))
     named = leaves.items()
     grads = torch.autograd.grad(loss_fn(leaves), [v for _, v in named], allow_unused=True)
-    return PairSums(**{name: torch.zeros_like(v) if g is None else g
-                       for (name, v), g in zip(named, grads)})
+    return PairSums(**{name: torch.zeros_like(v) if g is None else g for (name, v), g in zip(named, grads)})
 
 
 def surrogate(partial: PairSums, coefficients: PairSums) -> torch.Tensor:

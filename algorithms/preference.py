@@ -9,6 +9,7 @@ critical weights (contrastive estimation, before training) are here.
 Metrics are computed from complete sums too (`preference_metrics`), so they do not
 depend on how pairs are cut into micro-batches either.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,18 +20,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-# PAIR_INDEX ... surrogate, MaskNetwork: re-exported, for the import paths of before the split
-from rlpost.algorithms.base import (  # noqa: F401
-    CHOSEN_SIDE,
-    PAIR_INDEX,
-    REWARD_WEIGHT,
+from rlpost.algorithms.base import (
     AlgoConfig,
     Conditional,
     Needs,
     PairLoss,
 )
-from rlpost.algorithms.pairs import CHOSEN, REJECTED, PairSums, loss_coefficients, pair_sums, surrogate  # noqa: F401
-from rlpost.algorithms.sparsepo import MaskNetwork, SparsePOMasks, activation_mask, sparsepo_loss  # noqa: F401
+from rlpost.algorithms.pairs import CHOSEN, REJECTED, PairSums
+from rlpost.algorithms.sparsepo import SparsePOMasks, activation_mask, sparsepo_loss
 
 
 def dpo_loss(s: PairSums, beta: float = 0.1) -> torch.Tensor:
@@ -39,8 +36,7 @@ def dpo_loss(s: PairSums, beta: float = 0.1) -> torch.Tensor:
     return -nn.functional.logsigmoid(beta * (s.delta[:, CHOSEN] - s.delta[:, REJECTED]))
 
 
-def tdpo_loss(s: PairSums, beta: float = 0.1, alpha: float = 0.5,
-              variant: Literal[1, 2] = 1) -> torch.Tensor:
+def tdpo_loss(s: PairSums, beta: float = 0.1, alpha: float = 0.5, variant: Literal[1, 2] = 1) -> torch.Tensor:
     """TDPO1: -log sigmoid(beta ((Delta_w - Delta_l) - (SeqKL_l - SeqKL_w)));
     TDPO2: -log sigmoid(beta ((Delta_w - Delta_l) - alpha (SeqKL_l - sg(SeqKL_w))))."""
     kl = s.required("kl", f"tdpo{variant}")
@@ -60,8 +56,7 @@ PAIR_LOSSES: dict[str, PairLossEntry] = {
     "dpo": PairLossEntry(lambda s, c: dpo_loss(s, c.beta)),
     "tdpo1": PairLossEntry(lambda s, c: tdpo_loss(s, c.beta, c.alpha, 1), token_kl=True),
     "tdpo2": PairLossEntry(lambda s, c: tdpo_loss(s, c.beta, c.alpha, 2), token_kl=True),
-    "sparsepo": PairLossEntry(lambda s, c: sparsepo_loss(s, c.beta, c.lambda_u, c.lambda_d),
-                              token_kl=True),
+    "sparsepo": PairLossEntry(lambda s, c: sparsepo_loss(s, c.beta, c.lambda_u, c.lambda_d), token_kl=True),
     "cdpo": PairLossEntry(lambda s, c: dpo_loss(s, c.beta)),  # critical weights in s.delta
 }
 
@@ -79,17 +74,29 @@ class PreferenceConfig(AlgoConfig):
     lambda_u: float = Field(0.0, ge=0, description="SparsePO: L1 weight of the reward masks")
     lambda_d: float = Field(0.0, ge=0, description="SparsePO: L1 weight of the divergence masks")
     masks: Literal["activation", "common", "independent"] = Field(
-        "activation", description="SparsePO: masks from the reference model's activations, or "
-        "learned with the policy, one network for m^u and m^d (common) or one each (independent)")
-    mask_dropout: float = Field(0.0, ge=0, lt=1, description="SparsePO: dropout in the learned "
-                                "mask networks")
+        "activation",
+        description="SparsePO: masks from the reference model's activations, or "
+        "learned with the policy, one network for m^u and m^d (common) or one each (independent)",
+    )
+    mask_dropout: float = Field(0.0, ge=0, lt=1, description="SparsePO: dropout in the learned mask networks")
 
     conditionals = (
-        *(Conditional(key, "loss", *_applies_to(*losses)) for key, losses in (
-            ("alpha", ("tdpo2",)), ("lambda_u", ("sparsepo",)), ("lambda_d", ("sparsepo",)),
-            ("masks", ("sparsepo",)), ("mask_dropout", ("sparsepo",)))),
-        Conditional("mask_dropout", "masks", ("common", "independent"),
-                    "it applies to the learned masks, common and independent"),
+        *(
+            Conditional(key, "loss", *_applies_to(*losses))
+            for key, losses in (
+                ("alpha", ("tdpo2",)),
+                ("lambda_u", ("sparsepo",)),
+                ("lambda_d", ("sparsepo",)),
+                ("masks", ("sparsepo",)),
+                ("mask_dropout", ("sparsepo",)),
+            )
+        ),
+        Conditional(
+            "mask_dropout",
+            "masks",
+            ("common", "independent"),
+            "it applies to the learned masks, common and independent",
+        ),
     )
 
 
@@ -109,9 +116,14 @@ def preference_metrics(s: PairSums, cfg: PreferenceConfig) -> dict[str, float]:
     (fraction of tokens with mask 0) and cDPO's mean critical weight on rejected tokens."""
     s = s.map(lambda x: x.detach().double())
     r_w, r_l = cfg.beta * s.delta[:, CHOSEN], cfg.beta * s.delta[:, REJECTED]
-    out = {"rewards/chosen": r_w.mean(), "rewards/rejected": r_l.mean(),
-           "rewards/accuracy": (r_w > r_l).double().mean(), "rewards/margin": (r_w - r_l).mean(),
-           "logps/chosen": s.logp[:, CHOSEN].mean(), "logps/rejected": s.logp[:, REJECTED].mean()}
+    out = {
+        "rewards/chosen": r_w.mean(),
+        "rewards/rejected": r_l.mean(),
+        "rewards/accuracy": (r_w > r_l).double().mean(),
+        "rewards/margin": (r_w - r_l).mean(),
+        "logps/chosen": s.logp[:, CHOSEN].mean(),
+        "logps/rejected": s.logp[:, REJECTED].mean(),
+    }
     tokens = s.tokens.sum()
     if s.kl_raw is not None:
         out["kl/per_token"] = s.kl_raw.sum() / tokens
@@ -164,8 +176,10 @@ class Preference(PairLoss):
 
 # ----- cDPO: contrastive estimation of critical tokens ----------------------------------
 
-def critical_weights(pos_logits: torch.Tensor, neg_logits: torch.Tensor, targets: torch.Tensor,
-                     gamma: float = 1.0) -> torch.Tensor:
+
+def critical_weights(
+    pos_logits: torch.Tensor, neg_logits: torch.Tensor, targets: torch.Tensor, gamma: float = 1.0
+) -> torch.Tensor:
     """w_t = 1 - softmax((1 + gamma) z^pos_t - gamma z^neg_t)[y_t], from [N, V] logits of the
     positive and negative models at the tokens y_t [N] of an incorrect trajectory. For long
     sequences and large vocabularies use `chunked_critical_weights`."""
@@ -175,15 +189,24 @@ def critical_weights(pos_logits: torch.Tensor, neg_logits: torch.Tensor, targets
 
 
 @torch.no_grad()
-def chunked_critical_weights(pos_hidden: torch.Tensor, pos_head: nn.Module, neg_hidden: torch.Tensor,
-                             neg_head: nn.Module, targets: torch.Tensor, gamma: float = 1.0,
-                             chunk_size: int = 1024) -> torch.Tensor:
+def chunked_critical_weights(
+    pos_hidden: torch.Tensor,
+    pos_head: nn.Module,
+    neg_hidden: torch.Tensor,
+    neg_head: nn.Module,
+    targets: torch.Tensor,
+    gamma: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
     """`critical_weights` from the final hidden states [N, H] of the two models and their
     output heads, at most `chunk_size` tokens of [tokens x vocab] logits at a time. The
     weights are constants of the later DPO loss: nothing here carries a gradient."""
     out = pos_hidden.new_empty(targets.shape[0], dtype=torch.float32)
     for s in range(0, targets.shape[0], chunk_size):
-        out[s:s + chunk_size] = critical_weights(pos_head(pos_hidden[s:s + chunk_size]),
-                                                 neg_head(neg_hidden[s:s + chunk_size]),
-                                                 targets[s:s + chunk_size], gamma)
+        out[s : s + chunk_size] = critical_weights(
+            pos_head(pos_hidden[s : s + chunk_size]),
+            neg_head(neg_hidden[s : s + chunk_size]),
+            targets[s : s + chunk_size],
+            gamma,
+        )
     return out

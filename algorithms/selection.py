@@ -21,6 +21,7 @@ weighs 0 and leaves every normaliser, see `aggregation.aggregate`).
 of truncated responses); None means every token. Quantiles and fractions are
 taken over the valid tokens only, and invalid tokens are never selected.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,6 @@ import math
 import torch
 
 # the learner computes D_t, so it lives with the interface; re-exported for the old path
-from rlpost.algorithms.base import position_divergence  # noqa: F401
 
 
 def quantile_linear(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -101,13 +101,16 @@ def top_fraction_mask(score: torch.Tensor, frac: float, valid: torch.Tensor | No
     return mask
 
 
-def d3s_token_mask(advantages: torch.Tensor, entropy: torch.Tensor, frac: float,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
+def d3s_token_mask(
+    advantages: torch.Tensor, entropy: torch.Tensor, frac: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """D3S token level: the top-`frac` valid tokens by |A_t| * H_t."""
     return top_fraction_mask(advantages.abs().double() * entropy.double(), frac, valid)
 
 
-def entropy_quantile_mask(entropy: torch.Tensor, rho: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+def entropy_quantile_mask(
+    entropy: torch.Tensor, rho: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Tokens with H >= the (1 - rho) quantile of H over the valid tokens (linear
     interpolation, as `quantile_linear`): about the top rho fraction by entropy."""
     idx = _valid_positions(entropy.numel(), valid)

@@ -1,5 +1,7 @@
-"""Supervised fine-tuning, token-mean over the response tokens (the warm-up stage, and the
-positive / negative models of cDPO), with the loss per token of docs/algorithms.md section 3:
+"""Supervised fine-tuning losses per token: NLL, DFT and ASFT (docs/algorithms.md section 3).
+
+Token-mean over the response tokens (the warm-up stage, and the positive / negative models
+of cDPO), with the loss per token:
 
 - nll:  -log p_t
 - dft:  -sg(p_t) log p_t (Dynamic Fine-Tuning)
@@ -7,6 +9,7 @@ positive / negative models of cDPO), with the loss per token of docs/algorithms.
   (Anchored SFT). The learner computes that KL in its forward pass, chunk by chunk
   (`token_ops.chunked_token_kl`), and hands it over as `TokenTensors.extra[TOKEN_KL]`.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -15,8 +18,15 @@ import torch
 from pydantic import Field
 
 from rlpost.algorithms.aggregation import token_mean
-from rlpost.algorithms.base import (TOKEN_KL, AlgoConfig, Conditional, MiniBatchView, Needs, TokenLoss,
-                                    TokenTensors)
+from rlpost.algorithms.base import (
+    TOKEN_KL,
+    AlgoConfig,
+    Conditional,
+    MiniBatchView,
+    Needs,
+    TokenLoss,
+    TokenTensors,
+)
 
 
 class SFTConfig(AlgoConfig):
@@ -45,8 +55,10 @@ class SFT(TokenLoss):
         loss = t.logp.detach().exp() * nll
         if self.cfg.loss == "asft":
             if TOKEN_KL not in t.extra:
-                raise KeyError(f"sft loss 'asft' needs the per-token KL to the reference as "
-                               f"TokenTensors.extra[{TOKEN_KL!r}] (token_ops.chunked_token_kl)")
+                raise KeyError(
+                    f"sft loss 'asft' needs the per-token KL to the reference as "
+                    f"TokenTensors.extra[{TOKEN_KL!r}] (token_ops.chunked_token_kl)"
+                )
             kl = t.extra[TOKEN_KL]
             loss = loss + self.cfg.asft_lambda * kl
             metrics["kl"] = kl.detach()

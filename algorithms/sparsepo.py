@@ -7,6 +7,7 @@ masks m^u (reward) and m^d (divergence) weight the pair sums (`pair_sums`'
 mask for u and d; or (b) `SparsePOMasks`, learned networks on the reference's hidden
 states, trained with the policy.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -18,8 +19,9 @@ from torch import nn
 from rlpost.algorithms.pairs import CHOSEN, REJECTED, PairSums
 
 
-def sparsepo_loss(s: PairSums, beta: float = 0.1, lambda_u: float = 0.0,
-                  lambda_d: float = 0.0) -> torch.Tensor:
+def sparsepo_loss(
+    s: PairSums, beta: float = 0.1, lambda_u: float = 0.0, lambda_d: float = 0.0
+) -> torch.Tensor:
     """-log sigmoid(beta (u - d)) + lambda_u (|m^u_w|_1 + |m^u_l|_1) + lambda_d (|m^d_w|_1 + |m^d_l|_1),
     u = sum m^u_w Delta_w,t - sum m^u_l Delta_l,t (in `s.delta`), d = sum m^d_l KL_l,t -
     sum m^d_w KL_w,t (in `s.kl`). With all masks 1 the first term is TDPO1's loss."""
@@ -27,8 +29,7 @@ def sparsepo_loss(s: PairSums, beta: float = 0.1, lambda_u: float = 0.0,
     reward_l1, kl_l1 = s.required("reward_l1", "sparsepo"), s.required("kl_l1", "sparsepo")
     u = s.delta[:, CHOSEN] - s.delta[:, REJECTED]
     d = kl[:, REJECTED] - kl[:, CHOSEN]
-    return (-nn.functional.logsigmoid(beta * (u - d))
-            + lambda_u * reward_l1.sum(-1) + lambda_d * kl_l1.sum(-1))
+    return -nn.functional.logsigmoid(beta * (u - d)) + lambda_u * reward_l1.sum(-1) + lambda_d * kl_l1.sum(-1)
 
 
 def _rescaled(a: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -61,8 +62,10 @@ def activation_mask(activations: Mapping[str, Sequence[torch.Tensor]], valid: to
     The logits kind need not be materialised: mean_v z_v = h . mean_v W_v + mean_v b_v,
     which can be passed as a [..., T, 1] tensor."""
     valid = valid.bool()
-    kinds = [torch.stack([_rescaled(x.float().mean(-1), valid) for x in layers]).mean(0)
-             for layers in activations.values()]
+    kinds = [
+        torch.stack([_rescaled(x.float().mean(-1), valid) for x in layers]).mean(0)
+        for layers in activations.values()
+    ]
     return torch.where(valid, torch.stack(kinds).mean(0), 0.0)
 
 
@@ -83,19 +86,26 @@ class MaskNetwork(nn.Module):
     def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
         """hidden_states: one [..., T, d_model] per layer -> mask [..., T] >= 0."""
         if len(hidden_states) != len(self.norms):
-            raise ValueError(f"mask network has {len(self.norms)} layers, "
-                             f"got {len(hidden_states)} hidden states")
+            raise ValueError(
+                f"mask network has {len(self.norms)} layers, got {len(hidden_states)} hidden states"
+            )
         dtype = self.mix.weight.dtype
-        per_layer = torch.cat([self.dropout(nn.functional.relu(proj(norm(h.to(dtype)))))
-                               for h, norm, proj in zip(hidden_states, self.norms, self.proj)], dim=-1)
+        per_layer = torch.cat(
+            [
+                self.dropout(nn.functional.relu(proj(norm(h.to(dtype)))))
+                for h, norm, proj in zip(hidden_states, self.norms, self.proj)
+            ],
+            dim=-1,
+        )
         return nn.functional.relu(self.mix(per_layer)).squeeze(-1)
 
 
 class SparsePOMasks(nn.Module):
     """m^u and m^d: one network shared by both ("common") or one each ("independent")."""
 
-    def __init__(self, num_layers: int, d_model: int, kind: Literal["common", "independent"],
-                 dropout: float = 0.0):
+    def __init__(
+        self, num_layers: int, d_model: int, kind: Literal["common", "independent"], dropout: float = 0.0
+    ):
         super().__init__()
         self.reward = MaskNetwork(num_layers, d_model, dropout)
         self.divergence = MaskNetwork(num_layers, d_model, dropout) if kind == "independent" else None

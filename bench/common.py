@@ -1,4 +1,5 @@
 """Shared pieces of the benchmarks: model shapes, long-tail batches, peak memory, tables."""
+
 from __future__ import annotations
 
 import math
@@ -14,12 +15,30 @@ import torch
 # Published configurations, built with random weights (speed does not depend on them).
 SHAPES = {
     # small enough for a 2-core CPU; head_dim 64 like the real ones
-    "cpu-small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=32768),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+    "cpu-small": dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32768,
+    ),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
 }
 
 # Dense bf16 peak of the accelerators we report MFU on.
@@ -29,8 +48,13 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 def build_model(shape: str, dtype: torch.dtype, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, tie_word_embeddings=True,
-                      rope_theta=1e6, attn_implementation="sdpa")
+    cfg = Qwen2Config(
+        **SHAPES[shape],
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(cfg).to(dtype)
 
@@ -121,8 +145,9 @@ def table(rows: list[dict], columns: list[str]) -> str:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *(line(r) for r in cells)])
+    return "\n".join(
+        [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in cells)]
+    )
 
 
 def gib(n: int) -> str:

@@ -9,6 +9,7 @@ kernels that took longest. A variant is `fused_kernels[@tokens]`: the value of
 `learner.fused_kernels` (`off`, `liger`, `auto`) and, after `@`, the micro-batch token
 budget. Update time minus the GPU's busy time is time the GPU waited for the host.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,14 @@ def child(args, variant: str) -> dict:
             by_kind[kind_of(e.name)] += e.device_time / 1e6
             by_kernel[e.name] += e.device_time / 1e6
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
-    return {"variant": variant, "label": label, "seconds": seconds, "peak": peak,
-            "kinds": dict(by_kind), "top": top}
+    return {
+        "variant": variant,
+        "label": label,
+        "seconds": seconds,
+        "peak": peak,
+        "kinds": dict(by_kind),
+        "top": top,
+    }
 
 
 def main() -> None:
@@ -95,18 +102,32 @@ def main() -> None:
         for variant in args.variants.split(","):
             result = Path(tmp) / "result.json"
             result.unlink(missing_ok=True)
-            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variants", variant,
-                            "--model-dir", tmp, "--result", str(result)])
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    *sys.argv[1:],
+                    "--variants",
+                    variant,
+                    "--model-dir",
+                    tmp,
+                    "--result",
+                    str(result),
+                ]
+            )
             if not result.exists():
                 print(f"{variant}: failed", flush=True)
                 continue
             r = json.loads(result.read_text())
             busy = sum(r["kinds"].values())
-            print(f"\n{variant} ({r['label']}): {r['seconds']:.3f} s, MFU "
-                  f"{flops / r['seconds'] / peak_flops:.1%}, peak {r['peak'] / 2**30:.1f} GiB, "
-                  f"GPU busy {busy:.3f} s")
-            print("  " + ", ".join(f"{k} {v:.3f}" for k, v in
-                                   sorted(r["kinds"].items(), key=lambda kv: -kv[1])))
+            print(
+                f"\n{variant} ({r['label']}): {r['seconds']:.3f} s, MFU "
+                f"{flops / r['seconds'] / peak_flops:.1%}, peak {r['peak'] / 2**30:.1f} GiB, "
+                f"GPU busy {busy:.3f} s"
+            )
+            print(
+                "  " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["kinds"].items(), key=lambda kv: -kv[1]))
+            )
             for name, sec in r["top"]:
                 print(f"    {sec:.4f}  {kind_of(name):11s} {name[:110]}")
             sys.stdout.flush()

@@ -22,6 +22,7 @@ peak memory of an update above the model and optimizer state, MFU on CUDA
 (useful FLOPs only; see `common.model_flops`), and each arm's speed relative
 to the naive and TRL arms.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,19 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (PEAK_FLOPS, SHAPES, accelerator_name, build_model, gib,  # noqa: E402
-                    long_tail_lengths, model_flops, peak_memory, set_cpu_threads, table, timed)
+from common import (  # noqa: E402
+    PEAK_FLOPS,
+    SHAPES,
+    accelerator_name,
+    build_model,
+    gib,
+    long_tail_lengths,
+    model_flops,
+    peak_memory,
+    set_cpu_threads,
+    table,
+    timed,
+)
 
 CLIP = 0.2
 OUT_OF_MEMORY = 3  # a child's exit code
@@ -54,9 +66,15 @@ def make_samples(args, vocab: int):
     for i, r in enumerate(responses):
         p = int(torch.randint(args.prompt_len // 2, args.prompt_len + 1, (), generator=g))
         ids = torch.randint(3, vocab, (p + r,), generator=g).tolist()
-        samples.append(Sample(prompt_ids=ids[:p], response_ids=ids[p:], group=i // 8,
-                              advantages=torch.full((r,), float(torch.randn((), generator=g))),
-                              old_logp=-torch.rand(r, generator=g) * 5))
+        samples.append(
+            Sample(
+                prompt_ids=ids[:p],
+                response_ids=ids[p:],
+                group=i // 8,
+                advantages=torch.full((r,), float(torch.randn((), generator=g))),
+                old_logp=-torch.rand(r, generator=g) * 5,
+            )
+        )
     algo = build_algorithm("grpo", {"loss_agg": "token-mean"})
     weights = algo.token_weights(view(samples))
     for s, w in zip(samples, weights.split([s.num_tokens for s in samples])):
@@ -97,8 +115,7 @@ class TRLLoss(nn.Module):
     def forward(self, input_ids, attention_mask, old_logp, adv, weights, logits_to_keep: int):
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         labels[:, :-logits_to_keep] = -100
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                      fused_lm_head=True)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
         logp = out.log_probs[:, -logits_to_keep:]
         return (surrogate(logp, old_logp, adv) * weights).sum(), out.entropy[:, -logits_to_keep:]
 
@@ -108,7 +125,7 @@ def naive_batches(samples, micro: int, pad_id: int = 0):
     width = max(len(s.prompt_ids) + s.num_tokens for s in samples)
     out = []
     for start in range(0, len(samples), micro):
-        mb = samples[start:start + micro]
+        mb = samples[start : start + micro]
         ids = torch.full((len(mb), width), pad_id)
         mask = torch.zeros((len(mb), width), dtype=torch.long)
         fields = {k: torch.zeros((len(mb), width - 1)) for k in ("old_logp", "adv", "weights")}
@@ -116,9 +133,9 @@ def naive_batches(samples, micro: int, pad_id: int = 0):
             p, n = len(s.prompt_ids), len(s.prompt_ids) + s.num_tokens
             ids[b, :n] = torch.tensor(s.prompt_ids + s.response_ids)
             mask[b, :n] = 1
-            fields["old_logp"][b, p - 1:n - 1] = s.old_logp
-            fields["adv"][b, p - 1:n - 1] = s.advantages
-            fields["weights"][b, p - 1:n - 1] = s.weights.float()
+            fields["old_logp"][b, p - 1 : n - 1] = s.old_logp
+            fields["adv"][b, p - 1 : n - 1] = s.advantages
+            fields["weights"][b, p - 1 : n - 1] = s.weights.float()
         out.append(({"input_ids": ids, "attention_mask": mask, **fields}, {}))
     return out
 
@@ -129,20 +146,19 @@ def trl_batches(samples, micro: int, pad_id: int = 0):
     c_width = max(s.num_tokens for s in samples)
     out = []
     for start in range(0, len(samples), micro):
-        mb = samples[start:start + micro]
+        mb = samples[start : start + micro]
         ids = torch.full((len(mb), p_width + c_width), pad_id)
         mask = torch.zeros_like(ids)
         fields = {k: torch.zeros((len(mb), c_width)) for k in ("old_logp", "adv", "weights")}
         for b, s in enumerate(mb):
             p, r = len(s.prompt_ids), s.num_tokens
-            ids[b, p_width - p:p_width] = torch.tensor(s.prompt_ids)
-            ids[b, p_width:p_width + r] = torch.tensor(s.response_ids)
-            mask[b, p_width - p:p_width + r] = 1
+            ids[b, p_width - p : p_width] = torch.tensor(s.prompt_ids)
+            ids[b, p_width : p_width + r] = torch.tensor(s.response_ids)
+            mask[b, p_width - p : p_width + r] = 1
             fields["old_logp"][b, :r] = s.old_logp
             fields["adv"][b, :r] = s.advantages
             fields["weights"][b, :r] = s.weights.float()
-        out.append(({"input_ids": ids, "attention_mask": mask, **fields},
-                    {"logits_to_keep": c_width}))
+        out.append(({"input_ids": ids, "attention_mask": mask, **fields}, {"logits_to_keep": c_width}))
     return out
 
 
@@ -153,12 +169,13 @@ def baseline_update(engine, batches, device):
             loss, _ = engine(**{k: v.to(device) for k, v in tensors.items()}, **kwargs)
             engine.backward(loss, scale_wrt_gas=False)
         engine.step()
+
     return update
 
 
 def rlpost_arm(args, model_dir: str, samples, packing: str = "auto", fused_kernels: str = "auto"):
-    from rlpost.data.batch import shard
     from rlpost.config.rl import TrainConfig
+    from rlpost.data.batch import shard
     from rlpost.workers.group import free_port
     from rlpost.workers.learner import Learner, LRSchedule
 
@@ -169,12 +186,14 @@ def rlpost_arm(args, model_dir: str, samples, packing: str = "auto", fused_kerne
     cfg.learner.gradient_checkpointing = args.gradient_checkpointing
     cfg.learner.packing = packing
     cfg.learner.fused_kernels = fused_kernels
-    learner = Learner(cfg, model_dir, ("grpo", {"loss_agg": "token-mean"}), LRSchedule(1e-6),
-                      rank=0, world_size=1, pad_id=0)
+    learner = Learner(
+        cfg, model_dir, ("grpo", {"loss_agg": "token-mean"}), LRSchedule(1e-6), rank=0, world_size=1, pad_id=0
+    )
     learner.setup("127.0.0.1", free_port())
     parts = shard(samples, 1, args.micro_tokens, packed=learner.packed)[0]
-    label = f"rlpost ({'packed' if learner.packed else 'padded'}, {len(parts)} micro" + \
-        (", liger)" if learner.fused_kernels else ")")
+    label = f"rlpost ({'packed' if learner.packed else 'padded'}, {len(parts)} micro" + (
+        ", liger)" if learner.fused_kernels else ")"
+    )
     return learner, label, lambda: learner.train_minibatch(parts)
 
 
@@ -182,11 +201,13 @@ def run_arm(name: str, args, model_dir: str, samples, device, dtype, micro: int)
     """Median update seconds and peak memory of one arm; the padded arms run `micro`
     sequences per micro-batch."""
     import deepspeed
+
     from rlpost.model.load import load_model
 
     if name.startswith("rlpost"):  # rlpost[:packing[:fused_kernels]], e.g. rlpost:packed:off
-        holder, label, update = rlpost_arm(args, model_dir, samples,
-                                           *[part or "auto" for part in name.split(":")[1:]])
+        holder, label, update = rlpost_arm(
+            args, model_dir, samples, *[part or "auto" for part in name.split(":")[1:]]
+        )
     else:
         from rlpost.workers.group import free_port
         from rlpost.workers.policy_rank import deepspeed_config, join_process_group
@@ -197,9 +218,11 @@ def run_arm(name: str, args, model_dir: str, samples, device, dtype, micro: int)
             lm.gradient_checkpointing_enable()
         module = NaiveLoss(lm) if name == "naive" else TRLLoss(lm)
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=device.type == "cuda")
-        holder, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                          config=deepspeed_config(args.zero_stage, 1.0,
-                                                                  dtype == torch.bfloat16))
+        holder, *_ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            config=deepspeed_config(args.zero_stage, 1.0, dtype == torch.bfloat16),
+        )
         make = naive_batches if name == "naive" else trl_batches
         batches = make(samples, micro)
         label = f"{name} (padded, {len(batches)} micro)"
@@ -224,10 +247,18 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=32 if on_gpu else 16)
     ap.add_argument("--prompt-len", type=int, default=256 if on_gpu else 64)
     ap.add_argument("--max-response", type=int, default=4096 if on_gpu else 512)
-    ap.add_argument("--micro-tokens", type=int, default=16384 if on_gpu else 2048,
-                    help="rlpost's token budget per micro-batch (learner.micro_batch_tokens)")
-    ap.add_argument("--padded-micro", type=int, default=2 if on_gpu else 4,
-                    help="sequences per micro-batch of the padded arms")
+    ap.add_argument(
+        "--micro-tokens",
+        type=int,
+        default=16384 if on_gpu else 2048,
+        help="rlpost's token budget per micro-batch (learner.micro_batch_tokens)",
+    )
+    ap.add_argument(
+        "--padded-micro",
+        type=int,
+        default=2 if on_gpu else 4,
+        help="sequences per micro-batch of the padded arms",
+    )
     ap.add_argument("--zero-stage", type=int, default=1)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
@@ -267,9 +298,21 @@ def main() -> None:
             result, micro = Path(tmp) / "result.json", args.padded_micro
             while True:
                 result.unlink(missing_ok=True)
-                rc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--arms", name,
-                                     "--padded-micro", str(micro), "--model-dir", tmp,
-                                     "--result", str(result)]).returncode
+                rc = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        *sys.argv[1:],
+                        "--arms",
+                        name,
+                        "--padded-micro",
+                        str(micro),
+                        "--model-dir",
+                        tmp,
+                        "--result",
+                        str(result),
+                    ]
+                ).returncode
                 if rc != OUT_OF_MEMORY or name.startswith("rlpost") or micro == 1:
                     break
                 micro //= 2
@@ -282,11 +325,13 @@ def main() -> None:
 
     accel = accelerator_name()
     padded = len(samples) * max(seq_lens)
-    print(f"\n{args.shape} on {accel}, {dtype}: {len(samples)} sequences, {sum(seq_lens)} real tokens "
-          f"({scored} scored; padded to the longest: {padded}), responses "
-          f"{min(s.num_tokens for s in samples)}-{max(s.num_tokens for s in samples)}, "
-          f"ZeRO-{args.zero_stage}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-          f"median of {args.repeats}\n")
+    print(
+        f"\n{args.shape} on {accel}, {dtype}: {len(samples)} sequences, {sum(seq_lens)} real tokens "
+        f"({scored} scored; padded to the longest: {padded}), responses "
+        f"{min(s.num_tokens for s in samples)}-{max(s.num_tokens for s in samples)}, "
+        f"ZeRO-{args.zero_stage}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        f"median of {args.repeats}\n"
+    )
     by_name = {r["arm"].split()[0]: r for r in rows if "seconds" in r}
     for r in rows:
         if "seconds" not in r:
@@ -299,8 +344,11 @@ def main() -> None:
         for base in ("naive", "trl"):
             if base in by_name:
                 r[f"speed vs {base}"] = f"{by_name[base]['seconds'] / r['seconds']:.2f}x"
-    columns = ["arm", "update s", "tokens/s", "peak GiB"] + (["MFU"] if accel in PEAK_FLOPS else []) + \
-        [c for c in ("speed vs naive", "speed vs trl") if c.split()[-1] in by_name]
+    columns = (
+        ["arm", "update s", "tokens/s", "peak GiB"]
+        + (["MFU"] if accel in PEAK_FLOPS else [])
+        + [c for c in ("speed vs naive", "speed vs trl") if c.split()[-1] in by_name]
+    )
     print(table(rows, columns))
 
 

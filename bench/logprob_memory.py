@@ -12,6 +12,7 @@ The backward pass goes through the log-probs (entropy is a metric, as in the
 RL loss). Peak memory is measured above the inputs and weights, one arm after
 another in this process; time is the median of warm calls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,8 @@ def main() -> None:
             print("trl not installed: skipping its arm")
         else:
             arms["trl"] = lambda: ChunkedLogProbFunction.apply(
-                hidden, weight, None, targets, 1.0, 32768, None, 1.0, ("log_probs", "entropy"))[:2]
+                hidden, weight, None, targets, 1.0, 32768, None, 1.0, ("log_probs", "entropy")
+            )[:2]
 
     reference = None
     rows = []
@@ -81,8 +83,10 @@ def main() -> None:
         logp, entropy = step()  # warm-up; also the numbers compared below
         if reference is None:
             reference = (logp.float(), entropy.float())
-        err = max((logp.float() - reference[0]).abs().max().item(),
-                  (entropy.float() - reference[1]).abs().max().item())
+        err = max(
+            (logp.float() - reference[0]).abs().max().item(),
+            (entropy.float() - reference[1]).abs().max().item(),
+        )
         hidden.grad = weight.grad = None
         if head is not None:
             head.weight.grad = None
@@ -101,10 +105,16 @@ def main() -> None:
         r["time s"] = f"{r['seconds']:.3f}"
         r[f"memory vs {base['arm']}"] = f"{r['peak'] / base['peak']:.3f}"
         r[f"time vs {base['arm']}"] = f"{r['seconds'] / base['seconds']:.2f}"
-    print(f"\n{args.tokens} tokens x {args.vocab} vocabulary, hidden {args.hidden}, {dtype}, "
-          f"{device.type}; forward + backward; median of {args.repeats}\n")
-    print(table(rows, ["arm", "peak GiB", "time s", f"memory vs {base['arm']}",
-                       f"time vs {base['arm']}", "max |diff|"]))
+    print(
+        f"\n{args.tokens} tokens x {args.vocab} vocabulary, hidden {args.hidden}, {dtype}, "
+        f"{device.type}; forward + backward; median of {args.repeats}\n"
+    )
+    print(
+        table(
+            rows,
+            ["arm", "peak GiB", "time s", f"memory vs {base['arm']}", f"time vs {base['arm']}", "max |diff|"],
+        )
+    )
 
 
 if __name__ == "__main__":

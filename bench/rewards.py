@@ -15,6 +15,7 @@ math: gold answers are LaTeX fractions; the responses give them as \\boxed{},
 code: "print the sum of the integers on stdin", one stdin/stdout test each;
 right, wrong and crashing programs (no looping ones: each would add its CPU limit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ import time
 from rlpost.rewards import build_task
 from rlpost.rewards.base import Problem
 from rlpost.rewards.config import ComponentConfig, RewardConfig
-from rlpost.rewards.pool import RewardPool
+from rlpost.rewards.scoring.pool import RewardPool
 
 
 def math_batch(n: int, rng: random.Random) -> tuple[list[str], list[Problem]]:
@@ -34,17 +35,23 @@ def math_batch(n: int, rng: random.Random) -> tuple[list[str], list[Problem]]:
     for i in range(n):
         a, b = rng.randint(1, 99), rng.randint(2, 99)
         problems.append(Problem(f"{a}/{b}?", f"\\frac{{{a}}}{{{b}}}"))
-        responses.append([f"Reducing gives \\boxed{{\\frac{{{a}}}{{{b}}}}}.",
-                          f"The answer is {a / b:.6f}",
-                          f"<think>divide</think><answer>{a}/{b}</answer>",
-                          f"So we get \\boxed{{\\frac{{{a + 1}}}{{{b}}}}}"][i % 4])
+        responses.append(
+            [
+                f"Reducing gives \\boxed{{\\frac{{{a}}}{{{b}}}}}.",
+                f"The answer is {a / b:.6f}",
+                f"<think>divide</think><answer>{a}/{b}</answer>",
+                f"So we get \\boxed{{\\frac{{{a + 1}}}{{{b}}}}}",
+            ][i % 4]
+        )
     return responses, problems
 
 
 def code_batch(n: int, rng: random.Random) -> tuple[list[str], list[Problem]]:
-    programs = ["import sys\nprint(sum(map(int, sys.stdin.read().split())))",
-                "import sys\nprint(max(map(int, sys.stdin.read().split())))",
-                "print(undefined)"]
+    programs = [
+        "import sys\nprint(sum(map(int, sys.stdin.read().split())))",
+        "import sys\nprint(max(map(int, sys.stdin.read().split())))",
+        "print(undefined)",
+    ]
     responses, problems = [], []
     for i in range(n):
         numbers = [rng.randint(-99, 99) for _ in range(5)]
@@ -63,8 +70,12 @@ def measure(component: ComponentConfig, workers: int, responses, problems) -> di
         t = time.perf_counter()
         result = pool.score(responses, problems)
         elapsed = time.perf_counter() - t
-    return {"start": start, "rate": len(responses) / elapsed, "totals": result.totals,
-            "failures": result.failures}
+    return {
+        "start": start,
+        "rate": len(responses) / elapsed,
+        "totals": result.totals,
+        "failures": result.failures,
+    }
 
 
 def quickstart_overhead() -> str:
@@ -83,9 +94,11 @@ def quickstart_overhead() -> str:
     for _ in range(30):
         [task.score(r, p) for r, p in zip(responses, problems)]
     inline = (time.perf_counter() - t) / 30
-    return (f"default reward (task score), 256 arithmetic samples, 2 workers: start "
-            f"{start:.2f} s; per call {statistics.median(calls[5:]) * 1e3:.2f} ms (median) "
-            f"against {inline * 1e3:.2f} ms inline")
+    return (
+        f"default reward (task score), 256 arithmetic samples, 2 workers: start "
+        f"{start:.2f} s; per call {statistics.median(calls[5:]) * 1e3:.2f} ms (median) "
+        f"against {inline * 1e3:.2f} ms inline"
+    )
 
 
 def main() -> None:
@@ -96,19 +109,24 @@ def main() -> None:
     rng = random.Random(0)
     rows = []
     for name, batch, component in (
-            ("math", math_batch, ComponentConfig(name="math")),
-            ("code", code_batch, ComponentConfig(name="code", args={"cpu_s": 1, "wall_s": 3.0}))):
+        ("math", math_batch, ComponentConfig(name="math")),
+        ("code", code_batch, ComponentConfig(name="code", args={"cpu_s": 1, "wall_s": 3.0})),
+    ):
         responses, problems = batch(args.samples, rng)
         parallel = measure(component, args.workers, responses, problems)
         serial = measure(component, 1, responses, problems)
         assert parallel["totals"] == serial["totals"], "parallel and serial scores differ"
         mean = sum(serial["totals"]) / len(serial["totals"])
-        rows.append(f"{name:5} {args.samples:>7} {mean:>10.3f} "
-                    f"{serial['start']:>8.2f} s {serial['rate']:>9.1f} "
-                    f"{parallel['start']:>8.2f} s {parallel['rate']:>9.1f} "
-                    f"{parallel['rate'] / serial['rate']:>7.2f}x  {parallel['failures']}")
-    print(f"{'':5} {'samples':>7} {'mean score':>10} {'1 worker: start, samples/s':>27} "
-          f"{f'{args.workers} workers: start, samples/s':>28} {'ratio':>8}  failures")
+        rows.append(
+            f"{name:5} {args.samples:>7} {mean:>10.3f} "
+            f"{serial['start']:>8.2f} s {serial['rate']:>9.1f} "
+            f"{parallel['start']:>8.2f} s {parallel['rate']:>9.1f} "
+            f"{parallel['rate'] / serial['rate']:>7.2f}x  {parallel['failures']}"
+        )
+    print(
+        f"{'':5} {'samples':>7} {'mean score':>10} {'1 worker: start, samples/s':>27} "
+        f"{f'{args.workers} workers: start, samples/s':>28} {'ratio':>8}  failures"
+    )
     print("\n".join(rows))
     print(quickstart_overhead())
 

@@ -27,6 +27,7 @@ and no saving, in a child process. A callback times each generation batch
 (two optimizer steps, one rlpost RL step); the median skips the same first
 batches. Ratios below 1 mean rlpost's step is the faster.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,15 @@ PHASES = [
     ("framework overhead", lambda r: r["time/framework_overhead"]),
     ("  in rollout", lambda r: r["time/rollout"] - r["time/compute/generate"]),
     # one phase when a learner call scores and trains (no time/logprob; learner.epochs 1)
-    ("  in log-prob and update", lambda r: r.get("time/logprob", 0.0) + r["time/update"]
-     - r["time/compute/logprob"] - r["time/compute/update"]),
+    (
+        "  in log-prob and update",
+        lambda r: (
+            r.get("time/logprob", 0.0)
+            + r["time/update"]
+            - r["time/compute/logprob"]
+            - r["time/compute/update"]
+        ),
+    ),
     ("framework overhead + weight sync", lambda r: r["time/framework_overhead"] + r["time/weight_sync"]),
     ("step (time/step)", lambda r: r["time/step"]),
     ("outside the step (metrics, logging)", lambda r: r["loop"] - r["time/step"]),
@@ -66,8 +74,17 @@ PHASES = [
 
 
 def run_rlpost(out_dir: Path, overrides: list[str]) -> Path:
-    cmd = [sys.executable, "-m", "rlpost.cli", "train", str(QUICKSTART), f"output_dir={out_dir}",
-           "eval_every=0", "save_every=0", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlpost.cli",
+        "train",
+        str(QUICKSTART),
+        f"output_dir={out_dir}",
+        "eval_every=0",
+        "save_every=0",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -85,9 +102,13 @@ def step_rows(run_dir: Path, skip: int) -> list[dict]:
 
 def summarise(rows: list[dict]) -> dict:
     """Per phase: median seconds and median share of time/step."""
-    return {label: (statistics.median(value(r) for r in rows),
-                    statistics.median(value(r) / r["time/step"] for r in rows))
-            for label, value in PHASES}
+    return {
+        label: (
+            statistics.median(value(r) for r in rows),
+            statistics.median(value(r) / r["time/step"] for r in rows),
+        )
+        for label, value in PHASES
+    }
 
 
 def trl_child(args) -> None:
@@ -127,36 +148,67 @@ def trl_child(args) -> None:
     accumulation = lc.mini_batch_size // micro
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
-            output_dir=out, per_device_train_batch_size=micro,
+            output_dir=out,
+            per_device_train_batch_size=micro,
             gradient_accumulation_steps=accumulation,
             steps_per_generation=optimizer_steps * accumulation,
-            num_generations=rc.n, max_completion_length=rc.max_new_tokens,
-            temperature=rc.temperature, top_p=rc.top_p, beta=0.0, loss_type="dapo",
-            epsilon=cfg.algorithm.params()["clip_eps_low"], learning_rate=lc.lr,
-            lr_scheduler_type="constant_with_warmup", warmup_steps=lc.lr_warmup_steps,
-            weight_decay=lc.weight_decay, max_grad_norm=lc.grad_clip, optim="adamw_torch",
-            max_steps=args.steps * optimizer_steps, logging_steps=optimizer_steps,
-            use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
-            disable_tqdm=True, seed=cfg.seed)
+            num_generations=rc.n,
+            max_completion_length=rc.max_new_tokens,
+            temperature=rc.temperature,
+            top_p=rc.top_p,
+            beta=0.0,
+            loss_type="dapo",
+            epsilon=cfg.algorithm.params()["clip_eps_low"],
+            learning_rate=lc.lr,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=lc.lr_warmup_steps,
+            weight_decay=lc.weight_decay,
+            max_grad_norm=lc.grad_clip,
+            optim="adamw_torch",
+            max_steps=args.steps * optimizer_steps,
+            logging_steps=optimizer_steps,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=cfg.seed,
+        )
         timer = BatchTimer()
-        trainer = GRPOTrainer(model=args.model_dir, reward_funcs=task_score, args=config,
-                              train_dataset=Dataset.from_dict({"prompt": list(problems)}),
-                              callbacks=[timer])
+        trainer = GRPOTrainer(
+            model=args.model_dir,
+            reward_funcs=task_score,
+            args=config,
+            train_dataset=Dataset.from_dict({"prompt": list(problems)}),
+            callbacks=[timer],
+        )
         trainer.train()
     # one generation batch per timed step, or the timings would not be RL steps
     assert len(lengths) == args.steps * sequences, (len(lengths), args.steps * sequences)
     seconds = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
-    Path(args.result).write_text(json.dumps({
-        "seconds": seconds[args.skip:],
-        "length": statistics.mean(lengths[args.skip * sequences:]),
-    }))
+    Path(args.result).write_text(
+        json.dumps(
+            {
+                "seconds": seconds[args.skip :],
+                "length": statistics.mean(lengths[args.skip * sequences :]),
+            }
+        )
+    )
 
 
 def run_trl(args, model_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "trl.json"
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--model-dir", str(model_dir),
-               "--result", str(result)]
+        cmd = [
+            sys.executable,
+            __file__,
+            *sys.argv[1:],
+            "--model-dir",
+            str(model_dir),
+            "--result",
+            str(result),
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"the TRL run failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -167,8 +219,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="RL steps (TRL: generation batches) per run")
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the medians")
-    ap.add_argument("--warmup-steps", type=int, default=500,
-                    help="supervised warm-up of the quickstart (2500 there); sets the response lengths")
+    ap.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=500,
+        help="supervised warm-up of the quickstart (2500 there); sets the response lengths",
+    )
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)  # set for the TRL child process
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -184,10 +240,13 @@ def main() -> None:
         common = [f"steps={args.steps}"]
         ray_run = run_rlpost(Path(tmp) / "ray", [*common, "mode=ray", f"warmup.steps={args.warmup_steps}"])
         model_dir = ray_run / "models" / "warmup"
-        runs = {"ray": ray_run,
-                "inprocess": run_rlpost(Path(tmp) / "inprocess", [
-                    *common, "mode=inprocess", "warmup.steps=0", "model.kind=hf",
-                    f"model.path={model_dir}"])}
+        runs = {
+            "ray": ray_run,
+            "inprocess": run_rlpost(
+                Path(tmp) / "inprocess",
+                [*common, "mode=inprocess", "warmup.steps=0", "model.kind=hf", f"model.path={model_dir}"],
+            ),
+        }
         for mode, run_dir in runs.items():
             rows = step_rows(run_dir, args.skip)
             summaries[mode] = summarise(rows)
@@ -198,9 +257,11 @@ def main() -> None:
     trl_step = statistics.median(trl["seconds"])
     print(f"  TRL: {trl_step:.3f} s per step", flush=True)
 
-    print(f"\nquickstart RL step (32 prompts x 8 samples, <= 6 new tokens, 2 optimizer steps), "
-          f"{args.warmup_steps} warm-up steps, median of steps {args.skip + 1}-{args.steps}; "
-          f"% of time/step\n")
+    print(
+        f"\nquickstart RL step (32 prompts x 8 samples, <= 6 new tokens, 2 optimizer steps), "
+        f"{args.warmup_steps} warm-up steps, median of steps {args.skip + 1}-{args.steps}; "
+        f"% of time/step\n"
+    )
     rows = []
     for label, _ in PHASES:
         row = {"phase": label}
@@ -210,17 +271,31 @@ def main() -> None:
         rows.append(row)
     print(table(rows, ["phase", *(f"{n} {u}" for n in MODES.values() for u in ("s", "%"))]))
 
-    print("\nframework overhead target: < 10% of the step; "
-          + "; ".join(f"{MODES[m]} {summaries[m]['framework overhead'][1]:.1%}" for m in MODES)
-          + " (with weight sync: "
-          + "; ".join(f"{MODES[m]} {summaries[m]['framework overhead + weight sync'][1]:.1%}"
-                      for m in MODES) + ")")
+    print(
+        "\nframework overhead target: < 10% of the step; "
+        + "; ".join(f"{MODES[m]} {summaries[m]['framework overhead'][1]:.1%}" for m in MODES)
+        + " (with weight sync: "
+        + "; ".join(f"{MODES[m]} {summaries[m]['framework overhead + weight sync'][1]:.1%}" for m in MODES)
+        + ")"
+    )
 
-    rows = [{"run": f"rlpost {name}", "step s": f"{loops[mode]:.3f}",
-             "response tokens": f"{lengths[mode]:.2f}", "step vs TRL": f"{loops[mode] / trl_step:.2f}x"}
-            for mode, name in MODES.items()]
-    rows.append({"run": "TRL GRPOTrainer", "step s": f"{trl_step:.3f}",
-                 "response tokens": f"{trl['length']:.2f}", "step vs TRL": "1.00x"})
+    rows = [
+        {
+            "run": f"rlpost {name}",
+            "step s": f"{loops[mode]:.3f}",
+            "response tokens": f"{lengths[mode]:.2f}",
+            "step vs TRL": f"{loops[mode] / trl_step:.2f}x",
+        }
+        for mode, name in MODES.items()
+    ]
+    rows.append(
+        {
+            "run": "TRL GRPOTrainer",
+            "step s": f"{trl_step:.3f}",
+            "response tokens": f"{trl['length']:.2f}",
+            "step vs TRL": "1.00x",
+        }
+    )
     print("\nwhole step (rlpost: loop wall; TRL: one generation batch), mean response tokens per sample\n")
     print(table(rows, ["run", "step s", "response tokens", "step vs TRL"]))
 

@@ -7,8 +7,9 @@
 
 The map has one line per package (its folder and the first sentence of its `__init__`
 docstring) and under it one line per module: its path and the first sentence of its
-docstring. So a module's first sentence is its entry in the README: make it a summary. Standard library only, and it imports nothing
-from rlpost (it reads the files), so it runs before anything is installed.
+docstring. So a module's first sentence is its entry in the README: make it a summary.
+Standard library only, and it imports nothing from rlpost (it reads the files), so it
+runs before anything is installed.
 tests/test_architecture.py checks that the README's map equals this output.
 """
 

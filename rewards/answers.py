@@ -1,4 +1,5 @@
 """Pulling the final answer (or program) out of a model's response."""
+
 from __future__ import annotations
 
 import re

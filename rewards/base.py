@@ -1,4 +1,5 @@
 """The task interface: prompts, warm-up demonstrations and a verifier."""
+
 from __future__ import annotations
 
 import random

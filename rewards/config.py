@@ -14,17 +14,26 @@ A sample's reward is the weighted sum of its component values; each value is
 also reported on its own (`reward/<label or name>`). The default is the task's
 own verifier with weight 1.
 """
+
 from __future__ import annotations
 
 import difflib
 import math
 from typing import Any
 
-from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rlpost.rewards.components import COMPONENTS, validate_args
-from rlpost.rewards.sandbox import Limits
+from rlpost.rewards.scoring.sandbox import Limits
 
 # Metric names the trainer already uses under reward/.
 RESERVED_KEYS = ("mean", "std", "failures")
@@ -68,8 +77,9 @@ class ComponentConfig(_Section):
     def _known(cls, name: str) -> str:
         if name not in COMPONENTS:
             known = sorted(COMPONENTS)
-            raise ValueError(f"unknown reward component {name!r}; known: {', '.join(known)}"
-                             + suggest(name, known))
+            raise ValueError(
+                f"unknown reward component {name!r}; known: {', '.join(known)}" + suggest(name, known)
+            )
         return name
 
     @field_validator("weight")
@@ -93,29 +103,42 @@ class ComponentConfig(_Section):
 
 class RewardConfig(_Section):
     components: list[ComponentConfig] = Field(
-        default_factory=lambda: [ComponentConfig(name="task")], min_length=1)
+        default_factory=lambda: [ComponentConfig(name="task")], min_length=1
+    )
     num_workers: int = Field(2, gt=0, description="scoring processes (Ray actors in Ray mode)")
     timeout_s: float = Field(10.0, gt=0, description="per component call on one sample")
-    memory_mb: int = Field(4096, ge=0, description="address-space limit of each scoring "
-                           "process (0: none); a reward that exceeds it raises MemoryError")
-    num_cpus_per_worker: float = Field(0.0, ge=0, description="CPUs each Ray scoring actor "
-                                       "reserves (0: none, so it never waits for the others)")
+    memory_mb: int = Field(
+        4096,
+        ge=0,
+        description="address-space limit of each scoring "
+        "process (0: none); a reward that exceeds it raises MemoryError",
+    )
+    num_cpus_per_worker: float = Field(
+        0.0,
+        ge=0,
+        description="CPUs each Ray scoring actor reserves (0: none, so it never waits for the others)",
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "RewardConfig":
+    def _check(self) -> RewardConfig:
         keys = [c.key for c in self.components]
         for i, key in enumerate(keys):
             if key in keys[:i]:
-                raise ValueError(f"reward.components.{i}: a second component named {key!r}; "
-                                 f"give one a different label")
+                raise ValueError(
+                    f"reward.components.{i}: a second component named {key!r}; give one a different label"
+                )
             if key in RESERVED_KEYS:
-                raise ValueError(f"reward.components.{i}: {key!r} is taken by the trainer's "
-                                 f"reward/{key} metric; choose another label")
+                raise ValueError(
+                    f"reward.components.{i}: {key!r} is taken by the trainer's "
+                    f"reward/{key} metric; choose another label"
+                )
         for i, c in enumerate(self.components):
             if c.name == "code":
                 wall = TypeAdapter(Limits).validate_python(c.args).wall_s
                 if wall >= self.timeout_s:
-                    raise ValueError(f"reward.components.{i}.args.wall_s ({wall}) must be below "
-                                     f"reward.timeout_s ({self.timeout_s}), which bounds all "
-                                     f"the test runs of one sample")
+                    raise ValueError(
+                        f"reward.components.{i}.args.wall_s ({wall}) must be below "
+                        f"reward.timeout_s ({self.timeout_s}), which bounds all "
+                        f"the test runs of one sample"
+                    )
         return self

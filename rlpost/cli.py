@@ -1,6 +1,9 @@
-"""`rlpost train CONFIG [key.sub=value ...]`, `rlpost sweep SWEEP [key.sub=value ...]`,
+"""The `rlpost` command: each subcommand loads and checks its config, then runs one job.
+
+`rlpost train CONFIG [key.sub=value ...]`, `rlpost sweep SWEEP [key.sub=value ...]`,
 `rlpost report SWEEP_DIR`, `rlpost sft CONFIG [key.sub=value ...]`,
 `rlpost dpo CONFIG [key.sub=value ...]`, `rlpost cdpo CONFIG [key.sub=value ...]`"""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +13,9 @@ from functools import partial
 from pathlib import Path
 
 from rlpost.config.load import parse_override
+from rlpost.data.rows import PreferenceDataError
 from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config
-from rlpost.data.datasets import PreferenceDataError
 
 
 def load_train_config(config: str, overrides: list[str], load=load_config):
@@ -35,8 +38,12 @@ def load_train_config(config: str, overrides: list[str], load=load_config):
 def quiet_libraries() -> None:
     """Keep the console for rlpost's progress lines. Set before the libraries load;
     Ray workers started from here inherit the environment."""
-    for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-                       "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING"}.items():
+    for key, value in {
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }.items():
         os.environ.setdefault(key, value)
     import torch
 
@@ -48,21 +55,29 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlpost", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
     def job(name: str, text: str) -> None:
         p_job = sub.add_parser(name, help=text)
         p_job.add_argument("config", help="YAML config file")
         p_job.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
     job("train", "run a training job from a YAML config")
-    p_sweep = sub.add_parser("sweep", help="run a sweep file's runs one after another "
-                             "(again: skip the finished ones), then write its report")
+    p_sweep = sub.add_parser(
+        "sweep",
+        help="run a sweep file's runs one after another "
+        "(again: skip the finished ones), then write its report",
+    )
     p_sweep.add_argument("sweep", help="sweep file (YAML; see rlpost/sweeps/sweep.py)")
     p_sweep.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
     p_sweep.add_argument("--name", help="sweep name (directory, W&B group) instead of the file's")
-    p_sweep.add_argument("--output-dir", help="where the sweep directory goes "
-                         "(default: the file's output_dir, else runs/sweeps)")
-    p_sweep.add_argument("--ray-address", help="run on this Ray cluster (sets ray.address of "
-                         "every run; 'auto' inside a Ray job)")
+    p_sweep.add_argument(
+        "--output-dir",
+        help="where the sweep directory goes (default: the file's output_dir, else runs/sweeps)",
+    )
+    p_sweep.add_argument(
+        "--ray-address",
+        help="run on this Ray cluster (sets ray.address of every run; 'auto' inside a Ray job)",
+    )
     p_sweep.add_argument("--dry-run", action="store_true", help="validate and list the runs")
     p_sweep.add_argument("--no-report", action="store_true", help="do not write the report")
     p_report = sub.add_parser("report", help="plots and a table comparing a sweep's arms")
@@ -70,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--out", help="output directory (default: SWEEP_DIR/report)")
     job("sft", "supervised fine-tuning (nll, dft or asft) on a dataset")
     job("dpo", "preference optimisation (dpo, tdpo1, tdpo2, sparsepo, cdpo) on pairs")
-    job("cdpo", "cDPO's pipeline: sample, verify, contrastive critical tokens, weighted DPO "
-        "(again with resume=RUN_DIR: skip finished stages)")
+    job(
+        "cdpo",
+        "cDPO's pipeline: sample, verify, contrastive critical tokens, weighted DPO "
+        "(again with resume=RUN_DIR: skip finished stages)",
+    )
     # Overrides may also come after options (`rlpost sweep S.yaml --name x steps=3`).
     args, extra = parser.parse_known_args(argv)
-    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-")
-                                                        for e in extra)):
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
@@ -123,8 +140,10 @@ def offline_command(job: str, config: str, overrides: list[str]) -> int:
         trainer.shutdown()
     before, after = result.before, result.after
     if job == "dpo" and "eval/rewards/accuracy" in after:
-        print(f"held-out reward accuracy: {before['eval/rewards/accuracy']:.3f} -> "
-              f"{after['eval/rewards/accuracy']:.3f} (margin {after['eval/rewards/margin']:.4f})")
+        print(
+            f"held-out reward accuracy: {before['eval/rewards/accuracy']:.3f} -> "
+            f"{after['eval/rewards/accuracy']:.3f} (margin {after['eval/rewards/margin']:.4f})"
+        )
     if job == "sft" and "eval/nll" in after:
         print(f"held-out nll: {before['eval/nll']:.4f} -> {after['eval/nll']:.4f}")
     final = result.run_dir / "final_model"
@@ -149,8 +168,8 @@ def cdpo_command(config: str, overrides: list[str]) -> int:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from rlpost.sweeps.sweep import load_sweep, yaml_text
     from rlpost.sweeps.runner import run_sweep
+    from rlpost.sweeps.sweep import load_sweep, yaml_text
 
     overrides = args.overrides + ([f"ray.address={args.ray_address}"] if args.ray_address else [])
     spec = load_sweep(args.sweep, overrides, name=args.name, output_dir=args.output_dir)

@@ -1,5 +1,8 @@
-"""JSON and JSONL files written whole or not at all (to a temporary name, then renamed over
-the target): a run killed mid-write leaves the previous file, never half of a new one."""
+"""JSON and JSONL files written whole or not at all.
+
+Each goes to a temporary name, then is renamed over the target: a run killed mid-write
+leaves the previous file, never half of a new one."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Running the real CLI in a subprocess and reading what a run left behind."""
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,17 @@ UNTIMED = ("time", "time/", "tokens_per_sec")
 
 
 def train_cmd(out_dir: Path, *overrides: str, config: Path = TINY) -> list[str]:
-    return [sys.executable, "-m", "rlpost.cli", "train", str(config), f"output_dir={out_dir}",
-            *overrides]
+    return [sys.executable, "-m", "rlpost.cli", "train", str(config), f"output_dir={out_dir}", *overrides]
 
 
 def run_train(out_dir: Path, *overrides: str, config: Path = TINY, timeout: int = 600) -> Path:
-    proc = subprocess.run(train_cmd(out_dir, *overrides, config=config), capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout)
+    proc = subprocess.run(
+        train_cmd(out_dir, *overrides, config=config),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return only_run_dir(out_dir)
 
@@ -35,7 +40,8 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         rows.setdefault(row["step"], {}).update(
-            {k: v for k, v in row.items() if not k.startswith(UNTIMED) and k != "step"})
+            {k: v for k, v in row.items() if not k.startswith(UNTIMED) and k != "step"}
+        )
     return rows
 
 

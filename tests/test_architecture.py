@@ -339,7 +339,8 @@ def test_over_budget_is_reported(tmp_path):
 def test_stale_code_map_is_caught(tmp_path):
     tree(tmp_path, {"rlpost/__init__.py": '"""The runtime."""\n', "rlpost/a.py": '"""Does A.\n\nMore."""\n'})
     readme = code_map.splice(f"intro\n{code_map.START}\n{code_map.END}\nrest\n", code_map.code_map(tmp_path))
-    assert "- **`rlpost/`** — The runtime.\n  - `rlpost/a.py` (3 lines) — Does A.\n" in readme
+    assert "- **`rlpost/`** — The runtime.\n  - `rlpost/a.py` — Does A.\n" in readme
+    assert "`rlpost/a.py` (3 lines) — Does A." in code_map.code_map(tmp_path, counts=True)
     assert code_map.splice(readme, code_map.code_map(tmp_path)) == readme
     tree(tmp_path, {"rlpost/b.py": "x = 1\n"})
     assert code_map.splice(readme, code_map.code_map(tmp_path)) != readme

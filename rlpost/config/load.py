@@ -2,6 +2,7 @@
 
 Every error is a `ConfigError` whose message names the file and the dotted key.
 """
+
 from __future__ import annotations
 
 import os

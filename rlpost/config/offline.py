@@ -11,6 +11,7 @@ the learner's keys) and its loader and error style (`rlpost.config.read_config` 
 - `learner` and `ray` without the RL-only keys (mini-batches and epochs of a rollout batch,
   rollout placement).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,7 @@ from rlpost.errors import ConfigError
 
 def _without(model: type[Section], name: str, *dropped: str) -> type[Section]:
     """`model` less the keys `dropped`, every other key defined (defaults, bounds) once."""
-    fields: dict[str, Any] = {n: (f.annotation, f) for n, f in model.model_fields.items()
-                               if n not in dropped}
+    fields: dict[str, Any] = {n: (f.annotation, f) for n, f in model.model_fields.items() if n not in dropped}
     return create_model(name, __base__=Section, __module__=__name__, **fields)
 
 
@@ -43,11 +43,18 @@ OfflineRayConfig = _without(RayConfig, "OfflineRayConfig", "placement", "gpus_pe
 class DataConfig(Section):
     path: str = Field(description=".jsonl, .parquet or a datasets.save_to_disk directory")
     split: str | None = Field(None, description="split of a DatasetDict directory; None: train")
-    max_length: int | None = Field(None, gt=0, description="rows with more prompt + response "
-                                   "tokens are skipped (never truncated); None: no limit")
+    max_length: int | None = Field(
+        None,
+        gt=0,
+        description="rows with more prompt + response tokens are skipped (never truncated); None: no limit",
+    )
     strict: bool = Field(False, description="stop at the first bad row instead of skipping it")
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="held out for evaluation, "
-                                 "chosen by the seed (at least one row when > 0)")
+    eval_fraction: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="held out for evaluation, chosen by the seed (at least one row when > 0)",
+    )
 
 
 class OfflineConfig(Section):
@@ -68,10 +75,9 @@ class OfflineConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "OfflineConfig":
+    def _check(self) -> OfflineConfig:
         if self.mode == "inprocess" and self.learner.num_learners > 1:
-            raise ValueError("mode 'inprocess' runs one learner; set learner.num_learners=1 "
-                             "or mode=ray")
+            raise ValueError("mode 'inprocess' runs one learner; set learner.num_learners=1 or mode=ray")
         return self
 
     loss: ClassVar[type[Algorithm]]  # the algorithm whose Config is the `algorithm` section
@@ -107,15 +113,16 @@ class DPOJobConfig(OfflineConfig):
 JOBS: dict[str, type[OfflineConfig]] = {"sft": SFTJobConfig, "dpo": DPOJobConfig}
 
 
-def read_offline_config(job: str, path: str | os.PathLike | None,
-                        overrides: list[str] = ()) -> OfflineConfig:
+def read_offline_config(job: str, path: str | os.PathLike | None, overrides: list[str] = ()) -> OfflineConfig:
     """The config of `rlpost <job>` (sft or dpo) from YAML and overrides, validated, its
     data path checked (`rlpost.jobs.preflight` checks the model)."""
     tree, source = read_config(path, overrides)
     data = tree.get("data")
     if not isinstance(data, dict) or data.get("path") is None:
-        raise ConfigError(f"{source}: key 'data.path' is required: the dataset (.jsonl, .parquet "
-                          "or a datasets.save_to_disk directory)")
+        raise ConfigError(
+            f"{source}: key 'data.path' is required: the dataset (.jsonl, .parquet "
+            "or a datasets.save_to_disk directory)"
+        )
     cfg = validate_config(JOBS[job], tree, source)
     if not Path(cfg.data.path).exists():
         raise ConfigError(f"{source}: key 'data.path': no such file or directory: {cfg.data.path}")

@@ -1,4 +1,5 @@
 """The config sections the jobs share; every section forbids unknown keys."""
+
 from __future__ import annotations
 
 from functools import cache
@@ -51,11 +52,15 @@ class TaskConfig(Section):
     train_size: int = Field(4096, gt=0)
     eval_size: int = Field(256, gt=0)
     chat_template: Annotated[Literal["auto", "on", "off"], OnOff] = Field(
-        "auto", description="render each problem as a user message with the tokenizer's chat "
-        "template (and a generation prompt); auto: when the tokenizer has one")
+        "auto",
+        description="render each problem as a user message with the tokenizer's chat "
+        "template (and a generation prompt); auto: when the tokenizer has one",
+    )
     system_prompt: str | None = Field(
-        None, description="a system message before each problem (with the chat template), or "
-        "text before it and a blank line (without)")
+        None,
+        description="a system message before each problem (with the chat template), or "
+        "text before it and a blank line (without)",
+    )
 
 
 class WarmupConfig(Section):
@@ -86,14 +91,19 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(8, gt=0)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     # DAPO pieces (docs/algorithms.md section 1), for every RL algorithm
-    dynamic_sampling: bool = Field(False, description="drop groups whose rewards are all equal "
-                                   "and refill the batch with further rounds of prompts")
-    max_extra_rounds: int = Field(3, ge=0, description="dynamic sampling: at most this many extra "
-                                  "rounds of prompts_per_step prompts per step")
+    dynamic_sampling: bool = Field(
+        False,
+        description="drop groups whose rewards are all equal "
+        "and refill the batch with further rounds of prompts",
+    )
+    max_extra_rounds: int = Field(
+        3,
+        ge=0,
+        description="dynamic sampling: at most this many extra rounds of prompts_per_step prompts per step",
+    )
     overlong_buffer: int = Field(0, ge=0, description="L_c of the overlong reward shaping; 0: off")
     overlong_max_length: int | None = Field(None, gt=0, description="L_max; None: max_new_tokens")
-    mask_truncated: bool = Field(False, description="responses cut by max_new_tokens weigh 0 "
-                                 "in the loss")
+    mask_truncated: bool = Field(False, description="responses cut by max_new_tokens weigh 0 in the loss")
 
     @property
     def overlong_limit(self) -> int:
@@ -103,12 +113,16 @@ class RolloutConfig(Section):
     @model_validator(mode="after")
     def _check_overlong(self) -> RolloutConfig:
         if self.overlong_max_length is not None and not self.overlong_buffer:
-            raise ValueError("rollout.overlong_max_length is set but rollout.overlong_buffer is 0 "
-                             "(shaping off); set rollout.overlong_buffer (L_c) > 0")
+            raise ValueError(
+                "rollout.overlong_max_length is set but rollout.overlong_buffer is 0 "
+                "(shaping off); set rollout.overlong_buffer (L_c) > 0"
+            )
         if self.overlong_buffer > self.overlong_limit:
-            raise ValueError(f"rollout.overlong_buffer ({self.overlong_buffer}) must not exceed "
-                             f"L_max = rollout.overlong_max_length or rollout.max_new_tokens "
-                             f"({self.overlong_limit})")
+            raise ValueError(
+                f"rollout.overlong_buffer ({self.overlong_buffer}) must not exceed "
+                f"L_max = rollout.overlong_max_length or rollout.max_new_tokens "
+                f"({self.overlong_limit})"
+            )
         return self
 
 
@@ -135,8 +149,12 @@ def algorithm_section_class(name: str, kind: type[Algorithm]) -> type[AlgoConfig
         @model_serializer(mode="wrap")
         def _dump(self, handler) -> dict:
             ignored = self.ignored_keys()  # as AlgoConfig's dump, with `name` in front
-            return dict(sorted(((k, v) for k, v in handler(self).items() if k not in ignored),
-                               key=lambda item: item[0] != "name"))
+            return dict(
+                sorted(
+                    ((k, v) for k, v in handler(self).items() if k not in ignored),
+                    key=lambda item: item[0] != "name",
+                )
+            )
 
     return AlgorithmSection
 
@@ -162,9 +180,11 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) B A")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"], min_length=1,
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+        min_length=1,
         description="linear modules to adapt, by name or dotted suffix (default: the MLP "
-        "projections); not the output head")
+        "projections); not the output head",
+    )
 
 
 class LearnerConfig(Section):
@@ -177,20 +197,28 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     mini_batch_size: int = Field(128, gt=0, description="sequences per optimizer step")
     micro_batch_tokens: int | None = Field(
-        8192, gt=0, description="token budget of one forward/backward per learner "
-        "(prompt + response tokens; padded micro-batches count their padding); None: no budget")
+        8192,
+        gt=0,
+        description="token budget of one forward/backward per learner "
+        "(prompt + response tokens; padded micro-batches count their padding); None: no budget",
+    )
     micro_batch_size: int | None = Field(None, gt=0, description="cap on sequences per micro-batch")
     packing: Literal["auto", "packed", "padded"] = Field(
-        "auto", description="packed rows (varlen attention) or right-padded micro-batches; "
-        "auto: packed on CUDA with bf16/fp16, else padded")
+        "auto",
+        description="packed rows (varlen attention) or right-padded micro-batches; "
+        "auto: packed on CUDA with bf16/fp16, else padded",
+    )
     epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     logprob_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the output head")
     gradient_checkpointing: bool = False
     fused_kernels: Annotated[Literal["auto", "liger", "off"], OnOff] = Field(
-        "auto", description="Liger Kernel's fused RMSNorm, RoPE and SwiGLU in the transformer "
-        "body (CUDA only); auto: where liger-kernel is installed and supports the model")
-    lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of the "
-                                    "full weights; None: full fine-tuning")
+        "auto",
+        description="Liger Kernel's fused RMSNorm, RoPE and SwiGLU in the transformer "
+        "body (CUDA only); auto: where liger-kernel is installed and supports the model",
+    )
+    lora: LoraConfig | None = Field(
+        None, description="train a LoRA adapter instead of the full weights; None: full fine-tuning"
+    )
 
 
 class RayConfig(Section):
@@ -199,13 +227,21 @@ class RayConfig(Section):
     address: str | None = None  # None: start a local cluster
     num_cpus: int | None = Field(None, gt=0)
     placement: Literal["separate", "colocated"] = Field(
-        "separate", description="separate: learners and rollout workers on GPUs of their own; "
-        "colocated: rollout worker r shares the GPU of learner r")
-    gpus_per_learner: float = Field(0.0, ge=0, description="GPUs each learner rank holds "
-                                    "(colocated: 0 or 1, shared with its rollout worker)")
+        "separate",
+        description="separate: learners and rollout workers on GPUs of their own; "
+        "colocated: rollout worker r shares the GPU of learner r",
+    )
+    gpus_per_learner: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs each learner rank holds (colocated: 0 or 1, shared with its rollout worker)",
+    )
     gpus_per_rollout_worker: float = Field(
-        0.0, ge=0, description="separate: GPUs each rollout worker holds; a vLLM engine "
-        "needs rollout.vllm.tensor_parallel_size of them")
+        0.0,
+        ge=0,
+        description="separate: GPUs each rollout worker holds; a vLLM engine "
+        "needs rollout.vllm.tensor_parallel_size of them",
+    )
 
 
 class TrackingConfig(Section):
@@ -216,5 +252,3 @@ class TrackingConfig(Section):
     run_name: str | None = Field(None, description="W&B run name; None: the config's name")
     tags: list[str] = Field(default_factory=list)
     log_every: int = Field(1, gt=0)
-
-

@@ -8,6 +8,7 @@ position ids / cu_seqlens) or right-padded to its own longest sequence;
 `plan` cuts micro-batches by a token budget so that neither wastes compute on a
 fixed sequence count.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -74,9 +75,12 @@ class Shard(list):
 def _uniform(samples: list[Sample]) -> bool:
     """Whether every sample has the same token fields and extra keys, of the same dtypes
     (always so within one job); the columns hold nothing else."""
+
     def signature(s: Sample):
-        return ([None if getattr(s, n) is None else getattr(s, n).dtype for n in TOKEN_FIELDS],
-                [(k, v.dtype) for k, v in s.extra.items()])
+        return (
+            [None if getattr(s, n) is None else getattr(s, n).dtype for n in TOKEN_FIELDS],
+            [(k, v.dtype) for k, v in s.extra.items()],
+        )
 
     first = signature(samples[0])
     return all(signature(s) == first for s in samples[1:])
@@ -99,8 +103,9 @@ def _columns(samples: list[Sample]) -> dict:
         "group": np.array([s.group for s in samples], dtype=np.int64),
         "reward": np.array([s.reward for s in samples], dtype=np.float64),
         "truncated": np.array([s.truncated for s in samples], dtype=bool),
-        "tokens": {n: _flat([getattr(s, n) for s in samples]) for n in TOKEN_FIELDS
-                   if getattr(first, n) is not None},
+        "tokens": {
+            n: _flat([getattr(s, n) for s in samples]) for n in TOKEN_FIELDS if getattr(first, n) is not None
+        },
         "extra": {k: _flat([s.extra[k] for s in samples]) for k in first.extra},
     }
 
@@ -110,22 +115,38 @@ def _split(column: tuple[np.ndarray, np.ndarray], as_list: bool = False) -> list
     ends = lengths.cumsum()
     if as_list:
         values = flat.tolist()
-        return [values[end - n:end] for n, end in zip(lengths.tolist(), ends.tolist())]
+        return [values[end - n : end] for n, end in zip(lengths.tolist(), ends.tolist())]
     return list(torch.from_numpy(flat).split(lengths.tolist()))
 
 
 def _unpack_shard(sizes: list[int], columns: dict) -> Shard:
     tokens = {n: _split(c) for n, c in columns["tokens"].items()}
     extra = {k: _split(c) for k, c in columns["extra"].items()}
-    samples = [Sample(prompt_ids=p, response_ids=r, group=g, reward=w, truncated=t, rollout_logp=lp,
-                      **{n: v[i] for n, v in tokens.items()}, extra={k: v[i] for k, v in extra.items()})
-               for i, (p, r, lp, g, w, t) in enumerate(zip(
-                   _split(columns["prompt_ids"], True), _split(columns["response_ids"], True),
-                   _split(columns["rollout_logp"], True), columns["group"].tolist(),
-                   columns["reward"].tolist(), columns["truncated"].tolist()))]
+    samples = [
+        Sample(
+            prompt_ids=p,
+            response_ids=r,
+            group=g,
+            reward=w,
+            truncated=t,
+            rollout_logp=lp,
+            **{n: v[i] for n, v in tokens.items()},
+            extra={k: v[i] for k, v in extra.items()},
+        )
+        for i, (p, r, lp, g, w, t) in enumerate(
+            zip(
+                _split(columns["prompt_ids"], True),
+                _split(columns["response_ids"], True),
+                _split(columns["rollout_logp"], True),
+                columns["group"].tolist(),
+                columns["reward"].tolist(),
+                columns["truncated"].tolist(),
+            )
+        )
+    ]
     out, start = Shard(), 0
     for n in sizes:
-        out.append(samples[start:start + n])
+        out.append(samples[start : start + n])
         start += n
     return out
 
@@ -154,15 +175,21 @@ def collate(samples: list[Sample], pad_id: int, packed: bool = False) -> dict:
     response_lens = np.fromiter((len(s.response_ids) for s in samples), np.int64, count)
     lengths = prompt_lens + response_lens
     width = int(lengths.max())
-    tokens = np.fromiter(chain.from_iterable(part for s in samples for part in (s.prompt_ids, s.response_ids)),
-                         np.int64, int(lengths.sum()))
+    tokens = np.fromiter(
+        chain.from_iterable(part for s in samples for part in (s.prompt_ids, s.response_ids)),
+        np.int64,
+        int(lengths.sum()),
+    )
     seq_start = lengths.cumsum() - lengths  # of each sequence in `tokens`
     seq_index = np.repeat(np.arange(count), response_lens)
     # each response token's place within its response
     offset = np.arange(len(seq_index)) - (response_lens.cumsum() - response_lens)[seq_index]
     row_start = seq_start if packed else np.arange(count) * width
-    arrays = {"pred_pos": (row_start + prompt_lens - 1)[seq_index] + offset,
-              "targets": tokens[(seq_start + prompt_lens)[seq_index] + offset], "seq_index": seq_index}
+    arrays = {
+        "pred_pos": (row_start + prompt_lens - 1)[seq_index] + offset,
+        "targets": tokens[(seq_start + prompt_lens)[seq_index] + offset],
+        "seq_index": seq_index,
+    }
     if packed:
         arrays["input_ids"] = tokens[None]
         arrays["position_ids"] = (np.arange(len(tokens)) - np.repeat(seq_start, lengths))[None]
@@ -190,8 +217,9 @@ def view(samples: list[Sample]) -> MiniBatchView:
     return MiniBatchView(
         seq_index=repeat(torch.arange(len(samples)), lengths),
         lengths=lengths,
-        advantages=torch.cat([s.advantages for s in samples]) if samples and
-        samples[0].advantages is not None else torch.zeros(int(lengths.sum())),
+        advantages=torch.cat([s.advantages for s in samples])
+        if samples and samples[0].advantages is not None
+        else torch.zeros(int(lengths.sum())),
         group_index=torch.tensor([s.group for s in samples], dtype=torch.long),
         num_sequences=len(samples),
         token_mask=torch.cat([s.extra[TOKEN_MASK].bool() for s in samples]) if masked else None,
@@ -199,8 +227,13 @@ def view(samples: list[Sample]) -> MiniBatchView:
     )
 
 
-def plan(lengths: list[int], num_ranks: int, max_tokens: int | None = None,
-         max_seqs: int | None = None, packed: bool = True) -> list[list[list[int]]]:
+def plan(
+    lengths: list[int],
+    num_ranks: int,
+    max_tokens: int | None = None,
+    max_seqs: int | None = None,
+    packed: bool = True,
+) -> list[list[list[int]]]:
     """Assign sequences (by index) to ranks and micro-batches: [rank][micro][index].
 
     Ranks get about equal token counts (longest first, each to the rank with
@@ -229,9 +262,15 @@ def plan(lengths: list[int], num_ranks: int, max_tokens: int | None = None,
     for members in ranks:
         micros: list[list[int]] = []
         for i in members:
-            fit = next((m for m in micros
-                        if (max_seqs is None or len(m) < max_seqs)
-                        and (max_tokens is None or cost(m, i) <= max_tokens)), None)
+            fit = next(
+                (
+                    m
+                    for m in micros
+                    if (max_seqs is None or len(m) < max_seqs)
+                    and (max_tokens is None or cost(m, i) <= max_tokens)
+                ),
+                None,
+            )
             if fit is None:
                 micros.append([i])
             else:
@@ -243,9 +282,16 @@ def plan(lengths: list[int], num_ranks: int, max_tokens: int | None = None,
     return out
 
 
-def shard(samples: list[Sample], num_ranks: int, max_tokens: int | None = None,
-          max_seqs: int | None = None, packed: bool = True) -> list[list[list[Sample]]]:
+def shard(
+    samples: list[Sample],
+    num_ranks: int,
+    max_tokens: int | None = None,
+    max_seqs: int | None = None,
+    packed: bool = True,
+) -> list[list[list[Sample]]]:
     """`plan` applied to samples: [rank][micro][Sample]."""
     lengths = [len(s.prompt_ids) + s.num_tokens for s in samples]
-    return [Shard([samples[i] for i in micro] for micro in rank)
-            for rank in plan(lengths, num_ranks, max_tokens, max_seqs, packed)]
+    return [
+        Shard([samples[i] for i in micro] for micro in rank)
+        for rank in plan(lengths, num_ranks, max_tokens, max_seqs, packed)
+    ]

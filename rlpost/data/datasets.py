@@ -30,18 +30,19 @@ moves back to where they diverge, for chosen and rejected alike, as TRL does, an
 is listed in `PreferenceDataReport.boundary_moved` (kept: the model then trains on a prompt
 that ends slightly differently from the one it is given at inference).
 
-Row numbers count from 0: row N is `dataset[N]` of a Parquet file or HF dataset, and the
-(N+1)-th non-blank line of a JSONL file. A bad row is skipped with its reason (the first
-that applies, in the order of `REASONS`), or with `strict=True` stops the loading with an
-error naming the file and the row; no later row is read.
+Rows are numbered from 0, as rlpost/data/rows.py reads them. A bad row is skipped with its
+reason (the first that applies, in the order of `REASONS`), or with `strict=True` stops the
+loading with an error naming the file and the row; no later row is read.
 """
+
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from rlpost.data.rows import BadRow, PreferenceDataError, read_rows
 
 REASONS = {
     "invalid_json": "the line is not valid JSON",
@@ -53,17 +54,6 @@ REASONS = {
     "too_long": "prompt + response is longer than max_length tokens",
     "bad_weights": "rejected_weights is not one number >= 0 per token of the rejected response",
 }
-
-
-class PreferenceDataError(ValueError):
-    """A dataset that cannot be read, or a bad row under strict=True (preference and SFT
-    data alike); its message names the file (and the row)."""
-
-
-class _BadRow(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
 
 
 @dataclass
@@ -103,68 +93,24 @@ class PreferenceDataReport:
         line = f"{self.path}: {self.rows} rows, {self.kept} {self.unit} kept"
         if self.skipped:
             line += f", {self.rows - self.kept} skipped: " + "; ".join(
-                f"{reason} {len(ids)} ({rows(ids)})" for reason, ids in self.skipped.items())
+                f"{reason} {len(ids)} ({rows(ids)})" for reason, ids in self.skipped.items()
+            )
         if self.boundary_moved:
-            line += (f"; prompt/response boundary moved in {len(self.boundary_moved)} "
-                     f"({rows(self.boundary_moved)})")
+            line += (
+                f"; prompt/response boundary moved in {len(self.boundary_moved)} "
+                f"({rows(self.boundary_moved)})"
+            )
         return line
-
-
-# ----- reading rows ----------------------------------------------------------------------
-
-def _jsonl_rows(path: Path) -> Iterator[dict | _BadRow]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                yield _BadRow("invalid_json", str(e))
-
-
-def _parquet_rows(path: Path) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
-
-
-def _hf_rows(path: Path, split: str | None) -> Iterator[dict]:
-    from datasets import DatasetDict, load_from_disk
-
-    data = load_from_disk(str(path))
-    if isinstance(data, DatasetDict):
-        name = split or ("train" if "train" in data else None)
-        if name not in data:
-            raise PreferenceDataError(f"{path}: no split {name!r}; splits: {', '.join(data)}")
-        data = data[name]
-    elif split is not None:
-        raise PreferenceDataError(f"{path}: a single dataset with no splits; got split={split!r}")
-    yield from data
-
-
-def read_rows(path: str | Path, split: str | None = None) -> Iterator[dict | _BadRow]:
-    """The records of a `.jsonl` / `.parquet` file or a `datasets.save_to_disk` directory."""
-    path = Path(path)
-    if not path.exists():
-        raise PreferenceDataError(f"{path}: no such file or directory")
-    if path.is_dir():
-        return _hf_rows(path, split)
-    if path.suffix == ".jsonl":
-        return _jsonl_rows(path)
-    if path.suffix == ".parquet":
-        return _parquet_rows(path)
-    raise PreferenceDataError(f"{path}: unsupported format; expected .jsonl, .parquet or a "
-                              "directory written by datasets.save_to_disk")
 
 
 # ----- checking a row --------------------------------------------------------------------
 
+
 def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value)
+        for m in value
+    )
 
 
 def _empty(value: str | list) -> bool:
@@ -189,64 +135,79 @@ def _split_implicit(chosen: str | list, rejected: str | list) -> tuple:
 
 def _object(record: Any) -> dict:
     if not isinstance(record, dict):
-        raise _BadRow("malformed", f"a record must be an object, got {type(record).__name__}")
+        raise BadRow("malformed", f"a record must be an object, got {type(record).__name__}")
     return record
 
 
 def _fields(record: Any) -> tuple[str | list, str | list, str | list]:
-    """prompt, chosen, rejected of a record, all text or all messages (raises _BadRow)."""
+    """prompt, chosen, rejected of a record, all text or all messages (raises BadRow)."""
     _object(record)
     for key in ("chosen", "rejected"):
         if record.get(key) is None:
-            raise _BadRow("missing_field", f"no {key!r}")
+            raise BadRow("missing_field", f"no {key!r}")
     if "prompt" in record and record["prompt"] is None:
-        raise _BadRow("missing_field", "'prompt' is null")
+        raise BadRow("missing_field", "'prompt' is null")
     values = [record.get("prompt"), record["chosen"], record["rejected"]]
     present = values if "prompt" in record else values[1:]
     if not (all(isinstance(v, str) for v in present) or all(_is_messages(v) for v in present)):
-        raise _BadRow("malformed", "prompt, chosen and rejected must be all strings or all lists "
-                                   "of {'role': str, 'content': str} messages")
+        raise BadRow(
+            "malformed",
+            "prompt, chosen and rejected must be all strings or all lists "
+            "of {'role': str, 'content': str} messages",
+        )
     prompt, chosen, rejected = values if "prompt" in record else _split_implicit(*values[1:])
     if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-        raise _BadRow("empty_prompt", "no prompt" if "prompt" in record else
-                      "chosen and rejected share no prefix to serve as the prompt")
+        raise BadRow(
+            "empty_prompt",
+            "no prompt"
+            if "prompt" in record
+            else "chosen and rejected share no prefix to serve as the prompt",
+        )
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if _empty(value):
-            raise _BadRow("empty_response", f"{key!r} is empty")
+            raise BadRow("empty_response", f"{key!r} is empty")
     if chosen == rejected:
-        raise _BadRow("identical", "chosen and rejected are identical")
+        raise BadRow("identical", "chosen and rejected are identical")
     return prompt, chosen, rejected
 
 
 def _sft_fields(record: Any) -> tuple[str | list, str | list]:
-    """prompt and completion of a record, both text or both messages (raises _BadRow)."""
+    """prompt and completion of a record, both text or both messages (raises BadRow)."""
     _object(record)
     if "messages" in record:
         messages = record["messages"]
         if messages is None:
-            raise _BadRow("missing_field", "'messages' is null")
+            raise BadRow("missing_field", "'messages' is null")
         if not _is_messages(messages) or not messages:
-            raise _BadRow("malformed", "'messages' must be a non-empty list of "
-                                       "{'role': str, 'content': str} messages")
+            raise BadRow(
+                "malformed", "'messages' must be a non-empty list of {'role': str, 'content': str} messages"
+            )
         if messages[-1]["role"] != "assistant":
-            raise _BadRow("malformed", f"the last message is from {messages[-1]['role']!r}; "
-                                       "it must be the assistant's reply")
+            raise BadRow(
+                "malformed",
+                f"the last message is from {messages[-1]['role']!r}; it must be the assistant's reply",
+            )
         prompt, completion = messages[:-1], messages[-1:]
         if not prompt:
-            raise _BadRow("empty_prompt", "no message before the assistant's reply")
+            raise BadRow("empty_prompt", "no message before the assistant's reply")
     else:
         for key in ("prompt", "completion"):
             if record.get(key) is None:
-                raise _BadRow("missing_field", f"no {key!r} (and no 'messages')")
+                raise BadRow("missing_field", f"no {key!r} (and no 'messages')")
         prompt, completion = record["prompt"], record["completion"]
-        if not (all(isinstance(v, str) for v in (prompt, completion))
-                or all(_is_messages(v) for v in (prompt, completion))):
-            raise _BadRow("malformed", "prompt and completion must be both strings or both lists "
-                                       "of {'role': str, 'content': str} messages")
+        if not (
+            all(isinstance(v, str) for v in (prompt, completion))
+            or all(_is_messages(v) for v in (prompt, completion))
+        ):
+            raise BadRow(
+                "malformed",
+                "prompt and completion must be both strings or both lists "
+                "of {'role': str, 'content': str} messages",
+            )
         if _empty(prompt):
-            raise _BadRow("empty_prompt", "the prompt is empty")
+            raise BadRow("empty_prompt", "the prompt is empty")
     if _empty(completion):
-        raise _BadRow("empty_response", "the completion is empty")
+        raise BadRow("empty_response", "the completion is empty")
     return prompt, completion
 
 
@@ -254,19 +215,20 @@ def _weights(record: dict, tokens: int) -> list[float]:
     """The row's `rejected_weights`, checked against the rejected response's `tokens`."""
     values = record.get("rejected_weights")
     if values is None:
-        raise _BadRow("missing_field", "no 'rejected_weights' (loss cdpo needs a critical "
-                                       "weight per rejected token)")
+        raise BadRow(
+            "missing_field", "no 'rejected_weights' (loss cdpo needs a critical weight per rejected token)"
+        )
     if not isinstance(values, list) or len(values) != tokens:
         got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
-        raise _BadRow("bad_weights", f"rejected_weights has {got}; the rejected response has "
-                                     f"{tokens} tokens")
+        raise BadRow("bad_weights", f"rejected_weights has {got}; the rejected response has {tokens} tokens")
     for i, w in enumerate(values):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise _BadRow("bad_weights", f"rejected_weights[{i}] = {w!r} is not a finite number >= 0")
+            raise BadRow("bad_weights", f"rejected_weights[{i}] = {w!r} is not a finite number >= 0")
     return [float(w) for w in values]
 
 
 # ----- tokenizing ------------------------------------------------------------------------
+
 
 class _Tokenize:
     def __init__(self, tokenizer, source: Path):
@@ -279,10 +241,12 @@ class _Tokenize:
 
     def render(self, messages: list, generation_prompt: bool) -> list[int]:
         if self.tok.chat_template is None:
-            raise PreferenceDataError(f"{self.source}: conversational rows need a tokenizer with a "
-                                      "chat template; this one has none")
-        return self.encode(self.tok.apply_chat_template(messages, tokenize=False,
-                                                        add_generation_prompt=generation_prompt))
+            raise PreferenceDataError(
+                f"{self.source}: conversational rows need a tokenizer with a chat template; this one has none"
+            )
+        return self.encode(
+            self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        )
 
     def whole(self, prompt: str | list, response: str | list) -> list[int]:
         if isinstance(prompt, list):
@@ -292,8 +256,11 @@ class _Tokenize:
 
     def __call__(self, prompt, *responses) -> tuple[list[int], list[list[int]], bool]:
         """prompt ids, the ids of each response, and whether the boundary moved."""
-        prompt_ids = (self.render(prompt, generation_prompt=True) if isinstance(prompt, list)
-                      else self.bos + self.encode(prompt))
+        prompt_ids = (
+            self.render(prompt, generation_prompt=True)
+            if isinstance(prompt, list)
+            else self.bos + self.encode(prompt)
+        )
         wholes = [self.whole(prompt, r) for r in responses]
         k = min(_common_prefix(prompt_ids, w) for w in wholes)
         return wholes[0][:k], [w[k:] for w in wholes], k < len(prompt_ids)
@@ -301,26 +268,26 @@ class _Tokenize:
 
 def _check_lengths(prompt_ids: list[int], responses: list[list[int]], max_length: int | None) -> None:
     if not prompt_ids:
-        raise _BadRow("empty_prompt", "the prompt has no tokens")
+        raise BadRow("empty_prompt", "the prompt has no tokens")
     if not all(responses):  # a chat template that drops a reply
-        raise _BadRow("empty_response", "a response has no tokens")
+        raise BadRow("empty_response", "a response has no tokens")
     longest = len(prompt_ids) + max(map(len, responses))
     if max_length is not None and longest > max_length:
-        raise _BadRow("too_long", f"{longest} tokens > max_length {max_length}")
+        raise BadRow("too_long", f"{longest} tokens > max_length {max_length}")
 
 
 def _load(path: Path, split: str | None, strict: bool, unit: str, make) -> tuple[list, PreferenceDataReport]:
-    """`make(row, record) -> (item, boundary moved)` over the rows, raising _BadRow for a bad
+    """`make(row, record) -> (item, boundary moved)` over the rows, raising BadRow for a bad
     one: skipped and reported, or under `strict` the error naming the file and the row."""
     report = PreferenceDataReport(str(path), unit=unit)
     items = []
     for row, record in enumerate(read_rows(path, split)):
         report.rows += 1
         try:
-            if isinstance(record, _BadRow):
+            if isinstance(record, BadRow):
                 raise record
             item, moved = make(row, record)
-        except _BadRow as bad:
+        except BadRow as bad:
             if strict:
                 raise PreferenceDataError(f"{path}: row {row}: {bad.reason}: {bad.detail}") from None
             report.skipped.setdefault(bad.reason, []).append(row)
@@ -334,10 +301,14 @@ def _load(path: Path, split: str | None, strict: bool, unit: str, make) -> tuple
     return items, report
 
 
-def load_preference_pairs(path: str | Path, tokenizer, max_length: int | None = None,
-                          strict: bool = False, split: str | None = None,
-                          rejected_weights: bool = False
-                          ) -> tuple[list[PreferencePair], PreferenceDataReport]:
+def load_preference_pairs(
+    path: str | Path,
+    tokenizer,
+    max_length: int | None = None,
+    strict: bool = False,
+    split: str | None = None,
+    rejected_weights: bool = False,
+) -> tuple[list[PreferencePair], PreferenceDataReport]:
     """Tokenized pairs of the valid rows of `path`, and the report of the rows skipped.
 
     `max_length`: a pair whose prompt + chosen or prompt + rejected has more tokens is
@@ -356,9 +327,9 @@ def load_preference_pairs(path: str | Path, tokenizer, max_length: int | None = 
     return _load(path, split, strict, "pairs", make)
 
 
-def load_sft_examples(path: str | Path, tokenizer, max_length: int | None = None,
-                      strict: bool = False, split: str | None = None
-                      ) -> tuple[list[SFTExample], PreferenceDataReport]:
+def load_sft_examples(
+    path: str | Path, tokenizer, max_length: int | None = None, strict: bool = False, split: str | None = None
+) -> tuple[list[SFTExample], PreferenceDataReport]:
     """Tokenized prompt / completion examples of the valid rows of `path`, and the report of
     the rows skipped; the arguments are those of `load_preference_pairs`."""
     path = Path(path)

@@ -5,6 +5,7 @@ and the offline data formats hold `prompt_record`'s form, which the offline load
 tokenize to the same ids (so `rlpost cdpo` trains on prompts exactly as they were
 sampled).
 """
+
 from __future__ import annotations
 
 from rlpost.config.sections import TaskConfig
@@ -16,8 +17,9 @@ def prompt_record(tokenizer, text: str, task: TaskConfig) -> str | list[dict[str
     (task.chat_template on, or auto and the tokenizer has one) a user message after
     task.system_prompt as a system message; else text, the system prompt and a blank line
     before the problem."""
-    use_template = task.chat_template == "on" or (task.chat_template == "auto"
-                                                  and bool(getattr(tokenizer, "chat_template", None)))
+    use_template = task.chat_template == "on" or (
+        task.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+    )
     if use_template:
         messages = [{"role": "user", "content": text}]
         if task.system_prompt is not None:

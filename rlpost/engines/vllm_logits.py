@@ -8,6 +8,7 @@ the request's temperature and before top-k / top-p: it sees logits / T and
 turns them into logits / T_t. With `logprobs_mode="processed_logprobs"` the
 log-probs vLLM returns are then those of the distribution actually sampled.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ importable by dotted path inside vLLM's worker processes and must not import
 anything heavy at module level.  Methods are called from the driver with
 ``llm.collective_rpc("rlpost_load_weights", args=(payload,))``.
 """
+
 from __future__ import annotations
 
 import io

@@ -14,24 +14,21 @@
     evaluate  greedy and sampled accuracy on the held-out problems of the start, cdpo and
               dpo models -> results.json
 
-Every stage works in stages/<name>/ and ends by writing done.json with a fingerprint of
-what it depends on: its config and the records of the stages it reads. Running the
-pipeline again on the run directory (`resume=RUN_DIR`) skips each stage whose done.json
-matches, continues an interrupted training stage from its last checkpoint, and redoes a
-stage whose inputs changed, and with it every stage that reads it.
+Every stage works in stages/<name>/ and records there what it depends on: its config and
+the records of the stages it reads (rlpost/jobs/stages.py). Running the pipeline again on
+the run directory (`resume=RUN_DIR`) skips each stage whose record matches, continues an
+interrupted training stage from its last checkpoint, and redoes a stage whose inputs
+changed, and with it every stage that reads it.
 
-Pairs: per problem with both kinds, each distinct incorrect trajectory (at most
+Pairs (rlpost/data/trajectories.py): per problem with both kinds, each distinct incorrect trajectory (at most
 cdpo.pairs_per_problem) is paired with a correct one, taken in turn. The weights are
 computed on the rejected response exactly as `rlpost dpo` tokenizes it (the pairs file is
 read back through the same loader), so there is one weight per token it trains on.
 """
+
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +39,12 @@ from rlpost.config.load import dump_config
 from rlpost.data.datasets import load_preference_pairs
 from rlpost.data.prompts import prompt_record
 from rlpost.data.stream import derive_seed
+from rlpost.data.trajectories import make_pairs, training_rows, usable
 from rlpost.errors import ConfigError
 from rlpost.files import read_jsonl, write_json, write_jsonl
 from rlpost.jobs.run_dir import prepare_run_dir
 from rlpost.jobs.session import VERIFIER, Session
+from rlpost.jobs.stages import Stages
 from rlpost.tracking.tracker import Tracker
 from rlpost.workers.contrast import ContrastScorer
 from rlpost.workers.group import WorkerGroup
@@ -69,76 +68,12 @@ class CDPOTracker(Tracker):
         return "cdpo: greedy accuracy | " + super().format_line(metrics, step).split(" | ", 1)[-1]
 
 
-def usable(sample: dict) -> bool:
-    """Whether a trajectory can be training data: the data formats have no empty response
-    (a model that stops at once); those are counted, not trained on."""
-    return bool(sample["response"].strip())
-
-
-def make_pairs(samples: list[dict], per_problem: int) -> list[dict]:
-    """(correct, incorrect) pairs of each problem that has both: each distinct incorrect
-    response, at most `per_problem` of them, with the distinct correct ones in turn."""
-    by_problem: dict[int, tuple[list[dict], list[dict]]] = {}
-    for s in filter(usable, samples):
-        correct, incorrect = by_problem.setdefault(s["problem"], ([], []))
-        kind = correct if s["correct"] else incorrect
-        if all(o["response"] != s["response"] for o in kind):
-            kind.append(s)
-    pairs = []
-    for problem, (correct, incorrect) in by_problem.items():
-        if correct:
-            pairs += [{"problem": problem, "chosen": correct[k % len(correct)]["response"],
-                       "rejected": rejected["response"]}
-                      for k, rejected in enumerate(incorrect[:per_problem])]
-    return pairs
-
-
 class Pipeline:
     def __init__(self, cfg: CDPOConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.session = Session(cfg, run_dir)
         self.tracker: Tracker | None = None  # the pipeline's; the session prints to it too
-        self.records: dict[str, dict] = {}  # stage -> its done.json
-
-    # ----- stage bookkeeping ----------------------------------------------------------
-    def begin(self, name: str, inputs: Any, reads: tuple[str, ...]) -> tuple[Path, dict | None]:
-        """The stage's directory, and its record when it is complete with these inputs.
-        A directory left by other inputs is cleared; one left by the same inputs is kept
-        (a training stage resumes from its checkpoints)."""
-        directory = self.run_dir / "stages" / name
-        key = hashlib.sha256(json.dumps(
-            {"inputs": inputs, "reads": {r: self.records[r] for r in reads}},
-            sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.key = key
-        done, started = directory / "done.json", directory / "inputs.json"
-        if done.is_file():
-            record = json.loads(done.read_text())
-            if record["fingerprint"] == key:
-                self.records[name] = record
-                self.tracker.print_line(f"[cdpo] {name}: complete, skipped")
-                return directory, record
-        if directory.exists() and not (started.is_file()
-                                       and json.loads(started.read_text())["fingerprint"] == key):
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_json(started, {"fingerprint": key, "inputs": inputs}, indent=1)
-        self.tracker.print_line(f"[cdpo] {name}: started ({directory})")
-        self.started = time.time()
-        return directory, None
-
-    def finish(self, name: str, result: dict) -> dict:
-        seconds = time.time() - self.started
-        record = {"fingerprint": self.key, "finished": time.time(), "seconds": seconds,
-                  "result": result}
-        write_json(self.run_dir / "stages" / name / "done.json", record, indent=1)
-        self.records[name] = record
-        self.tracker.print_line(f"[cdpo] {name}: done in {seconds:.0f}s")
-        return record
-
-    def stage(self, name: str, inputs: Any, reads: tuple[str, ...],
-              build: Callable[[Path], dict]) -> dict:
-        directory, record = self.begin(name, inputs, reads)
-        return (record or self.finish(name, build(directory)))["result"]
+        self.stages = Stages(run_dir / "stages", lambda line: self.tracker.print_line(f"[cdpo] {line}"))
 
     @contextmanager
     def rollout(self, model: Path):
@@ -161,34 +96,60 @@ class Pipeline:
         # the pipeline's W&B run in the group of its stages' runs (`stage_config`)
         group = cfg.tracking.model_copy(update={"group": cfg.tracking.group or cfg.name})
         self.tracker = tracker = CDPOTracker(self.run_dir, cfg.model_copy(update={"tracking": group}))
-        directory, record = self.begin("start", cfg.model_dump(
-            mode="json", include={"seed", "model", "task", "warmup", "learner"}), ())
+        directory, record = self.stages.begin(
+            "start", cfg.model_dump(mode="json", include={"seed", "model", "task", "warmup", "learner"}), ()
+        )
         start = self.session.prepare(tracker, directory / "model")
         if record is None:
-            self.finish("start", {"model": str(start)})
-        sampled = self.stage("sample", cfg.model_dump(mode="json", include={
-            "rollout": True, "reward": True, "cdpo": {"problems", "pairs_per_problem"}}),
-                             ("start",), lambda d: self.sample(d, start))
+            self.stages.finish("start", {"model": str(start)})
+        sampled = self.stages.run(
+            "sample",
+            cfg.model_dump(
+                mode="json",
+                include={"rollout": True, "reward": True, "cdpo": {"problems", "pairs_per_problem"}},
+            ),
+            ("start",),
+            lambda d: self.sample(d, start),
+        )
         models = {}
         for kind in ("positive", "negative"):
             data = self.run_dir / "stages" / "sample" / f"{kind}s.jsonl"
-            models[kind] = self.stage(kind, cfg.cdpo.contrast, ("sample",),
-                                      lambda d, kind=kind, data=data: self.train(kind, d, start, data))["model"]
-        self.stage("weights", cfg.cdpo.gamma, ("sample", "positive", "negative"),
-                   lambda d: self.weights(d, models["positive"], models["negative"]))
+            models[kind] = self.stages.run(
+                kind,
+                cfg.cdpo.contrast,
+                ("sample",),
+                lambda d, kind=kind, data=data: self.train(kind, d, start, data),
+            )["model"]
+        self.stages.run(
+            "weights",
+            cfg.cdpo.gamma,
+            ("sample", "positive", "negative"),
+            lambda d: self.weights(d, models["positive"], models["negative"]),
+        )
         pairs = self.run_dir / "stages" / "weights" / "pairs.jsonl"
         finals = {"start": str(start)}
-        finals["cdpo"] = self.stage("dpo", cfg.cdpo.dpo, ("weights",),
-                                    lambda d: self.train("dpo", d, start, pairs))["model"]
+        finals["cdpo"] = self.stages.run(
+            "dpo", cfg.cdpo.dpo, ("weights",), lambda d: self.train("dpo", d, start, pairs)
+        )["model"]
         if cfg.cdpo.baseline:
-            finals["dpo"] = self.stage("baseline", cfg.cdpo.dpo, ("weights",),
-                                       lambda d: self.train("baseline", d, start, pairs))["model"]
-        accuracy = self.stage("evaluate", finals, tuple(r for r in ("dpo", "baseline") if r in self.records),
-                              lambda d: self.evaluate(finals))
-        metrics = {f"accuracy/{m}_{k.rsplit('_', 1)[-1]}": v for m, acc in accuracy.items() for k, v in acc.items()}
+            finals["dpo"] = self.stages.run(
+                "baseline", cfg.cdpo.dpo, ("weights",), lambda d: self.train("baseline", d, start, pairs)
+            )["model"]
+        accuracy = self.stages.run(
+            "evaluate",
+            finals,
+            tuple(r for r in ("dpo", "baseline") if r in self.stages.records),
+            lambda d: self.evaluate(finals),
+        )
+        metrics = {
+            f"accuracy/{m}_{k.rsplit('_', 1)[-1]}": v for m, acc in accuracy.items() for k, v in acc.items()
+        }
         metrics.update({f"sample/{k}": v for k, v in sampled.items()})
-        write_json(self.run_dir / "results.json", {"accuracy": accuracy, "sample": sampled,
-                                                   "stages": self.records}, indent=1)
+        write_json(
+            self.run_dir / "results.json",
+            {"accuracy": accuracy, "sample": sampled, "stages": self.stages.records},
+            indent=1,
+        )
         tracker.log(metrics, step=0)
         return CDPOResult(self.run_dir, accuracy)
 
@@ -196,47 +157,57 @@ class Pipeline:
         """rollout.n trajectories per problem, scored by the verifier; the training data
         of the positive and negative models and the unweighted pairs."""
         cfg, session = self.cfg, self.session
-        problems = session.train_problems[:cfg.cdpo.problems]
+        problems = session.train_problems[: cfg.cdpo.problems]
         per_round = cfg.rollout.prompts_per_step
         rows, t0 = [], time.time()
         with self.rollout(start):
             for first in range(0, len(problems), per_round):
-                batch = problems[first:first + per_round]
-                groups = session.generate(batch, cfg.rollout.n, cfg.rollout.temperature,
-                                          derive_seed(cfg.seed, "cdpo-sample", first))
+                batch = problems[first : first + per_round]
+                groups = session.generate(
+                    batch, cfg.rollout.n, cfg.rollout.temperature, derive_seed(cfg.seed, "cdpo-sample", first)
+                )
                 flat = [(i, c) for i, group in zip(range(first, first + len(batch)), groups) for c in group]
                 scores = session.score([c.ids for _, c in flat], [problems[i] for i, _ in flat])
                 texts = session.tokenizer.batch_decode([c.ids for _, c in flat], skip_special_tokens=True)
-                for (i, c), text, verdict, total in zip(flat, texts, scores.components[VERIFIER], scores.totals):
-                    rows.append({"problem": i, "question": problems[i].prompt, "response": text,
-                                 "correct": verdict >= 1.0, "verifier": verdict, "reward": total,
-                                 "truncated": c.truncated})
+                for (i, c), text, verdict, total in zip(
+                    flat, texts, scores.components[VERIFIER], scores.totals
+                ):
+                    rows.append(
+                        {
+                            "problem": i,
+                            "question": problems[i].prompt,
+                            "response": text,
+                            "correct": verdict >= 1.0,
+                            "verifier": verdict,
+                            "reward": total,
+                            "truncated": c.truncated,
+                        }
+                    )
                 correct = sum(r["correct"] for r in rows) / len(rows)
                 empty = sum(not usable(r) for r in rows)
-                self.tracker.print_line(f"[cdpo] sample: {first + len(batch)}/{len(problems)} problems "
-                                        f"| {correct:.1%} correct | {empty} empty (not used) "
-                                        f"| {time.time() - t0:.0f}s")
+                self.tracker.print_line(
+                    f"[cdpo] sample: {first + len(batch)}/{len(problems)} problems "
+                    f"| {correct:.1%} correct | {empty} empty (not used) "
+                    f"| {time.time() - t0:.0f}s"
+                )
         pairs = make_pairs(rows, cfg.cdpo.pairs_per_problem)
         if not pairs:
-            raise RuntimeError(f"cdpo: no problem among {len(problems)} has both a correct and an "
-                               f"incorrect trajectory; nothing to pair (see {directory}/samples.jsonl)")
+            raise RuntimeError(
+                f"cdpo: no problem among {len(problems)} has both a correct and an "
+                f"incorrect trajectory; nothing to pair (see {directory}/samples.jsonl)"
+            )
         write_jsonl(directory / "samples.jsonl", rows)
         # as the offline loaders read them, the prompt tokenizes as the rollout workers' did
-        prompt = {i: prompt_record(session.tokenizer, p.prompt, cfg.task) for i, p in enumerate(problems)}
-
-        def response(text: str) -> str | list[dict[str, str]]:
-            return [{"role": "assistant", "content": text}] if isinstance(prompt[0], list) else text
-
-        for kind, correct in (("positives", True), ("negatives", False)):
-            write_jsonl(directory / f"{kind}.jsonl",
-                        [{"prompt": prompt[r["problem"]], "completion": response(r["response"])}
-                         for r in rows if r["correct"] == correct and usable(r)])
-        write_jsonl(directory / "pairs_unweighted.jsonl",
-                    [{**p, "prompt": prompt[p["problem"]], "chosen": response(p["chosen"]),
-                      "rejected": response(p["rejected"])} for p in pairs])
-        return {"trajectories": len(rows), "correct_fraction": sum(r["correct"] for r in rows) / len(rows),
-                "empty_responses": sum(not usable(r) for r in rows),
-                "problems_with_pairs": len({p["problem"] for p in pairs}), "pairs": len(pairs)}
+        prompts = [prompt_record(session.tokenizer, p.prompt, cfg.task) for p in problems]
+        for name, records in training_rows(rows, pairs, prompts).items():
+            write_jsonl(directory / f"{name}.jsonl", records)
+        return {
+            "trajectories": len(rows),
+            "correct_fraction": sum(r["correct"] for r in rows) / len(rows),
+            "empty_responses": sum(not usable(r) for r in rows),
+            "problems_with_pairs": len({p["problem"] for p in pairs}),
+            "pairs": len(pairs),
+        }
 
     def train(self, stage: str, directory: Path, start: Path, data: Path) -> dict:
         """A training stage: an `rlpost sft` / `rlpost dpo` job in `directory`, continued
@@ -248,7 +219,8 @@ class Pipeline:
         (directory / "config.yaml").write_text(dump_config(job))
         try:
             trainer = TRAINERS["sft" if stage in ("positive", "negative") else "dpo"](
-                job, slots=self.session.placement.slots("learner"))
+                job, slots=self.session.placement.slots("learner")
+            )
         except ConfigError as e:
             section = "contrast" if stage in ("positive", "negative") else "dpo"
             raise ConfigError(f"stage {stage} (cdpo.{section}): {e}") from None
@@ -256,8 +228,11 @@ class Pipeline:
             result = trainer.run()
         finally:
             trainer.shutdown()
-        return {"model": str(result.run_dir / "final_model"), "before": result.before,
-                "after": {k: v for k, v in result.after.items() if k.startswith("eval/")}}
+        return {
+            "model": str(result.run_dir / "final_model"),
+            "before": result.before,
+            "after": {k: v for k, v in result.after.items() if k.startswith("eval/")},
+        }
 
     def weights(self, directory: Path, positive: str, negative: str) -> dict:
         """Critical weights of every pair's rejected tokens -> pairs.jsonl, and the view."""
@@ -268,12 +243,22 @@ class Pipeline:
         pairs, _ = load_preference_pairs(source, tokenizer, strict=True)
         lc, n = cfg.learner, cfg.learner.num_learners
         scorers = WorkerGroup(
-            ContrastScorer, n, lambda rank: dict(
-                positive=positive, negative=negative, dtype=cfg.model.dtype, gamma=cfg.cdpo.gamma,
-                pad_id=tokenizer.pad_token_id, chunk_size=lc.logprob_chunk_size,
-                micro_batch_tokens=lc.micro_batch_tokens, micro_batch_size=lc.micro_batch_size),
-            use_ray=self.session.use_ray, num_gpus=cfg.ray.gpus_per_learner,
-            slots=self.session.placement.slots("learner"))
+            ContrastScorer,
+            n,
+            lambda rank: dict(
+                positive=positive,
+                negative=negative,
+                dtype=cfg.model.dtype,
+                gamma=cfg.cdpo.gamma,
+                pad_id=tokenizer.pad_token_id,
+                chunk_size=lc.logprob_chunk_size,
+                micro_batch_tokens=lc.micro_batch_tokens,
+                micro_batch_size=lc.micro_batch_size,
+            ),
+            use_ray=self.session.use_ray,
+            num_gpus=cfg.ray.gpus_per_learner,
+            slots=self.session.placement.slots("learner"),
+        )
         try:
             parts = [[(p.prompt_ids, p.rejected_ids) for p in pairs[r::n]] for r in range(n)]
             scored = scorers.call("weights", per_rank=[(part,) for part in parts])
@@ -283,18 +268,29 @@ class Pipeline:
         for r, part in enumerate(scored):
             weights[r::n] = part
         rows = read_jsonl(source)
-        write_jsonl(directory / "pairs.jsonl", [{**row, "rejected_weights": w} for row, w in zip(rows, weights)])
-        shown = [WeightedTokens(label=f"pair {i} (problem {rows[i]['problem']})",
-                                prompt=self.session.train_problems[rows[i]["problem"]].prompt,
-                                tokens=[tokenizer.decode([t]) for t in pairs[i].rejected_ids],
-                                weights=weights[i], chosen=tokenizer.decode(pairs[i].chosen_ids))
-                 for i in range(min(cfg.cdpo.view_pairs, len(pairs)))]
-        html, png = write_token_view(directory, shown, title="cDPO critical-token weights",
-                                     weight_name="w_t = 1 - s_t")
+        write_jsonl(
+            directory / "pairs.jsonl", [{**row, "rejected_weights": w} for row, w in zip(rows, weights)]
+        )
+        shown = [
+            WeightedTokens(
+                label=f"pair {i} (problem {rows[i]['problem']})",
+                prompt=self.session.train_problems[rows[i]["problem"]].prompt,
+                tokens=[tokenizer.decode([t]) for t in pairs[i].rejected_ids],
+                weights=weights[i],
+                chosen=tokenizer.decode(pairs[i].chosen_ids),
+            )
+            for i in range(min(cfg.cdpo.view_pairs, len(pairs)))
+        ]
+        html, png = write_token_view(
+            directory, shown, title="cDPO critical-token weights", weight_name="w_t = 1 - s_t"
+        )
         self.tracker.print_line(f"[cdpo] token-weight view: {html} and {png}")
         flat = [w for ws in weights for w in ws]
-        return {"pairs": len(pairs), "weight_mean": sum(flat) / len(flat),
-                "weight_above_half": sum(w > 0.5 for w in flat) / len(flat)}
+        return {
+            "pairs": len(pairs),
+            "weight_mean": sum(flat) / len(flat),
+            "weight_above_half": sum(w > 0.5 for w in flat) / len(flat),
+        }
 
     def evaluate(self, models: dict[str, str]) -> dict[str, dict[str, float]]:
         """The session's evaluation (greedy and sampled accuracy on the held-out
@@ -305,7 +301,8 @@ class Pipeline:
                 out[name] = self.session.evaluate()
             self.tracker.print_line(
                 f"[cdpo] evaluate {name}: greedy {out[name]['eval/accuracy_greedy']:.3f}, "
-                f"sampled {out[name]['eval/accuracy_sampled']:.3f}")
+                f"sampled {out[name]['eval/accuracy_sampled']:.3f}"
+            )
         return out
 
 

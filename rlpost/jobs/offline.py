@@ -1,6 +1,7 @@
-"""`rlpost sft` and `rlpost dpo`: training on a dataset instead of rollouts, on the RL
-job's machinery (run directory, Tracker, the seeded epoch stream, checkpoints and resume,
-DeepSpeed learner groups in-process or on Ray).
+"""`rlpost sft` and `rlpost dpo`: training on a dataset instead of rollouts.
+
+They run on the RL job's machinery (run directory, Tracker, the seeded epoch stream,
+checkpoints and resume, DeepSpeed learner groups in-process or on Ray).
 
     tokenizer, data (bad rows skipped and reported, or `data.strict` stops) -> run directory
       -> learners (the reference model inside them where the loss needs one)
@@ -10,6 +11,7 @@ DeepSpeed learner groups in-process or on Ray).
 Everything that can reject the job (config, data, batch size against the data) happens in
 the constructor, before a run directory, a model or a learner exists.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +27,9 @@ import torch
 from rlpost.algorithms import build_algorithm
 from rlpost.config.offline import DPOJobConfig, OfflineConfig, SFTJobConfig
 from rlpost.data.batch import Sample
-from rlpost.data.datasets import PreferenceDataError, load_preference_pairs, load_sft_examples
+from rlpost.data.datasets import load_preference_pairs, load_sft_examples
 from rlpost.data.pairs import pair_samples, sft_samples, shard_pairs
+from rlpost.data.rows import PreferenceDataError
 from rlpost.data.stream import EpochStream, derive_seed
 from rlpost.errors import ConfigError
 from rlpost.jobs.run_dir import (
@@ -72,13 +75,17 @@ class OfflineTrainer:
         None: a placement group of their own."""
         self.cfg, self.use_ray, self.slots = cfg, cfg.mode == "ray", slots
         self.algorithm = build_algorithm(*cfg.algorithm_spec())
-        self.tokenizer = (load_tokenizer(pretrained_dir(cfg.model)) if cfg.model.kind != "tiny"
-                          else char_tokenizer(TINY_ALPHABET))
+        self.tokenizer = (
+            load_tokenizer(pretrained_dir(cfg.model))
+            if cfg.model.kind != "tiny"
+            else char_tokenizer(TINY_ALPHABET)
+        )
         rows, self.report = self.load_data()
         if not rows:
             first = "; ".join(f"{reason}: {text}" for reason, text in self.report.first.items())
-            raise PreferenceDataError(f"{self.report.summary()}: nothing to train on (first of "
-                                      f"each: {first})")
+            raise PreferenceDataError(
+                f"{self.report.summary()}: nothing to train on (first of each: {first})"
+            )
         fraction = cfg.data.eval_fraction
         held_out = max(1, round(fraction * len(rows))) if fraction > 0 else 0
         order = list(range(len(rows)))
@@ -86,15 +93,19 @@ class OfflineTrainer:
         self.eval_rows = [rows[i] for i in sorted(order[:held_out])]
         self.train_rows = [rows[i] for i in sorted(order[held_out:])]
         if cfg.batch_size > len(self.train_rows):
-            raise ConfigError(f"key 'batch_size': {cfg.batch_size} is more than the "
-                              f"{len(self.train_rows)} training {self.unit} of {cfg.data.path} "
-                              f"({held_out} held out for evaluation)")
+            raise ConfigError(
+                f"key 'batch_size': {cfg.batch_size} is more than the "
+                f"{len(self.train_rows)} training {self.unit} of {cfg.data.path} "
+                f"({held_out} held out for evaluation)"
+            )
         self.steps = cfg.steps or math.ceil(cfg.epochs * len(self.train_rows) / cfg.batch_size)
         self.stream = EpochStream(len(self.train_rows), cfg.seed)
         self.checkpoint = latest_checkpoint(Path(cfg.resume)) if cfg.resume else None
         if self.checkpoint and self.checkpoint[1]["train_rows"] != len(self.train_rows):
-            raise ConfigError(f"resume: {cfg.resume} trained on {self.checkpoint[1]['train_rows']} "
-                              f"{self.unit}; the data now gives {len(self.train_rows)}")
+            raise ConfigError(
+                f"resume: {cfg.resume} trained on {self.checkpoint[1]['train_rows']} "
+                f"{self.unit}; the data now gives {len(self.train_rows)}"
+            )
         self.learners: WorkerGroup | None = None
         self.tracker: Tracker | None = None
 
@@ -116,21 +127,31 @@ class OfflineTrainer:
         cfg = self.cfg
         set_threads()
         self.run_dir = run_dir = prepare_run_dir(cfg)
-        print(f"data: {self.report.summary()}; {len(self.train_rows)} train, "
-              f"{len(self.eval_rows)} held out", flush=True)
+        print(
+            f"data: {self.report.summary()}; {len(self.train_rows)} train, {len(self.eval_rows)} held out",
+            flush=True,
+        )
         (run_dir / "data_report.json").write_text(json.dumps(asdict(self.report), indent=1))
         checkpoint = self.checkpoint
         start = materialise_initial_model(cfg.model, TINY_ALPHABET, cfg.seed, run_dir / "models" / "initial")
-        self.tracker = self.tracker_class(run_dir, cfg.model_copy(update={"steps": self.steps}),
-                                          resume_step=checkpoint[1]["step"] if checkpoint else None)
+        self.tracker = self.tracker_class(
+            run_dir,
+            cfg.model_copy(update={"steps": self.steps}),
+            resume_step=checkpoint[1]["step"] if checkpoint else None,
+        )
         if self.use_ray:
             init_ray(cfg.ray, cfg.learner.num_learners)
         lc = cfg.learner
         self.learners = start_learner_group(
-            cfg, start, cfg.algorithm_spec(),
+            cfg,
+            start,
+            cfg.algorithm_spec(),
             LRSchedule(lc.lr, lc.lr_warmup_steps, lc.lr_schedule, total_steps=self.steps),
-            pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray, slots=self.slots,
-            role=self.learner_role)
+            pad_id=self.tokenizer.pad_token_id,
+            use_ray=self.use_ray,
+            slots=self.slots,
+            role=self.learner_role,
+        )
         self.packed = self.learners.call("is_packed")[0]
         first = 1
         if checkpoint:
@@ -159,8 +180,12 @@ class OfflineTrainer:
         return OfflineResult(run_dir, next((r for r in rows if r["step"] == 0), {}), rows[-1])
 
     def save_checkpoint(self, step: int) -> None:
-        save_checkpoint(self.run_dir, self.learners, step, {"data_position": self.stream.position,
-                                                            "train_rows": len(self.train_rows)})
+        save_checkpoint(
+            self.run_dir,
+            self.learners,
+            step,
+            {"data_position": self.stream.position, "train_rows": len(self.train_rows)},
+        )
         self.tracker.plot()
 
     def shutdown(self) -> None:
@@ -177,13 +202,21 @@ def tokens(samples: list[Sample]) -> int:
 
 # ----- SFT -----------------------------------------------------------------------------------
 class SFTTracker(Tracker):
-    console_metrics = [("loss", "loss", "{:.4f}"), ("nll", "nll", "{:.4f}"), ("kl", "kl", "{:.4f}"),
-                       ("eval/nll", "eval_nll", "{:.4f}"), ("entropy", "entropy", "{:.3f}"),
-                       ("time/step", "time", "{:.2f}s"), ("tokens_per_sec", "tok/s", "{:.0f}")]
-    plot_panels = [("Loss", "loss", [("loss", "loss")], False),
-                   ("NLL", "nats / token", [("nll", "train"), ("eval/nll", "held out")], False),
-                   ("KL to the reference (ASFT)", "nats / token", [("kl", "kl")], False),
-                   ("Entropy", "nats / token", [("entropy", "entropy")], False)]
+    console_metrics = [
+        ("loss", "loss", "{:.4f}"),
+        ("nll", "nll", "{:.4f}"),
+        ("kl", "kl", "{:.4f}"),
+        ("eval/nll", "eval_nll", "{:.4f}"),
+        ("entropy", "entropy", "{:.3f}"),
+        ("time/step", "time", "{:.2f}s"),
+        ("tokens_per_sec", "tok/s", "{:.0f}"),
+    ]
+    plot_panels = [
+        ("Loss", "loss", [("loss", "loss")], False),
+        ("NLL", "nats / token", [("nll", "train"), ("eval/nll", "held out")], False),
+        ("KL to the reference (ASFT)", "nats / token", [("kl", "kl")], False),
+        ("Entropy", "nats / token", [("entropy", "entropy")], False),
+    ]
 
 
 class SFTTrainer(OfflineTrainer):
@@ -217,22 +250,44 @@ class SFTTrainer(OfflineTrainer):
 
 # ----- preference pairs -------------------------------------------------------------------
 class DPOTracker(Tracker):
-    console_metrics = [("loss", "loss", "{:.4f}"), ("rewards/accuracy", "acc", "{:.3f}"),
-                       ("rewards/margin", "margin", "{:.4f}"), ("kl/per_token", "kl", "{:.5f}"),
-                       ("mask_u/mean", "mask", "{:.3f}"), ("critical_weight/mean", "w_crit", "{:.3f}"),
-                       ("eval/rewards/accuracy", "eval_acc", "{:.3f}"),
-                       ("eval/rewards/margin", "eval_margin", "{:.4f}"),
-                       ("time/step", "time", "{:.2f}s"), ("tokens_per_sec", "tok/s", "{:.0f}")]
+    console_metrics = [
+        ("loss", "loss", "{:.4f}"),
+        ("rewards/accuracy", "acc", "{:.3f}"),
+        ("rewards/margin", "margin", "{:.4f}"),
+        ("kl/per_token", "kl", "{:.5f}"),
+        ("mask_u/mean", "mask", "{:.3f}"),
+        ("critical_weight/mean", "w_crit", "{:.3f}"),
+        ("eval/rewards/accuracy", "eval_acc", "{:.3f}"),
+        ("eval/rewards/margin", "eval_margin", "{:.4f}"),
+        ("time/step", "time", "{:.2f}s"),
+        ("tokens_per_sec", "tok/s", "{:.0f}"),
+    ]
     plot_panels = [
         ("Loss", "loss", [("loss", "train"), ("eval/loss", "held out")], False),
-        ("Implicit reward accuracy", "fraction of pairs",
-         [("rewards/accuracy", "train"), ("eval/rewards/accuracy", "held out")], True),
-        ("Reward margin", "beta (Delta_w - Delta_l)",
-         [("rewards/margin", "train"), ("eval/rewards/margin", "held out")], False),
-        ("Log-probs", "sum of log p per response",
-         [("logps/chosen", "chosen"), ("logps/rejected", "rejected")], False),
-        ("KL to the reference", "nats / token",
-         [("kl/chosen_per_token", "chosen"), ("kl/rejected_per_token", "rejected")], False),
+        (
+            "Implicit reward accuracy",
+            "fraction of pairs",
+            [("rewards/accuracy", "train"), ("eval/rewards/accuracy", "held out")],
+            True,
+        ),
+        (
+            "Reward margin",
+            "beta (Delta_w - Delta_l)",
+            [("rewards/margin", "train"), ("eval/rewards/margin", "held out")],
+            False,
+        ),
+        (
+            "Log-probs",
+            "sum of log p per response",
+            [("logps/chosen", "chosen"), ("logps/rejected", "rejected")],
+            False,
+        ),
+        (
+            "KL to the reference",
+            "nats / token",
+            [("kl/chosen_per_token", "chosen"), ("kl/rejected_per_token", "rejected")],
+            False,
+        ),
         ("SparsePO mask", "", [("mask_u/mean", "mean"), ("mask_u/sparsity", "sparsity")], False),
         ("cDPO critical weight", "mean over rejected tokens", [("critical_weight/mean", "w")], False),
     ]
@@ -251,13 +306,24 @@ class DPOTrainer(OfflineTrainer):
 
     def load_data(self):
         d = self.cfg.data
-        return load_preference_pairs(d.path, self.tokenizer, d.max_length, d.strict, d.split,
-                                     rejected_weights=self.algorithm.critical_weights)
+        return load_preference_pairs(
+            d.path,
+            self.tokenizer,
+            d.max_length,
+            d.strict,
+            d.split,
+            rejected_weights=self.algorithm.critical_weights,
+        )
 
     def shard(self, pairs: list) -> list[list[list[Sample]]]:
         lc = self.cfg.learner
-        return shard_pairs(pair_samples(pairs, self.algorithm.critical_weights), lc.num_learners,
-                           lc.micro_batch_tokens, lc.micro_batch_size, self.packed)
+        return shard_pairs(
+            pair_samples(pairs, self.algorithm.critical_weights),
+            lc.num_learners,
+            lc.micro_batch_tokens,
+            lc.micro_batch_size,
+            self.packed,
+        )
 
     def train_step(self, rows: list) -> dict[str, float]:
         parts = self.shard(rows)
@@ -266,13 +332,17 @@ class DPOTrainer(OfflineTrainer):
             merged.merge(m)
             sums += [rank_sums] if rank_sums is not None else []
         total = sum(sums[1:], sums[0])  # each pair's sums come whole from one rank
-        return {**merged.result(), **self.algorithm.metrics(total),
-                "tokens": tokens([s for rank in parts for micro in rank for s in micro])}
+        return {
+            **merged.result(),
+            **self.algorithm.metrics(total),
+            "tokens": tokens([s for rank in parts for micro in rank for s in micro]),
+        }
 
     def evaluate(self) -> dict[str, float]:
         """The implicit-reward metrics and the loss of the held-out pairs."""
-        results = self.learners.call("score_pairs", per_rank=[(p, len(self.eval_rows))
-                                                              for p in self.shard(self.eval_rows)])
+        results = self.learners.call(
+            "score_pairs", per_rank=[(p, len(self.eval_rows)) for p in self.shard(self.eval_rows)]
+        )
         sums = [r for r in results if r is not None]
         total = sum(sums[1:], sums[0])
         out = {"eval/loss": self.algorithm.pair_loss(total).mean().item()}
@@ -284,7 +354,7 @@ class DPOTrainer(OfflineTrainer):
         pairs when none are held out, for the losses that weigh tokens: cDPO's critical
         weights from the data, SparsePO's m^u of the final model from the learners."""
         algorithm = self.cfg.algorithm
-        pairs = (self.eval_rows or self.train_rows)[:self.view_pairs]
+        pairs = (self.eval_rows or self.train_rows)[: self.view_pairs]
         if algorithm.loss == "cdpo":
             weight_name, weights = "critical weight w_t", [p.rejected_weights for p in pairs]
         elif algorithm.loss == "sparsepo":
@@ -296,12 +366,19 @@ class DPOTrainer(OfflineTrainer):
         else:
             return  # every token weighs 1
         decode, where = self.tokenizer.decode, "held out" if self.eval_rows else "training"
-        rows = [WeightedTokens(label=f"pair {p.row} ({where})", prompt=decode(p.prompt_ids),
-                               tokens=[decode([t]) for t in p.rejected_ids], weights=w,
-                               chosen=decode(p.chosen_ids))
-                for p, w in zip(pairs, weights)]
-        page, image = write_token_view(self.run_dir, rows, f"{self.run_dir.name}: {weight_name} "
-                                       f"of the rejected tokens", weight_name)
+        rows = [
+            WeightedTokens(
+                label=f"pair {p.row} ({where})",
+                prompt=decode(p.prompt_ids),
+                tokens=[decode([t]) for t in p.rejected_ids],
+                weights=w,
+                chosen=decode(p.chosen_ids),
+            )
+            for p, w in zip(pairs, weights)
+        ]
+        page, image = write_token_view(
+            self.run_dir, rows, f"{self.run_dir.name}: {weight_name} of the rejected tokens", weight_name
+        )
         self.tracker.print_line(f"token weights: {page} ({image.name})")
 
 

@@ -1,5 +1,7 @@
-"""The checks that need the disk or installed packages, run on a loaded config before
-anything expensive starts; and the loaders every command uses, which add them."""
+"""The config checks that need the disk or installed packages, and the loaders that run them.
+
+They run on a loaded config before anything expensive starts."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +12,7 @@ from rlpost.config.load import read_train_config
 from rlpost.config.offline import OfflineConfig, read_offline_config
 from rlpost.config.rl import TrainConfig
 from rlpost.errors import ConfigError
-from rlpost.model.fused_kernels import INSTALL, liger_installed
+from rlpost.model import fused_kernels
 from rlpost.model.load import smollm2_gguf
 from rlpost.model.lora import check_model_config
 
@@ -22,8 +24,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
     return cfg
 
 
-def load_offline_config(job: str, path: str | os.PathLike | None,
-                        overrides: list[str] = ()) -> OfflineConfig:
+def load_offline_config(job: str, path: str | os.PathLike | None, overrides: list[str] = ()) -> OfflineConfig:
     """The config of `rlpost <job>` (sft or dpo), validated, its paths checked."""
     cfg = read_offline_config(job, path, overrides)
     check_model_and_resume(cfg, _source(path, overrides))
@@ -53,16 +54,15 @@ def check_model_and_resume(cfg, source: str) -> None:
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
     if cfg.learner.fused_kernels == "liger":
-        if not liger_installed():
-            raise ConfigError(f"{source}: key 'learner.fused_kernels': liger needs the "
-                              f"liger-kernel package: {INSTALL}")
+        if not fused_kernels.liger_installed():
+            raise ConfigError(
+                f"{source}: key 'learner.fused_kernels': liger needs the liger-kernel package: "
+                f"{fused_kernels.INSTALL}"
+            )
     if cfg.learner.lora is not None:
         try:
             check_model_config(cfg.model, cfg.learner.lora)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
     if cfg.resume and not (Path(cfg.resume) / "config.yaml").is_file():
-        raise ConfigError(f"{source}: key 'resume': {cfg.resume} is not a run directory "
-                          f"(no config.yaml)")
-
-
+        raise ConfigError(f"{source}: key 'resume': {cfg.resume} is not a run directory (no config.yaml)")

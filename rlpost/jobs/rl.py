@@ -12,6 +12,7 @@ What the job shares with `rlpost cdpo` (model, Ray, worker groups, generation,
 scoring, evaluation) is its `Session`; the controller's side of an update is in
 update.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,6 +37,7 @@ from rlpost.jobs.run_dir import (
 )
 from rlpost.jobs.session import VERIFIER, Session
 from rlpost.jobs.update import (
+    assign_advantages,
     logprob_pass,
     minibatches,
     score_and_train,
@@ -44,7 +46,7 @@ from rlpost.jobs.update import (
     train_minibatches,
 )
 from rlpost.rewards import Problem
-from rlpost.rewards.pool import RewardResult
+from rlpost.rewards.scoring.pool import RewardResult
 from rlpost.tracking.metrics import MetricSums
 from rlpost.tracking.tracker import Tracker
 from rlpost.workers.learner import LRSchedule
@@ -85,13 +87,17 @@ class Trainer(Session):
         checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
         start_model = self.prepare(
             Tracker(run_dir, cfg, resume_step=checkpoint[1]["step"] if checkpoint else None),
-            warmup_dir=run_dir / "models" / "warmup")
+            warmup_dir=run_dir / "models" / "warmup",
+        )
         lc = cfg.learner
-        optimizer_steps = cfg.steps * lc.epochs * (cfg.rollout.prompts_per_step * cfg.rollout.n
-                                                   // lc.mini_batch_size)
+        optimizer_steps = (
+            cfg.steps * lc.epochs * (cfg.rollout.prompts_per_step * cfg.rollout.n // lc.mini_batch_size)
+        )
         self.learners = self.start_learners(
-            start_model, (cfg.algorithm.name, cfg.algorithm.params()),
-            LRSchedule(lc.lr, lc.lr_warmup_steps, lc.lr_schedule, total_steps=optimizer_steps))
+            start_model,
+            (cfg.algorithm.name, cfg.algorithm.params()),
+            LRSchedule(lc.lr, lc.lr_warmup_steps, lc.lr_schedule, total_steps=optimizer_steps),
+        )
         self.start_rollout(start_model)
         first = 1
         if checkpoint:
@@ -123,7 +129,7 @@ class Trainer(Session):
         rollouts = self.collect(step, times)
         batch_metrics: dict[str, float] = {}
         if not rollouts.groups:  # dynamic sampling kept nothing: no update this step
-            return self.step_metrics(rollouts, [], None, MetricSums(), times, batch_metrics)
+            return step_metrics(cfg, rollouts, [], None, MetricSums(), times, batch_metrics)
 
         t = time.perf_counter()
         batch = [s for g in rollouts.groups for s in g]
@@ -131,8 +137,7 @@ class Trainer(Session):
         rewards = torch.tensor([s.reward for s in batch]).view(shape)
         lengths = torch.tensor([s.num_tokens for s in batch]).view(shape)
         advantages = self.algorithm.advantages(rewards, lengths)
-        for s, a in zip(batch, advantages.flatten().tolist()):
-            s.advantages = torch.full((s.num_tokens,), a)
+        assign_advantages(batch, advantages)
         keep = self.algorithm.select_samples(advantages, step)
         samples = batch
         if keep is not None:
@@ -142,14 +147,18 @@ class Trainer(Session):
 
         t = time.perf_counter()
         batches = minibatches(samples, lc.mini_batch_size, lc.epochs, cfg.seed, step)
-        if (needs.old_policy_entropy or needs.position_divergence or lc.epochs > 1
-                or self.sampling_rule is not None):
+        if (
+            needs.old_policy_entropy
+            or needs.position_divergence
+            or lc.epochs > 1
+            or self.sampling_rule is not None
+        ):
             # the controller needs the old policy's entropies before the update
-            entropy = logprob_pass(self.learners, self.algorithm, samples, self.split,
-                                   self.sampling_rule, batch_metrics)
+            entropy = logprob_pass(
+                self.learners, self.algorithm, samples, self.split, self.sampling_rule, batch_metrics
+            )
             self.sampling_rule = self.algorithm.sampling_rule(entropy)
-            set_token_mask(self.algorithm, samples, entropy, step, cfg.rollout.mask_truncated,
-                           batch_metrics)
+            set_token_mask(self.algorithm, samples, entropy, step, cfg.rollout.mask_truncated, batch_metrics)
             if needs.position_divergence:
                 set_position_weights(self.learners, self.algorithm, samples, batch_metrics)
             times["logprob"] = time.perf_counter() - t
@@ -158,10 +167,10 @@ class Trainer(Session):
         else:
             # nothing between the two passes needs the controller: one call per learner rank
             # scores its samples and trains on them (time/update covers both passes)
-            set_token_mask(self.algorithm, samples, None, step, cfg.rollout.mask_truncated,
-                           batch_metrics)
-            update, entropies = score_and_train(self.learners, self.algorithm, batches, self.split,
-                                                needs.reference)
+            set_token_mask(self.algorithm, samples, None, step, cfg.rollout.mask_truncated, batch_metrics)
+            update, entropies = score_and_train(
+                self.learners, self.algorithm, batches, self.split, needs.reference
+            )
             entropy = torch.cat([entropies[id(s)] for s in samples])
             self.sampling_rule = self.algorithm.sampling_rule(entropy)
         step_update = MetricSums()
@@ -173,7 +182,7 @@ class Trainer(Session):
         t = time.perf_counter()
         self.sync_weights()
         times["weight_sync"] = time.perf_counter() - t
-        return self.step_metrics(rollouts, samples, entropy, step_update, times, batch_metrics)
+        return step_metrics(cfg, rollouts, samples, entropy, step_update, times, batch_metrics)
 
     def collect(self, step: int, times: dict[str, float]) -> Rollouts:
         """Generate and score this step's groups. With dynamic sampling, groups whose
@@ -192,17 +201,29 @@ class Trainer(Session):
             times["rollout"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            groups = [[Sample(prompt_ids=self.encode_prompt(p.prompt), response_ids=c.ids,
-                              truncated=c.truncated, rollout_logp=c.logprobs) for c in group]
-                      for p, group in zip(problems, completions)]
+            groups = [
+                [
+                    Sample(
+                        prompt_ids=self.encode_prompt(p.prompt),
+                        response_ids=c.ids,
+                        truncated=c.truncated,
+                        rollout_logp=c.logprobs,
+                    )
+                    for c in group
+                ]
+                for p, group in zip(problems, completions)
+            ]
             scored = [s for g in groups for s in g]
-            result = self.score([s.response_ids for s in scored],
-                                [p for p, g in zip(problems, groups) for _ in g])
+            result = self.score(
+                [s.response_ids for s in scored], [p for p, g in zip(problems, groups) for _ in g]
+            )
             for s, reward in zip(scored, result.totals):
                 s.reward = reward
             if result.example is not None:
-                self.tracker.print_line(f"step {step}: {sum(result.failures.values())} reward "
-                                        f"call(s) failed and scored 0, e.g. {result.example}")
+                self.tracker.print_line(
+                    f"step {step}: {sum(result.failures.values())} reward "
+                    f"call(s) failed and scored 0, e.g. {result.example}"
+                )
             out.generated += scored
             out.rewards = result if out.rewards is None else out.rewards + result
             if rc.overlong_buffer:
@@ -220,10 +241,12 @@ class Trainer(Session):
             if len(out.groups) >= rc.prompts_per_step:
                 break
         if len(out.groups) < rc.prompts_per_step:
-            self.tracker.print_line(f"step {step}: dynamic sampling kept {len(out.groups)} of "
-                                    f"{rc.prompts_per_step} groups after {out.rounds - 1} extra "
-                                    f"rounds; training on those")
-        out.groups = out.groups[:rc.prompts_per_step]
+            self.tracker.print_line(
+                f"step {step}: dynamic sampling kept {len(out.groups)} of "
+                f"{rc.prompts_per_step} groups after {out.rounds - 1} extra "
+                f"rounds; training on those"
+            )
+        out.groups = out.groups[: rc.prompts_per_step]
         for g, group in enumerate(out.groups):
             for s in group:
                 s.group = g
@@ -237,54 +260,18 @@ class Trainer(Session):
         weights = self.learners.call("put_weights" if self.use_ray else "export_weights")[0]
         self.rollout.call("update_weights", weights)
 
-    def step_metrics(self, rollouts: Rollouts, samples: list[Sample], entropy: torch.Tensor | None,
-                     update: MetricSums, times: dict[str, float],
-                     batch_metrics: dict[str, float]) -> dict[str, float]:
-        """Rewards, accuracy and lengths over every generated sample (the policy's
-        behaviour); entropy and log-prob gaps over the samples trained on."""
-        rc = self.cfg.rollout
-        generated = rollouts.generated
-        rewards = torch.tensor([s.reward for s in generated])
-        lengths = torch.tensor([s.num_tokens for s in generated], dtype=torch.float)
-        n_tokens = int(lengths.sum())
-        step_time = sum(times.values())
-        out = {
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item() if len(generated) > 1 else 0.0,
-            f"accuracy/{self.cfg.task.name}":
-                sum(v == 1 for v in rollouts.rewards.components[VERIFIER]) / len(generated),
-            "response_length/mean": lengths.mean().item(),
-            "response_length/max": lengths.max().item(),
-            "response_length/clipped_frac": sum(s.truncated for s in generated) / len(generated),
-            "tokens": n_tokens,
-            "tokens_per_sec": n_tokens / step_time,
-            "time/step": step_time,
-        }
-        if samples:
-            gap = torch.cat([(torch.tensor(s.rollout_logp) - s.old_logp).abs() for s in samples])
-            out.update({"rollout_entropy": entropy.mean().item(),
-                        "logprob_gap/rollout_vs_learner_mean": gap.mean().item(),
-                        "logprob_gap/rollout_vs_learner_max": gap.max().item()})
-        out.update(rollouts.rewards.metrics())
-        if rc.overlong_buffer:  # collect added the penalty to each pool reward
-            out["overlong/penalty_mean"] = sum(s.reward - total for s, total in
-                                               zip(generated, rollouts.rewards.totals)) / len(generated)
-        if rc.dynamic_sampling:
-            out["dynamic_sampling/dropped_group_frac"] = (
-                rollouts.dropped_groups / (rollouts.rounds * rc.prompts_per_step))
-            out["dynamic_sampling/extra_rounds"] = rollouts.rounds - 1
-            out["dynamic_sampling/kept_groups"] = len(rollouts.groups)
-        out.update(batch_metrics)
-        out.update({f"time/{k}": v for k, v in times.items()})
-        out.update(update.result())
-        return out
-
     # ----- checkpoints: the stream's position and the sampling rule ---------------------------
     def save_checkpoint(self, step: int) -> None:
         rule = self.sampling_rule
-        save_checkpoint(self.run_dir, self.learners, step, {
-            "data_position": self.stream.position,
-            "sampling_rule": rule.to_dict() if rule is not None else None})
+        save_checkpoint(
+            self.run_dir,
+            self.learners,
+            step,
+            {
+                "data_position": self.stream.position,
+                "sampling_rule": rule.to_dict() if rule is not None else None,
+            },
+        )
         self.tracker.plot()
 
     def load_checkpoint(self, tag: str, state: dict) -> None:
@@ -304,6 +291,61 @@ class Trainer(Session):
         with open(self.run_dir / "metrics.jsonl") as f:
             rows = (json.loads(line) for line in f)
             return next(r["eval/accuracy_greedy"] for r in rows if r["step"] == 0)
+
+
+def step_metrics(
+    cfg: TrainConfig,
+    rollouts: Rollouts,
+    samples: list[Sample],
+    entropy: torch.Tensor | None,
+    update: MetricSums,
+    times: dict[str, float],
+    batch_metrics: dict[str, float],
+) -> dict[str, float]:
+    """Rewards, accuracy and lengths over every generated sample (the policy's
+    behaviour); entropy and log-prob gaps over the samples trained on."""
+    rc = cfg.rollout
+    generated = rollouts.generated
+    rewards = torch.tensor([s.reward for s in generated])
+    lengths = torch.tensor([s.num_tokens for s in generated], dtype=torch.float)
+    n_tokens = int(lengths.sum())
+    step_time = sum(times.values())
+    out = {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if len(generated) > 1 else 0.0,
+        f"accuracy/{cfg.task.name}": sum(v == 1 for v in rollouts.rewards.components[VERIFIER])
+        / len(generated),
+        "response_length/mean": lengths.mean().item(),
+        "response_length/max": lengths.max().item(),
+        "response_length/clipped_frac": sum(s.truncated for s in generated) / len(generated),
+        "tokens": n_tokens,
+        "tokens_per_sec": n_tokens / step_time,
+        "time/step": step_time,
+    }
+    if samples:
+        gap = torch.cat([(torch.tensor(s.rollout_logp) - s.old_logp).abs() for s in samples])
+        out.update(
+            {
+                "rollout_entropy": entropy.mean().item(),
+                "logprob_gap/rollout_vs_learner_mean": gap.mean().item(),
+                "logprob_gap/rollout_vs_learner_max": gap.max().item(),
+            }
+        )
+    out.update(rollouts.rewards.metrics())
+    if rc.overlong_buffer:  # collect added the penalty to each pool reward
+        out["overlong/penalty_mean"] = sum(
+            s.reward - total for s, total in zip(generated, rollouts.rewards.totals)
+        ) / len(generated)
+    if rc.dynamic_sampling:
+        out["dynamic_sampling/dropped_group_frac"] = rollouts.dropped_groups / (
+            rollouts.rounds * rc.prompts_per_step
+        )
+        out["dynamic_sampling/extra_rounds"] = rollouts.rounds - 1
+        out["dynamic_sampling/kept_groups"] = len(rollouts.groups)
+    out.update(batch_metrics)
+    out.update({f"time/{k}": v for k, v in times.items()})
+    out.update(update.result())
+    return out
 
 
 def overhead_metrics(metrics: dict[str, float], compute: dict[str, float]) -> dict[str, float]:

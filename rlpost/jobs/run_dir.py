@@ -10,6 +10,7 @@ trainer_state.json is written after the learners' part and atomically, so a chec
 counts as complete exactly when it has one; resume restores the controller's RNG
 states, so the draws after a resume are those an uninterrupted run would have made.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,12 @@ def save_checkpoint(run_dir: Path, learners, step: int, state: dict) -> None:
     step and the RNG states)."""
     tag_dir = run_dir / "checkpoints" / f"step_{step}"
     learners.call("save_checkpoint", str(tag_dir.parent), tag_dir.name)
-    state = {"step": step, **state, "python_rng": random.getstate(),
-             "torch_rng": torch.get_rng_state().tolist()}
+    state = {
+        "step": step,
+        **state,
+        "python_rng": random.getstate(),
+        "torch_rng": torch.get_rng_state().tolist(),
+    }
     # written whole or not at all: a run killed mid-write must still find its last checkpoint
     write_json(tag_dir / STATE_FILE, state)
 

@@ -1,12 +1,14 @@
-"""What every job on a task shares (`rlpost train`, `rlpost cdpo`): the task's training
-and held-out problems, the initial model and its tokenizer, Ray, the placement, the
-reward pool, the supervised warm-up, the worker groups, and generation, scoring and
-evaluation through them.
+"""What every job on a task shares: problems, model, Ray, reward pool, warm-up and worker groups.
+
+Shared by `rlpost train` and `rlpost cdpo`: the task's training and held-out problems, the
+initial model and its tokenizer, Ray, the placement, the reward pool, the supervised warm-
+up, the worker groups, and generation, scoring and evaluation through them.
 
 The held-out problems are those of a separately seeded draw that are not training
 problems, so evaluation never scores a problem the policy trained on. Accuracy is
 always the task's own verifier (`with_verifier`), whatever the reward is made of.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +27,7 @@ from rlpost.jobs.update import Split, learner_split, train_minibatches
 from rlpost.model.load import load_tokenizer, materialise_initial_model
 from rlpost.rewards import Problem, build_task
 from rlpost.rewards.config import ComponentConfig, RewardConfig
-from rlpost.rewards.pool import RewardPool, RewardResult
+from rlpost.rewards.scoring.pool import RewardPool, RewardResult
 from rlpost.tracking.tracker import Tracker
 from rlpost.workers.group import Placement, WorkerGroup
 from rlpost.workers.learner import LRSchedule, start_learner_group
@@ -46,11 +48,13 @@ class Session:
         self.train_problems = self.task.problems(cfg.task.train_size, seed=cfg.seed)
         seen = {p.prompt for p in self.train_problems}
         held_out = self.task.problems(cfg.task.eval_size * 4, seed=derive_seed(cfg.seed, "eval"))
-        self.eval_problems = [p for p in held_out if p.prompt not in seen][:cfg.task.eval_size]
+        self.eval_problems = [p for p in held_out if p.prompt not in seen][: cfg.task.eval_size]
         if not self.eval_problems:
-            raise ConfigError(f"key 'task.train_size': the {len(seen)} distinct training problems "
-                              f"include every problem the task generated for evaluation; lower "
-                              f"task.train_size or make the task larger (task.args)")
+            raise ConfigError(
+                f"key 'task.train_size': the {len(seen)} distinct training problems "
+                f"include every problem the task generated for evaluation; lower "
+                f"task.train_size or make the task larger (task.args)"
+            )
         self._prompt_ids: dict[str, list[int]] = {}
         self.tokenizer = None
         self.tracker: Tracker | None = None
@@ -68,8 +72,9 @@ class Session:
         that made it closes it). Returns the starting policy's directory."""
         cfg = self.cfg
         set_threads()
-        initial = materialise_initial_model(cfg.model, self.task.alphabet, cfg.seed,
-                                            self.run_dir / "models" / "initial")
+        initial = materialise_initial_model(
+            cfg.model, self.task.alphabet, cfg.seed, self.run_dir / "models" / "initial"
+        )
         self.tokenizer = load_tokenizer(initial)
         self.tracker = tracker
         if self.use_ray:
@@ -83,21 +88,32 @@ class Session:
             self.warmup(initial, warmup_dir)
         return warmup_dir
 
-    def start_learners(self, model_dir: Path, algorithm: tuple[str, dict],
-                       schedule: LRSchedule) -> WorkerGroup:
-        group = start_learner_group(self.cfg, model_dir, algorithm, schedule,
-                                    pad_id=self.tokenizer.pad_token_id, use_ray=self.use_ray,
-                                    slots=self.placement.slots("learner"))
+    def start_learners(
+        self, model_dir: Path, algorithm: tuple[str, dict], schedule: LRSchedule
+    ) -> WorkerGroup:
+        group = start_learner_group(
+            self.cfg,
+            model_dir,
+            algorithm,
+            schedule,
+            pad_id=self.tokenizer.pad_token_id,
+            use_ray=self.use_ray,
+            slots=self.placement.slots("learner"),
+        )
         self.split = learner_split(self.cfg.learner, packed=group.call("is_packed")[0])
         return group
 
     def start_rollout(self, model_dir: Path) -> WorkerGroup:
         cfg = self.cfg
         self.rollout = WorkerGroup(
-            RolloutWorker, cfg.rollout.num_workers,
-            lambda rank: dict(model_dir=str(model_dir), cfg=cfg.rollout, dtype=cfg.model.dtype,
-                              seed=cfg.seed, rank=rank),
-            use_ray=self.use_ray, slots=self.placement.slots("rollout"))
+            RolloutWorker,
+            cfg.rollout.num_workers,
+            lambda rank: dict(
+                model_dir=str(model_dir), cfg=cfg.rollout, dtype=cfg.model.dtype, seed=cfg.seed, rank=rank
+            ),
+            use_ray=self.use_ray,
+            slots=self.placement.slots("rollout"),
+        )
         return self.rollout
 
     def stop_rollout(self) -> None:
@@ -121,21 +137,31 @@ class Session:
         """Supervised warm-up on the task's demonstrations; writes a HF model to out_dir."""
         wc = self.cfg.warmup
         sft = build_algorithm("sft", {})
-        learners = self.start_learners(model_dir, ("sft", {}), LRSchedule(
-            wc.lr, wc.lr_warmup_steps, wc.lr_schedule, total_steps=wc.steps))
+        learners = self.start_learners(
+            model_dir,
+            ("sft", {}),
+            LRSchedule(wc.lr, wc.lr_warmup_steps, wc.lr_schedule, total_steps=wc.steps),
+        )
         rng = random.Random(derive_seed(self.cfg.seed, "warmup"))
         eos = self.tokenizer.eos_token_id
         t0 = time.time()
         for step in range(1, wc.steps + 1):
-            batch = [Sample(prompt_ids=self.encode_prompt(p.prompt),
-                            response_ids=self.tokenizer.encode(self.task.demonstration(p, rng),
-                                                               add_special_tokens=False) + [eos])
-                     for p in rng.sample(self.train_problems, wc.batch_size)]
+            batch = [
+                Sample(
+                    prompt_ids=self.encode_prompt(p.prompt),
+                    response_ids=self.tokenizer.encode(
+                        self.task.demonstration(p, rng), add_special_tokens=False
+                    )
+                    + [eos],
+                )
+                for p in rng.sample(self.train_problems, wc.batch_size)
+            ]
             (merged,) = train_minibatches(learners, sft, [batch], self.split)
             if step % max(1, wc.steps // 10) == 0 or step == wc.steps:
                 nll = merged.result()["loss"]
-                self.tracker.print_line(f"warm-up {step}/{wc.steps} | nll {nll:.3f} | "
-                                        f"{time.time() - t0:.0f}s")
+                self.tracker.print_line(
+                    f"warm-up {step}/{wc.steps} | nll {nll:.3f} | {time.time() - t0:.0f}s"
+                )
         learners.call("save_pretrained", str(out_dir))
         learners.shutdown()
         self.tokenizer.save_pretrained(out_dir)
@@ -149,16 +175,26 @@ class Session:
             ids = self._prompt_ids[text] = encode_prompt(self.tokenizer, text, self.cfg.task)
         return ids
 
-    def generate(self, problems: list[Problem], n: int, temperature: float, seed: int,
-                 rule: SamplingRule | None = None) -> list[list]:
+    def generate(
+        self, problems: list[Problem], n: int, temperature: float, seed: int, rule: SamplingRule | None = None
+    ) -> list[list]:
         """`n` completions of each problem, the problems split evenly across the rollout
         workers, each worker seeded by (seed, its rank)."""
         prompts = [self.encode_prompt(p.prompt) for p in problems]
         workers = len(self.rollout)
         per = -(-len(prompts) // workers)
-        chunks = [(prompts[r * per:(r + 1) * per], n, temperature, self.cfg.rollout.top_p,
-                   self.cfg.rollout.max_new_tokens, derive_seed(seed, r), rule)
-                  for r in range(workers)]
+        chunks = [
+            (
+                prompts[r * per : (r + 1) * per],
+                n,
+                temperature,
+                self.cfg.rollout.top_p,
+                self.cfg.rollout.max_new_tokens,
+                derive_seed(seed, r),
+                rule,
+            )
+            for r in range(workers)
+        ]
         return [c for part in self.rollout.call("generate", per_rank=chunks) for c in part]
 
     def score(self, responses: list[list[int]], problems: list[Problem]) -> RewardResult:
@@ -198,8 +234,9 @@ def with_verifier(reward: RewardConfig) -> RewardConfig:
     is always the verifier's, scored under the pool's timeout like every reward."""
     if any(c.key == VERIFIER for c in reward.components):
         return reward
-    return reward.model_copy(update={"components": [*reward.components,
-                                                    ComponentConfig(name="task", weight=0.0)]})
+    return reward.model_copy(
+        update={"components": [*reward.components, ComponentConfig(name="task", weight=0.0)]}
+    )
 
 
 def init_ray(rc: RayConfig, workers: int) -> None:
@@ -212,5 +249,6 @@ def init_ray(rc: RayConfig, workers: int) -> None:
     if rc.address:
         ray.init(address=rc.address)
         return
-    ray.init(num_cpus=rc.num_cpus or max(workers, os.cpu_count() or 1),
-             include_dashboard=False, log_to_driver=True)
+    ray.init(
+        num_cpus=rc.num_cpus or max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True
+    )

@@ -6,6 +6,7 @@ token inputs and position weights) are computed here over the whole rollout batc
 the whole optimizer-step mini-batch, and only then is it cut into learner ranks and
 micro-batches, so the result does not depend on that cut (tests/exactness).
 """
+
 from __future__ import annotations
 
 import random
@@ -28,8 +29,26 @@ Split = Callable[[list[Sample]], list[list[list[Sample]]]]
 def learner_split(lc: LearnerConfig, packed: bool) -> Split:
     """The cut of a batch across `lc`'s learner ranks and micro-batches (`packed`: the
     learners pack micro-batches, so their budgets count tokens without padding)."""
-    return lambda samples: shard(samples, lc.num_learners, lc.micro_batch_tokens,
-                                 lc.micro_batch_size, packed)
+    return lambda samples: shard(samples, lc.num_learners, lc.micro_batch_tokens, lc.micro_batch_size, packed)
+
+
+def assign_advantages(batch: list[Sample], advantages: torch.Tensor) -> None:
+    """Give each response of the rollout batch (in group order) its advantage per token,
+    from `PolicyGradient.advantages`: [prompts, group], one A_i carried by every token of
+    response i; or 1-D over all response tokens of the batch in sequence order, one per
+    token (a critic's or a process reward's credit)."""
+    lengths = [s.num_tokens for s in batch]
+    if advantages.dim() == 2 and advantages.numel() == len(batch):
+        for s, a in zip(batch, advantages.flatten().tolist()):
+            s.advantages = torch.full((s.num_tokens,), a)
+        return
+    if advantages.dim() != 1 or advantages.numel() != sum(lengths):
+        raise ValueError(
+            f"advantages must be [prompts, group] ({len(batch)} responses) or one per response "
+            f"token ({sum(lengths)}); got shape {tuple(advantages.shape)}"
+        )
+    for s, a in zip(batch, advantages.detach().float().split(lengths)):
+        s.advantages = a.clone()
 
 
 def groups_of(samples: list[Sample]) -> dict[int, list[Sample]]:
@@ -49,13 +68,19 @@ def minibatches(samples: list[Sample], size: int, epochs: int, seed: int, step: 
         order = list(range(len(groups)))
         random.Random(derive_seed(seed, "shuffle", step, epoch)).shuffle(order)
         shuffled = [s for g in order for s in groups[g]]
-        out += [shuffled[start:start + size] for start in range(0, len(shuffled), size)]
+        out += [shuffled[start : start + size] for start in range(0, len(shuffled), size)]
     return out
 
 
 # ----- before the update: over the whole rollout batch ----------------------------------
-def logprob_pass(learners: WorkerGroup, algorithm, samples: list[Sample], split: Split, rule,
-                 batch_metrics: dict[str, float]) -> torch.Tensor:
+def logprob_pass(
+    learners: WorkerGroup,
+    algorithm,
+    samples: list[Sample],
+    split: Split,
+    rule,
+    batch_metrics: dict[str, float],
+) -> torch.Tensor:
     """The old (and reference) log-probs of `samples` from the learners, with the per-token
     temperatures of `rule` (the rule these samples were drawn under), set on each sample,
     and the algorithm's token inputs from their entropies. Returns the entropies, flat
@@ -66,24 +91,35 @@ def logprob_pass(learners: WorkerGroup, algorithm, samples: list[Sample], split:
     for rank, r in zip(parts, results):  # each rank's results are flat in its shard's order
         ordered = [s for micro in rank for s in micro]
         by_sample = per_sample(r, ordered)
-        for s, lp, h, ref, temp in zip(ordered, by_sample["logp"], by_sample["entropy"],
-                                       by_sample["ref_logp"], by_sample["temperature"]):
+        for s, lp, h, ref, temp in zip(
+            ordered, by_sample["logp"], by_sample["entropy"], by_sample["ref_logp"], by_sample["temperature"]
+        ):
             s.old_logp, s.ref_logp, s.temperature = lp, ref, temp
             entropies[id(s)] = h
     entropy = torch.cat([entropies[id(s)] for s in samples])
     if rule is not None:
         temps = torch.cat([s.temperature for s in samples])
-        batch_metrics.update({"sampling/temperature_mean": temps.mean().item(),
-                              "sampling/temperature_min": temps.min().item(),
-                              "sampling/temperature_max": temps.max().item()})
+        batch_metrics.update(
+            {
+                "sampling/temperature_mean": temps.mean().item(),
+                "sampling/temperature_min": temps.min().item(),
+                "sampling/temperature_max": temps.max().item(),
+            }
+        )
     for name, values in algorithm.token_inputs(entropy).items():
         for s, v in zip(samples, values.split([s.num_tokens for s in samples])):
             s.extra[name] = v
     return entropy
 
 
-def set_token_mask(algorithm, samples: list[Sample], entropy: torch.Tensor | None, step: int,
-                   mask_truncated: bool, batch_metrics: dict[str, float]) -> None:
+def set_token_mask(
+    algorithm,
+    samples: list[Sample],
+    entropy: torch.Tensor | None,
+    step: int,
+    mask_truncated: bool,
+    batch_metrics: dict[str, float],
+) -> None:
     """The algorithm's token selection and the runtime's valid tokens (all but those of
     truncated responses, when `mask_truncated`), on each sample."""
     sizes = [s.num_tokens for s in samples]
@@ -97,8 +133,9 @@ def set_token_mask(algorithm, samples: list[Sample], entropy: torch.Tensor | Non
         batch_metrics["selection/token_frac"] = mask.double().mean().item()
 
 
-def set_position_weights(learners: WorkerGroup, algorithm, samples: list[Sample],
-                         batch_metrics: dict[str, float]) -> None:
+def set_position_weights(
+    learners: WorkerGroup, algorithm, samples: list[Sample], batch_metrics: dict[str, float]
+) -> None:
     """TW-GRPO: each group's position divergences from the learners (whole groups per
     rank, balanced by tokens), turned into the weights of its tokens."""
     groups = list(groups_of(samples).values())
@@ -110,14 +147,15 @@ def set_position_weights(learners: WorkerGroup, algorithm, samples: list[Sample]
         for group, divergence in zip(part, divergences):
             weights = algorithm.position_weights(divergence)
             for s in group:
-                s.extra[TOKEN_SCALE] = weights[:s.num_tokens]
+                s.extra[TOKEN_SCALE] = weights[: s.num_tokens]
                 scales.append(s.extra[TOKEN_SCALE])
     batch_metrics["selection/position_weight_mean"] = torch.cat(scales).mean().item()
 
 
 # ----- the update: per optimizer-step mini-batch --------------------------------------------
-def weighted_minibatches(algorithm, minibatches: list[list[Sample]], split: Split
-                         ) -> tuple[list[tuple], list[list[list[list[Sample]]]], dict[int, Sample]]:
+def weighted_minibatches(
+    algorithm, minibatches: list[list[Sample]], split: Split
+) -> tuple[list[tuple], list[list[list[list[Sample]]]], dict[int, Sample]]:
     """Each mini-batch's aggregation weights over the whole mini-batch, and its copies of
     the samples carrying them ([mini-batch][rank][micro][Sample], cut by `split`): a sample
     in several mini-batches (epochs > 1) has other weights in each. Also each copy's
@@ -126,8 +164,9 @@ def weighted_minibatches(algorithm, minibatches: list[list[Sample]], split: Spli
     for samples in minibatches:
         batch = view(samples)
         weights = algorithm.token_weights(batch)
-        copies = [replace(s, weights=w)
-                  for s, w in zip(samples, weights.split([s.num_tokens for s in samples]))]
+        copies = [
+            replace(s, weights=w) for s, w in zip(samples, weights.split([s.num_tokens for s in samples]))
+        ]
         originals.update((id(c), s) for c, s in zip(copies, samples))
         parts.append(split(copies))
         views.append((batch, weights))
@@ -147,27 +186,31 @@ def merged_metrics(algorithm, views: list[tuple], per_rank: list[list[MetricSums
     return out
 
 
-def train_minibatches(learners: WorkerGroup, algorithm, minibatches: list[list[Sample]],
-                      split: Split) -> list[MetricSums]:
+def train_minibatches(
+    learners: WorkerGroup, algorithm, minibatches: list[list[Sample]], split: Split
+) -> list[MetricSums]:
     """One optimizer step per mini-batch: aggregation weights over each whole mini-batch,
     then each split across learner ranks and micro-batches by `split`. One call per rank
     takes them all: the weights depend on the samples alone, not on the policy the earlier
     steps leave, and each call to a Ray actor costs milliseconds."""
     views, parts, _ = weighted_minibatches(algorithm, minibatches, split)
-    results = learners.call("train_minibatches",
-                            per_rank=[([p[rank] for p in parts],) for rank in range(len(learners))])
+    results = learners.call(
+        "train_minibatches", per_rank=[([p[rank] for p in parts],) for rank in range(len(learners))]
+    )
     return merged_metrics(algorithm, views, results)
 
 
-def score_and_train(learners: WorkerGroup, algorithm, minibatches: list[list[Sample]], split: Split,
-                    with_ref: bool) -> tuple[list[MetricSums], dict[int, torch.Tensor]]:
+def score_and_train(
+    learners: WorkerGroup, algorithm, minibatches: list[list[Sample]], split: Split, with_ref: bool
+) -> tuple[list[MetricSums], dict[int, torch.Tensor]]:
     """`train_minibatches` with the log-prob pass in the same learner call
     (`Learner.score_and_train`; one epoch: each sample in one mini-batch). Sets each
     sample's old_logp (and ref_logp) as the learner scored it; returns the metrics and
     the entropies by id of the sample."""
     views, parts, originals = weighted_minibatches(algorithm, minibatches, split)
-    results = learners.call("score_and_train", per_rank=[([p[rank] for p in parts], with_ref)
-                                                         for rank in range(len(learners))])
+    results = learners.call(
+        "score_and_train", per_rank=[([p[rank] for p in parts], with_ref) for rank in range(len(learners))]
+    )
     entropies = {}
     for rank, (scores, _) in enumerate(results):
         copies = [c for p in parts for micro in p[rank] for c in micro]

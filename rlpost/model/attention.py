@@ -6,6 +6,7 @@ given its boundaries (`cu_seqlens`), so no compute goes to padding or to pairs
 of tokens from different sequences. Elsewhere transformers' SDPA path sees the
 restarting position ids and builds a block-diagonal causal mask itself.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,9 +17,18 @@ import torch
 VARLEN = "rlpost_varlen"
 
 
-def _varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                      scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None,
-                      **kwargs):
+def _varlen_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q=None,
+    max_length_q=None,
+    **kwargs,
+):
     from torch.nn.attention.varlen import varlen_attn
 
     if cu_seq_lens_q is None:
@@ -72,6 +82,10 @@ def packed_kwargs(batch: dict, device) -> dict:
     if "position_ids" not in batch:
         return {"attention_mask": batch["attention_mask"].to(device)}
     cu = batch["cu_seqlens"].to(device)
-    return {"position_ids": batch["position_ids"].to(device), "cu_seq_lens_q": cu,
-            "cu_seq_lens_k": cu, "max_length_q": batch["max_seqlen"],
-            "max_length_k": batch["max_seqlen"]}
+    return {
+        "position_ids": batch["position_ids"].to(device),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": batch["max_seqlen"],
+        "max_length_k": batch["max_seqlen"],
+    }

@@ -7,6 +7,7 @@ the Qwen2.5-1.5B update from 0.847 to 0.668 s (16,384-token micro-batches)
 (docs/performance.md). The output head is not Liger's: log-probs and entropies stay
 with `rlpost.model.token_ops`.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -36,8 +37,9 @@ def use_fused_kernels(setting: str, lm: nn.Module, on_gpu: bool) -> bool:
     if setting == "off" or (setting == "auto" and not on_gpu):
         return False
     if not on_gpu:
-        raise RuntimeError("learner.fused_kernels=liger needs a CUDA learner (Liger's kernels "
-                           "are Triton); use auto or off")
+        raise RuntimeError(
+            "learner.fused_kernels=liger needs a CUDA learner (Liger's kernels are Triton); use auto or off"
+        )
     if not liger_installed():
         if setting == "auto":
             return False
@@ -45,11 +47,20 @@ def use_fused_kernels(setting: str, lm: nn.Module, on_gpu: bool) -> bool:
     if not supported(lm):
         if setting == "auto":
             return False
-        raise RuntimeError(f"learner.fused_kernels=liger: Liger Kernel has no kernels for model "
-                           f"type {lm.config.model_type!r}; use auto or off")
+        raise RuntimeError(
+            f"learner.fused_kernels=liger: Liger Kernel has no kernels for model "
+            f"type {lm.config.model_type!r}; use auto or off"
+        )
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     # cross entropy stays off: rlpost computes log-probs and entropies itself
-    _apply_liger_kernel_to_instance(model=lm, rope=True, rms_norm=True, swiglu=True, geglu=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=lm,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        geglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
     return True

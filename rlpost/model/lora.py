@@ -7,6 +7,7 @@ base model, i.e. the frozen initial weights, serves as the reference model) and 
 the adapter alone. Rollout engines and saved models get the merged weights
 W + (alpha / r) B A under the base model's own parameter names (`merged_state_dict`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,16 +35,20 @@ def check_targets(lm: nn.Module, target_modules: list[str]) -> None:
     the policy and reads its weights directly. (peft itself fails only when no target matches.)"""
     head = lm.get_output_embeddings()
     head_name = next(name for name, module in lm.named_modules() if module is head)
-    names = [name for name, module in lm.named_modules()
-             if isinstance(module, _linear_types()) and module is not head]
-    bad = [t for t in target_modules
-           if _matches(head_name, t) or not any(_matches(n, t) for n in names)]
+    names = [
+        name
+        for name, module in lm.named_modules()
+        if isinstance(module, _linear_types()) and module is not head
+    ]
+    bad = [t for t in target_modules if _matches(head_name, t) or not any(_matches(n, t) for n in names)]
     if bad:
         kinds = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
-        raise ConfigError(f"key 'learner.lora.target_modules': {', '.join(bad)} match no linear "
-                          f"module of the model, or its output head {head_name!r}, which cannot "
-                          f"be adapted (names match whole or as a dotted suffix); its other "
-                          f"linear modules: {kinds}")
+        raise ConfigError(
+            f"key 'learner.lora.target_modules': {', '.join(bad)} match no linear "
+            f"module of the model, or its output head {head_name!r}, which cannot "
+            f"be adapted (names match whole or as a dotted suffix); its other "
+            f"linear modules: {kinds}"
+        )
 
 
 def check_model_config(model: ModelConfig, lora: LoraConfig) -> None:
@@ -71,8 +76,9 @@ def add_lora(lm: nn.Module, lora: LoraConfig, seed: int):
     import peft
 
     check_targets(lm, lora.target_modules)
-    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules))
+    config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
     with torch.random.fork_rng(devices=[]):  # the model is still on the CPU here
         torch.manual_seed(seed)
         return peft.get_peft_model(lm, config)
@@ -99,4 +105,3 @@ def merged_state_dict(lm: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[key.replace(".base_layer.", ".")] = merged.get(key, value).detach().to("cpu", copy=True)
     return out
-

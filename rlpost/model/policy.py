@@ -6,6 +6,7 @@ log-probs and entropies of the chosen tokens, chunked from the final hidden stat
 model: under LoRA the policy's own LM with its adapter off (`BaseModelView`), else a
 second copy in eval mode without gradients.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -46,13 +47,19 @@ class PolicyModel(nn.Module):
         lookup, a function of the token alone with no context to judge it by; the others
         are the layers' outputs, the last after the final norm, so it is `hidden_states`'s
         result as well and one forward serves the masks and the log-probs."""
-        out = self.lm.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=True,
-                                 **attention)
+        out = self.lm.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=True, **attention)
         return [h.reshape(-1, h.shape[-1]).index_select(0, pred_pos) for h in out.hidden_states[1:]]
 
-    def forward(self, input_ids, pred_pos, targets, temperature: Temperature = 1.0,
-                rule: SamplingRule | None = None,
-                reference: tuple[torch.Tensor, nn.Module] | None = None, **attention):
+    def forward(
+        self,
+        input_ids,
+        pred_pos,
+        targets,
+        temperature: Temperature = 1.0,
+        rule: SamplingRule | None = None,
+        reference: tuple[torch.Tensor, nn.Module] | None = None,
+        **attention,
+    ):
         """`attention`: `packed_kwargs` of the micro-batch (mask, or positions and cu_seqlens).
 
         With a `rule` (scoring a batch sampled under it; `temperature` is then the base
@@ -68,8 +75,9 @@ class PolicyModel(nn.Module):
             return chunked_token_kl(hidden, head, *reference, targets, self.chunk_size, temperature)
         logp, entropy = chunked_logprobs(hidden, head, targets, self.chunk_size, temperature)
         if rule is not None:
-            logp, _ = chunked_logprobs(hidden, head, targets, self.chunk_size,
-                                       temperature * rule.factor(entropy))
+            logp, _ = chunked_logprobs(
+                hidden, head, targets, self.chunk_size, temperature * rule.factor(entropy)
+            )
         return logp, entropy
 
 
@@ -102,11 +110,12 @@ class BaseModelView(PolicyModel):
             return super().layer_states(*args, **kwargs)
 
 
-def load_policy(model_dir: str, dtype: str, lc: LearnerConfig, seed: int, device: torch.device
-                ) -> tuple[PolicyModel, object | None, bool]:
+def load_policy(
+    model_dir: str, dtype: str, lc: LearnerConfig, seed: int, device: torch.device
+) -> tuple[PolicyModel, object | None, bool, bool]:
     """The policy to train, set up as `lc` asks. Returns it, the PeftModel handle of its
-    LoRA adapter (None without LoRA; the adapter itself goes into the LM in place) and
-    whether its micro-batches are packed."""
+    LoRA adapter (None without LoRA; the adapter itself goes into the LM in place), whether
+    its micro-batches are packed and whether Liger's fused kernels run in its body."""
     lm = load_model(model_dir, dtype)
     if lc.gradient_checkpointing:
         # non-reentrant (transformers 5's default): the reentrant kind gives no gradient
@@ -119,13 +128,20 @@ def load_policy(model_dir: str, dtype: str, lc: LearnerConfig, seed: int, device
     packed = lc.packing == "packed" or (lc.packing == "auto" and varlen)
     if packed and varlen:
         use_varlen_attention(lm)
-    use_fused_kernels(lc.fused_kernels, lm, device.type == "cuda")
+    fused = use_fused_kernels(lc.fused_kernels, lm, device.type == "cuda")
     adapter = add_lora(lm, lc.lora, seed) if lc.lora is not None else None
-    return PolicyModel(lm, lc.logprob_chunk_size), adapter, packed
+    return PolicyModel(lm, lc.logprob_chunk_size), adapter, packed, fused
 
 
-def load_reference(policy: PolicyModel, adapter, model_dir: str, dtype: str, lc: LearnerConfig,
-                   packed: bool, device: torch.device) -> PolicyModel:
+def load_reference(
+    policy: PolicyModel,
+    adapter,
+    model_dir: str,
+    dtype: str,
+    lc: LearnerConfig,
+    packed: bool,
+    device: torch.device,
+) -> PolicyModel:
     """The frozen initial model of `load_policy`'s `policy`, on `device`."""
     if adapter is not None:
         return BaseModelView(policy, adapter)

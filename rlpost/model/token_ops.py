@@ -6,6 +6,7 @@ hidden states, log-normalisers and entropies, and the backward pass recomputes
 each chunk's logits to form its gradient in place. Peak memory is about two
 [chunk x vocab] fp32 tensors plus an fp32 gradient buffer of the head.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,6 @@ import functools
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
 
 Temperature = float | torch.Tensor  # one for all tokens, or one per token [N]
 
@@ -48,8 +48,16 @@ def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: Tempe
     return logp, -(log_q.exp() * log_q).sum(-1), lz
 
 
-def _chunk_grad(logits: torch.Tensor, lz, entropy, targets, grad_logp, grad_entropy,
-                temperature: Temperature, dtype: torch.dtype) -> torch.Tensor:
+def _chunk_grad(
+    logits: torch.Tensor,
+    lz,
+    entropy,
+    targets,
+    grad_logp,
+    grad_entropy,
+    temperature: Temperature,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """d loss / d (pre-temperature) logits of a chunk, in `dtype`.
 
     d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H);  z = logits / temperature."""
@@ -89,8 +97,7 @@ def _head_backward(ctx, hidden, weight, bias, chunk_grad) -> tuple:
             _accumulate(grad_w, g.t(), h)
         if want_b:
             grad_b.add_(g.float().sum(0))
-    return (grad_h, grad_w.to(weight.dtype) if want_w else None,
-            grad_b.to(bias.dtype) if want_b else None)
+    return (grad_h, grad_w.to(weight.dtype) if want_w else None, grad_b.to(bias.dtype) if want_b else None)
 
 
 class _ChunkedLogProb(torch.autograd.Function):
@@ -102,7 +109,8 @@ class _ChunkedLogProb(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = s + chunk_size
             logp[s:e], entropy[s:e], log_z[s:e] = stats(
-                nn.functional.linear(hidden[s:e], weight, bias), targets[s:e], _rows(temperature, s, e))
+                nn.functional.linear(hidden[s:e], weight, bias), targets[s:e], _rows(temperature, s, e)
+            )
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return logp, entropy
@@ -116,8 +124,16 @@ class _ChunkedLogProb(torch.autograd.Function):
         grad_entropy = zeros if grad_entropy is None else grad_entropy.float()
 
         def chunk_grad(s, e, h, t):
-            return grad_of(nn.functional.linear(h, weight, bias), log_z[s:e], entropy[s:e],
-                           targets[s:e], grad_logp[s:e], grad_entropy[s:e], t, weight.dtype)
+            return grad_of(
+                nn.functional.linear(h, weight, bias),
+                log_z[s:e],
+                entropy[s:e],
+                targets[s:e],
+                grad_logp[s:e],
+                grad_entropy[s:e],
+                t,
+                weight.dtype,
+            )
 
         return (*_head_backward(ctx, hidden, weight, bias, chunk_grad), None, None, None)
 
@@ -130,9 +146,13 @@ def _checkpointed_chunk(head: nn.Module, hidden, targets, temperature: Temperatu
     return logp, entropy
 
 
-def chunked_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                     chunk_size: int = 1024, temperature: Temperature = 1.0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: Temperature = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [N, H] (the states that predict each target), targets [N] -> logp [N], entropy [N],
     of the distribution softmax(logits / temperature) (a float, or a tensor [N] per token)."""
     if hidden.shape[0] == 0:
@@ -142,10 +162,17 @@ def chunked_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tenso
         return _ChunkedLogProb.apply(hidden, head.weight, head.bias, targets, temperature, chunk_size)
     # ZeRO-3 partitions the head: it must be called as a module so DeepSpeed gathers
     # it, so each chunk goes through activation checkpointing instead.
-    outs = [checkpoint(_checkpointed_chunk, head, hidden[s:s + chunk_size],
-                       targets[s:s + chunk_size], _rows(temperature, s, s + chunk_size),
-                       use_reentrant=False)
-            for s in range(0, hidden.shape[0], chunk_size)]
+    outs = [
+        checkpoint(
+            _checkpointed_chunk,
+            head,
+            hidden[s : s + chunk_size],
+            targets[s : s + chunk_size],
+            _rows(temperature, s, s + chunk_size),
+            use_reentrant=False,
+        )
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
@@ -156,8 +183,10 @@ def chunked_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tenso
 # the backward pass recomputes both chunks of logits (reference included: it has no
 # gradient, but p - r needs r) and forms the gradient in place.
 
-def _kl_chunk_stats(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor,
-                    temperature: Temperature):
+
+def _kl_chunk_stats(
+    logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor, temperature: Temperature
+):
     """Policy and reference log-probs of the targets, KL(r || p) and both log-normalisers of
     a chunk's rows of policy and reference logits, both at `temperature` (fp32)."""
     z, zr = _scaled(logits, temperature), _scaled(ref_logits, temperature)
@@ -170,8 +199,17 @@ def _kl_chunk_stats(logits: torch.Tensor, ref_logits: torch.Tensor, targets: tor
     return logp, ref_logp, kl, lz, lzr
 
 
-def _kl_chunk_grad(logits: torch.Tensor, ref_logits: torch.Tensor, lz, lzr, targets, grad_logp,
-                   grad_kl, temperature: Temperature, dtype: torch.dtype) -> torch.Tensor:
+def _kl_chunk_grad(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    lz,
+    lzr,
+    targets,
+    grad_logp,
+    grad_kl,
+    temperature: Temperature,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """d loss / d (pre-temperature) policy logits of a chunk, in `dtype`.
 
     d KL(r || p) / dz = p - r;  d logp_y / dz = onehot(y) - p;  z = logits / temperature."""
@@ -184,8 +222,18 @@ def _kl_chunk_grad(logits: torch.Tensor, ref_logits: torch.Tensor, lz, lzr, targ
 
 class _ChunkedTokenKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-                temperature: Temperature, chunk_size: int):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        targets,
+        temperature: Temperature,
+        chunk_size: int,
+    ):
         n = hidden.shape[0]
         stats = _kernel(hidden.device, _kl_chunk_stats)
         logp, ref_logp, kl, log_z, ref_log_z = (hidden.new_empty(n, dtype=torch.float32) for _ in range(5))
@@ -193,9 +241,13 @@ class _ChunkedTokenKL(torch.autograd.Function):
             e, t = s + chunk_size, _rows(temperature, s, s + chunk_size)
             logp[s:e], ref_logp[s:e], kl[s:e], log_z[s:e], ref_log_z[s:e] = stats(
                 nn.functional.linear(hidden[s:e], weight, bias),
-                nn.functional.linear(ref_hidden[s:e], ref_weight, ref_bias), targets[s:e], t)
-        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-                              log_z, ref_log_z)
+                nn.functional.linear(ref_hidden[s:e], ref_weight, ref_bias),
+                targets[s:e],
+                t,
+            )
+        ctx.save_for_backward(
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, log_z, ref_log_z
+        )
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(ref_logp)
         return logp, ref_logp, kl
@@ -209,29 +261,44 @@ class _ChunkedTokenKL(torch.autograd.Function):
         grad_kl = zeros if grad_kl is None else grad_kl.float()
 
         def chunk_grad(s, e, h, t):
-            return grad_of(nn.functional.linear(h, weight, bias),
-                           nn.functional.linear(ref_hidden[s:e], ref_weight, ref_bias),
-                           log_z[s:e], ref_log_z[s:e], targets[s:e], grad_logp[s:e], grad_kl[s:e],
-                           t, weight.dtype)
+            return grad_of(
+                nn.functional.linear(h, weight, bias),
+                nn.functional.linear(ref_hidden[s:e], ref_weight, ref_bias),
+                log_z[s:e],
+                ref_log_z[s:e],
+                targets[s:e],
+                grad_logp[s:e],
+                grad_kl[s:e],
+                t,
+                weight.dtype,
+            )
 
-        return (*_head_backward(ctx, hidden, weight, bias, chunk_grad),
-                None, None, None, None, None, None)
+        return (*_head_backward(ctx, hidden, weight, bias, chunk_grad), None, None, None, None, None, None)
 
 
-def _checkpointed_kl_chunk(head: nn.Module, hidden, ref_head: nn.Module, ref_hidden, targets,
-                           temperature: Temperature):
+def _checkpointed_kl_chunk(
+    head: nn.Module, hidden, ref_head: nn.Module, ref_hidden, targets, temperature: Temperature
+):
     log_p = (head(hidden).float() / temperature).log_softmax(-1)
     with torch.no_grad():
         log_r = (ref_head(ref_hidden).float() / temperature).log_softmax(-1)
     kl = (log_r.exp() * (log_r - log_p)).sum(-1)
-    return (log_p.gather(-1, targets[:, None]).squeeze(-1),
-            log_r.gather(-1, targets[:, None]).squeeze(-1), kl)
+    return (
+        log_p.gather(-1, targets[:, None]).squeeze(-1),
+        log_r.gather(-1, targets[:, None]).squeeze(-1),
+        kl,
+    )
 
 
-def chunked_token_kl(hidden: torch.Tensor, head: nn.Module, ref_hidden: torch.Tensor,
-                     ref_head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024,
-                     temperature: Temperature = 1.0
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_token_kl(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    ref_hidden: torch.Tensor,
+    ref_head: nn.Module,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: Temperature = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token of `targets` [N]: the policy's log-prob logp [N], the reference's ref_logp [N]
     (no gradient) and KL(pi_ref(.|s_t) || pi_theta(.|s_t)) [N] over the full vocabulary,
     both distributions taken at `temperature` (a float, or a tensor [N] per token).
@@ -250,11 +317,29 @@ def chunked_token_kl(hidden: torch.Tensor, head: nn.Module, ref_hidden: torch.Te
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty, empty
     if not hasattr(head.weight, "ds_id"):
-        return _ChunkedTokenKL.apply(hidden, head.weight, head.bias, ref_hidden, ref_head.weight,
-                                     ref_head.bias, targets, temperature, chunk_size)
+        return _ChunkedTokenKL.apply(
+            hidden,
+            head.weight,
+            head.bias,
+            ref_hidden,
+            ref_head.weight,
+            ref_head.bias,
+            targets,
+            temperature,
+            chunk_size,
+        )
     # ZeRO-3 partitions the policy head: it must be called as a module (see chunked_logprobs)
-    outs = [checkpoint(_checkpointed_kl_chunk, head, hidden[s:s + chunk_size], ref_head,
-                       ref_hidden[s:s + chunk_size], targets[s:s + chunk_size],
-                       _rows(temperature, s, s + chunk_size), use_reentrant=False)
-            for s in range(0, hidden.shape[0], chunk_size)]
+    outs = [
+        checkpoint(
+            _checkpointed_kl_chunk,
+            head,
+            hidden[s : s + chunk_size],
+            ref_head,
+            ref_hidden[s : s + chunk_size],
+            targets[s : s + chunk_size],
+            _rows(temperature, s, s + chunk_size),
+            use_reentrant=False,
+        )
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]
     return tuple(torch.cat([o[i] for o in outs]) for i in range(3))

@@ -1,5 +1,6 @@
 """A sweep directory's bookkeeping: the manifest (sweep.json) the runner writes and the
 report reads, and where each run's output and done.json lie."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,15 @@ def write_manifest(sweep: Sweep) -> None:
     d = sweep.directory
     d.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(sweep.path, d / "sweep.yaml")
-    manifest = {"name": sweep.name, "sweep_file": str(sweep.path), "base": str(sweep.base),
-                "seeds": sweep.seeds, "common": sweep.common, "arms": sweep.arms,
-                "runs": [{"id": r.id, "arm": r.arm, "seed": r.seed} for r in sweep.runs]}
+    manifest = {
+        "name": sweep.name,
+        "sweep_file": str(sweep.path),
+        "base": str(sweep.base),
+        "seeds": sweep.seeds,
+        "common": sweep.common,
+        "arms": sweep.arms,
+        "runs": [{"id": r.id, "arm": r.arm, "seed": r.seed} for r in sweep.runs],
+    }
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
 
 

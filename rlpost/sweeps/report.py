@@ -9,16 +9,17 @@ Writes SWEEP_DIR/report/:
 Standard deviations are sample ones (n - 1), as in docs/ablations.md. Runs that
 have not finished are left out and listed.
 """
+
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from rlpost.sweeps.sweep import yaml_text
 from rlpost.sweeps.manifest import finished, read_manifest
+from rlpost.sweeps.sweep import yaml_text
 from rlpost.tracking.tracker import METRICS_FILE, read_metrics
 
 Points = list[tuple[float, float]]  # (step, value), by step
@@ -130,8 +131,7 @@ def curve(runs: list[RunMetrics], metric: str) -> tuple[list[float], list[float]
     return steps, [m for m, _ in stats], [s or 0.0 for _, s in stats]
 
 
-def plot(path: Path, title: str, ylabel: str, metric: str, arms: list[str],
-         runs: list[RunMetrics]) -> bool:
+def plot(path: Path, title: str, ylabel: str, metric: str, arms: list[str], runs: list[RunMetrics]) -> bool:
     """One PNG: a mean line and a ± std band per arm. False when no run has the metric."""
     from matplotlib.figure import Figure  # Agg, without touching pyplot's global backend
     from matplotlib.ticker import MaxNLocator
@@ -146,11 +146,17 @@ def plot(path: Path, title: str, ylabel: str, metric: str, arms: list[str],
             continue
         drawn = True
         marker = "o" if len(steps) <= 30 else None
-        (line,) = ax.plot(steps, mean, marker=marker, markersize=4, linewidth=1.5,
-                          label=f"{arm} (n={len(arm_runs)})")
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
-                        [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2,
-                        linewidth=0)
+        (line,) = ax.plot(
+            steps, mean, marker=marker, markersize=4, linewidth=1.5, label=f"{arm} (n={len(arm_runs)})"
+        )
+        ax.fill_between(
+            steps,
+            [m - s for m, s in zip(mean, std)],
+            [m + s for m, s in zip(mean, std)],
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
     if not drawn:
         return False
     ax.set_title(f"{title}: mean over seeds, band ± 1 std")
@@ -181,20 +187,33 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     manifest, runs, missing = load_runs(sweep_dir)
     arms = list(manifest["arms"])
     seeds = ", ".join(map(str, manifest["seeds"]))
-    lines = [f"# Sweep `{manifest['name']}`", "",
-             f"Base config `{manifest['base']}`, {len(arms)} arms x seeds {seeds}: "
-             f"{len(runs)} of {len(manifest['runs'])} runs finished"
-             + (f" (not finished: {', '.join(missing)})." if missing else "."),
-             "", "Final metrics, mean ± standard deviation over seeds (sample std, n - 1). "
-             "Accuracies are greedy or sampled answers to the held-out problems at the first "
-             "and last evaluation; \"last 10 steps\" averages a run's last 10 RL steps, "
-             "\"run mean\" all of them.", "", markdown_table(table(arms, runs)), "",
-             "| arm | overrides |", "|---|---|"]
+    lines = [
+        f"# Sweep `{manifest['name']}`",
+        "",
+        f"Base config `{manifest['base']}`, {len(arms)} arms x seeds {seeds}: "
+        f"{len(runs)} of {len(manifest['runs'])} runs finished"
+        + (f" (not finished: {', '.join(missing)})." if missing else "."),
+        "",
+        "Final metrics, mean ± standard deviation over seeds (sample std, n - 1). "
+        "Accuracies are greedy or sampled answers to the held-out problems at the first "
+        'and last evaluation; "last 10 steps" averages a run\'s last 10 RL steps, '
+        '"run mean" all of them.',
+        "",
+        markdown_table(table(arms, runs)),
+        "",
+        "| arm | overrides |",
+        "|---|---|",
+    ]
     lines += [f"| {arm} | {_overrides(manifest['arms'][arm])} |" for arm in arms]
     if manifest["common"]:
         lines += ["", f"Every run: {_overrides(manifest['common'])}."]
-    lines += ["", "## Curves", "", "Per arm, the mean over seeds at each step; the band is "
-              "± one standard deviation.", ""]
+    lines += [
+        "",
+        "## Curves",
+        "",
+        "Per arm, the mean over seeds at each step; the band is ± one standard deviation.",
+        "",
+    ]
     for stem, title, ylabel, metric in PLOTS:
         if plot(out / f"{stem}.png", title, ylabel, metric, arms, runs):
             lines += [f"![{title}]({stem}.png)", ""]

@@ -14,18 +14,19 @@ but did not finish from its last checkpoint. A run whose config changed since it
 started (an edited base or sweep file) stops the sweep before anything runs:
 finished and new results would not be comparable.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import yaml
 
@@ -55,8 +56,11 @@ def config_changes(run_dir: Path, cfg: TrainConfig) -> list[str]:
     """Keys whose value in `cfg` differs from the config the run started with."""
     before = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()))
     now = _flat(cfg.model_dump(mode="json"))
-    return [k for k in sorted(set(before) | set(now))
-            if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
+    return [
+        k
+        for k in sorted(set(before) | set(now))
+        if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)
+    ]
 
 
 def plan(sweep: Sweep) -> list[tuple[Run, Path | None]]:
@@ -73,7 +77,8 @@ def plan(sweep: Sweep) -> list[tuple[Run, Path | None]]:
                     f"{sweep.path}: run {run.id} started with a different config "
                     f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} changed); "
                     f"remove {run_output_dir(sweep.directory, run.id)} or give the sweep "
-                    f"another name (--name)")
+                    f"another name (--name)"
+                )
         out.append((run, run_dir))
     return out
 
@@ -102,14 +107,20 @@ class Progress:
     plus, per run still to come, the mean duration of finished runs (before any
     finished: the current run's own estimate)."""
 
-    def __init__(self, total: int, out: TextIO = sys.stdout, every: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        total: int,
+        out: TextIO = sys.stdout,
+        every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.total, self.out, self.every, self.clock = total, out, every, clock
         self.durations: list[float] = []  # seconds of the runs that finished
 
     def say(self, index: int, run: Run, text: str) -> None:
-        print(f"[sweep {index}/{self.total}] arm={run.arm} seed={run.seed} | {text}",
-              file=self.out, flush=True)
+        print(
+            f"[sweep {index}/{self.total}] arm={run.arm} seed={run.seed} | {text}", file=self.out, flush=True
+        )
 
     def begin(self, index: int, run: Run, after: int) -> None:
         """Run `index` (1-based) starts; `after` runs are still to come after it."""
@@ -130,8 +141,7 @@ class Progress:
             self.last_step = (now, done, total)
         if now - self.last_print >= self.every or done == total:
             self.last_print = now
-            self.say(self.index, self.run, f"{phase} {done}/{total} | "
-                                             f"eta {format_seconds(self.eta())}")
+            self.say(self.index, self.run, f"{phase} {done}/{total} | eta {format_seconds(self.eta())}")
 
     def current_left(self) -> float | None:
         now = self.clock()
@@ -146,8 +156,7 @@ class Progress:
         left = self.current_left()
         if left is None:
             return None
-        per_run = (statistics.mean(self.durations) if self.durations
-                   else self.clock() - self.t0 + left)
+        per_run = statistics.mean(self.durations) if self.durations else self.clock() - self.t0 + left
         return left + self.after * per_run
 
     def end(self, seconds: float) -> float:
@@ -157,17 +166,23 @@ class Progress:
 
 
 def _accuracy_line(run_dir: Path) -> str:
-    acc = [r["eval/accuracy_greedy"] for r in read_metrics(run_dir / METRICS_FILE)
-           if isinstance(r.get("eval/accuracy_greedy"), (int, float))]
+    acc = [
+        r["eval/accuracy_greedy"]
+        for r in read_metrics(run_dir / METRICS_FILE)
+        if isinstance(r.get("eval/accuracy_greedy"), (int, float))
+    ]
     return f" | greedy acc {acc[0]:.3f} -> {acc[-1]:.3f}" if acc else ""
 
 
 def execute(cmd: list[str], log_path: Path, on_line: Callable[[str], None]) -> int:
     """Run `cmd`, its stdout and stderr appended to log_path and each line passed on."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "a", encoding="utf-8") as log, subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-            errors="replace") as proc:
+    with (
+        open(log_path, "a", encoding="utf-8") as log,
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, errors="replace"
+        ) as proc,
+    ):
         for line in proc.stdout:
             log.write(line)
             log.flush()
@@ -175,16 +190,20 @@ def execute(cmd: list[str], log_path: Path, on_line: Callable[[str], None]) -> i
     return proc.returncode
 
 
-def run_sweep(sweep: Sweep, out: TextIO = sys.stdout, report: bool = True,
-              progress_every: float = 10.0) -> int:
+def run_sweep(
+    sweep: Sweep, out: TextIO = sys.stdout, report: bool = True, progress_every: float = 10.0
+) -> int:
     """Run every unfinished run of the sweep; returns how many failed."""
     runs = plan(sweep)  # every config validated (and unchanged) before anything runs
     write_manifest(sweep)
     d = sweep.directory
     pending = [i for i, (run, _) in enumerate(runs, start=1) if finished(d, run.id) is None]
-    print(f"sweep {sweep.name}: {len(runs)} runs ({len(sweep.arms)} arms x "
-          f"{len(sweep.seeds)} seeds), {len(runs) - len(pending)} finished before -> {d}",
-          file=out, flush=True)
+    print(
+        f"sweep {sweep.name}: {len(runs)} runs ({len(sweep.arms)} arms x "
+        f"{len(sweep.seeds)} seeds), {len(runs) - len(pending)} finished before -> {d}",
+        file=out,
+        flush=True,
+    )
     progress = Progress(len(runs), out, every=progress_every)
     failed = []
     for index, (run, run_dir) in enumerate(runs, start=1):
@@ -206,19 +225,35 @@ def run_sweep(sweep: Sweep, out: TextIO = sys.stdout, report: bool = True,
         if code != 0 or run_dir is None:
             failed.append(run.id)
             tail = (out_dir / LOG).read_text(errors="replace").splitlines()[-15:]
-            progress.say(index, run, f"FAILED (exit {code}) after {format_seconds(seconds)}; "
-                                       f"the end of {out_dir / LOG}:")
+            progress.say(
+                index,
+                run,
+                f"FAILED (exit {code}) after {format_seconds(seconds)}; the end of {out_dir / LOG}:",
+            )
             print("\n".join("    " + line for line in tail), file=out, flush=True)
             continue
-        (out_dir / DONE).write_text(json.dumps({
-            "run_dir": str(run_dir.relative_to(d)), "seconds": round(seconds, 1),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        (out_dir / DONE).write_text(
+            json.dumps(
+                {
+                    "run_dir": str(run_dir.relative_to(d)),
+                    "seconds": round(seconds, 1),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
+            + "\n"
+        )
         left = progress.end(seconds)
-        progress.say(index, run, f"finished in {format_seconds(seconds)}"
-                                   f"{_accuracy_line(run_dir)} | eta {format_seconds(left)}")
-    print(f"sweep {sweep.name}: {len(runs) - len(failed)} of {len(runs)} runs finished"
-          + (f"; failed: {', '.join(failed)} (run the sweep again to resume them)" if failed else ""),
-          file=out, flush=True)
+        progress.say(
+            index,
+            run,
+            f"finished in {format_seconds(seconds)}{_accuracy_line(run_dir)} | eta {format_seconds(left)}",
+        )
+    print(
+        f"sweep {sweep.name}: {len(runs) - len(failed)} of {len(runs)} runs finished"
+        + (f"; failed: {', '.join(failed)} (run the sweep again to resume them)" if failed else ""),
+        file=out,
+        flush=True,
+    )
     if report and len(failed) < len(runs):
         print(f"report: {write_report(d)}", file=out, flush=True)
     return len(failed)

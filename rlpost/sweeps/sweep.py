@@ -20,6 +20,7 @@ itself (`seed`, `output_dir`, `resume`, `tracking.group/run_name/tags`) are
 errors. Every run's config is resolved and validated with `load_config` before
 anything runs, so a typo stops the sweep with one line naming the file and key.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -92,10 +93,15 @@ class Sweep:
 
     def overrides(self, run: Run) -> list[str]:
         """The `key=value` overrides of one run on top of the base config."""
-        sets = {**self.common, **run.arm_overrides, "seed": run.seed,
-                "output_dir": str(self.directory / "runs" / run.id),
-                "tracking.group": self.name, "tracking.run_name": run.display_name,
-                "tracking.tags": run.tags()}
+        sets = {
+            **self.common,
+            **run.arm_overrides,
+            "seed": run.seed,
+            "output_dir": str(self.directory / "runs" / run.id),
+            "tracking.group": self.name,
+            "tracking.run_name": run.display_name,
+            "tracking.tags": run.tags(),
+        }
         return [f"{k}={yaml_text(v)}" for k, v in sets.items()]
 
     def resolve(self, run: Run) -> TrainConfig:
@@ -118,8 +124,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-                                 _UniqueKeyLoader.construct_mapping)
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping
+)
 
 
 class _DuplicateKey(Exception):
@@ -137,14 +144,12 @@ def _read(path: Path) -> dict:
         raise ConfigError(f"{path}: line {e.line}: key '{e.key}' is given twice") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML"
-                          ) from None
+        raise ConfigError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     unknown = [k for k in tree if k not in SWEEP_KEYS]
     if unknown:
-        raise ConfigError(f"{path}: unknown key '{unknown[0]}'; a sweep file has "
-                          f"{', '.join(SWEEP_KEYS)}")
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}'; a sweep file has {', '.join(SWEEP_KEYS)}")
     return tree
 
 
@@ -159,16 +164,23 @@ def _mapping(path: Path, where: str, value: Any) -> dict[str, Any]:
             raise ConfigError(f"{path}: key '{where}': '{a}' and '{b}' set the same key")
     for key in value:
         if key in RESERVED:
-            raise ConfigError(f"{path}: key '{where}.{key}': set by the sweep for every run"
-                              + (" (list seeds under 'seeds')" if key == "seed" else ""))
+            raise ConfigError(
+                f"{path}: key '{where}.{key}': set by the sweep for every run"
+                + (" (list seeds under 'seeds')" if key == "seed" else "")
+            )
     return dict(value)
 
 
 def _label(overrides: dict[str, Any]) -> str:
     """`loss_agg=balanced,lr=0.0001`: the keys' last parts, or whole keys where two share one."""
     last = [k.rsplit(".", 1)[-1] for k in overrides]
-    return ",".join(f"{short if last.count(short) == 1 else key}={yaml_text(v)}"
-                    for key, short, v in zip(overrides, last, overrides.values())) or "base"
+    return (
+        ",".join(
+            f"{short if last.count(short) == 1 else key}={yaml_text(v)}"
+            for key, short, v in zip(overrides, last, overrides.values())
+        )
+        or "base"
+    )
 
 
 def _arms(path: Path, tree: dict) -> dict[str, dict[str, Any]]:
@@ -185,13 +197,13 @@ def _arms(path: Path, tree: dict) -> dict[str, dict[str, Any]]:
     elif isinstance(arms, dict):
         labelled = [(str(label), _mapping(path, f"arms.{label}", o)) for label, o in arms.items()]
     elif isinstance(arms, list) and arms:
-        labelled = [(_label(o), o) for o in (_mapping(path, f"arms[{i}]", a)
-                                             for i, a in enumerate(arms))]
+        labelled = [(_label(o), o) for o in (_mapping(path, f"arms[{i}]", a) for i, a in enumerate(arms))]
     elif arms is None:
         labelled = [("base", {})]
     else:
-        raise ConfigError(f"{path}: key 'arms' must be a mapping of label -> overrides, "
-                          f"or a non-empty list of overrides")
+        raise ConfigError(
+            f"{path}: key 'arms' must be a mapping of label -> overrides, or a non-empty list of overrides"
+        )
     out: dict[str, dict[str, Any]] = {}
     for label, overrides in labelled:
         if label in out:
@@ -200,8 +212,9 @@ def _arms(path: Path, tree: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_sweep(path: str | Path, cli_overrides: list[str] = (), name: str | None = None,
-               output_dir: str | None = None) -> Sweep:
+def load_sweep(
+    path: str | Path, cli_overrides: list[str] = (), name: str | None = None, output_dir: str | None = None
+) -> Sweep:
     """Read a sweep file, expand it into runs and validate every run's config.
 
     `cli_overrides` (`key=value`, as for `rlpost train`) apply to every run after
@@ -225,8 +238,10 @@ def load_sweep(path: str | Path, cli_overrides: list[str] = (), name: str | None
         for key in overrides:
             clash = next((k for k in common if overlaps(k, key)), None)
             if clash:
-                raise ConfigError(f"{path}: key '{key}' of arm '{label}' is also set for every "
-                                  f"run ('{clash}' under 'overrides')")
+                raise ConfigError(
+                    f"{path}: key '{key}' of arm '{label}' is also set for every "
+                    f"run ('{clash}' under 'overrides')"
+                )
 
     if "base" not in tree:
         raise ConfigError(f"{path}: key 'base' (the base config file) is missing")
@@ -234,24 +249,35 @@ def load_sweep(path: str | Path, cli_overrides: list[str] = (), name: str | None
     seeds = tree.get("seeds")
     if seeds is None:
         seeds = [load_config(base).seed]
-    if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise ConfigError(f"{path}: key 'seeds' must be a non-empty list of integers")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{path}: key 'seeds' lists a seed twice")
     sweep_name = name or str(tree.get("name") or path.stem)
     if not re.fullmatch(r"[A-Za-z0-9._=,+-]+", sweep_name):
         raise ConfigError(f"{path}: key 'name': '{sweep_name}' is not a plain directory name")
-    sweep = Sweep(path=path, name=sweep_name, base=base, seeds=list(seeds), common=common,
-                  arms=arms, output_dir=Path(output_dir or tree.get("output_dir") or "runs/sweeps"))
+    sweep = Sweep(
+        path=path,
+        name=sweep_name,
+        base=base,
+        seeds=list(seeds),
+        common=common,
+        arms=arms,
+        output_dir=Path(output_dir or tree.get("output_dir") or "runs/sweeps"),
+    )
     # seed-major: a sweep stopped half-way has every arm at its first seeds
-    sweep.runs = [Run(label, seed, overrides) for seed in sweep.seeds
-                  for label, overrides in arms.items()]
+    sweep.runs = [Run(label, seed, overrides) for seed in sweep.seeds for label, overrides in arms.items()]
     ids = [r.id for r in sweep.runs]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ConfigError(f"{path}: two arms map to the same run directory '{dup}'; "
-                          f"give them labels that differ in letters or digits")
+        raise ConfigError(
+            f"{path}: two arms map to the same run directory '{dup}'; "
+            f"give them labels that differ in letters or digits"
+        )
     for run in sweep.runs:
         sweep.resolve(run)
     return sweep

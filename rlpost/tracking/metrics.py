@@ -8,6 +8,7 @@ Values given as tensors are reduced on their device and read back all at once wh
 the sums are next read, merged or pickled: a read per metric would stall a CUDA
 learner between its forward and backward passes.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,7 @@ class MetricSums:
     def _extreme(self, name: str, value: float, pick) -> None:
         self.extremes[name] = pick(self.extremes.get(name, value), value)
 
-    def merge(self, other: "MetricSums") -> "MetricSums":
+    def merge(self, other: MetricSums) -> MetricSums:
         self._settle()
         other._settle()
         for k, v in other.sums.items():

@@ -1,6 +1,7 @@
-"""Per-token weights a person can look at: each rejected response drawn token by token, every
-token shaded by its weight (cDPO's critical weights, SparsePO's masks), as a self-contained
-HTML page and as a PNG.
+"""Per-token weights a person can look at, as an HTML page and a PNG.
+
+Each rejected response is drawn token by token, every token shaded by its weight (cDPO's
+critical weights, SparsePO's masks); the HTML page is self-contained.
 
 One colour scale for both: linear from white at 0 to orange at the top of the scale, which
 is 1, or the largest weight when a weight exceeds 1 (learned SparsePO masks are not bounded);
@@ -8,6 +9,7 @@ the legend and the colorbar say which. Whitespace is made visible: a line break 
 (followed by a real one), a tab as ⇥, a carriage return as ␍; spaces stay spaces inside the
 shaded box, a visible gap; a token that decodes to nothing as ∅.
 """
+
 from __future__ import annotations
 
 import html
@@ -49,8 +51,9 @@ def _scale_text(weight_name: str, top: float) -> str:
     return f"{weight_name}, linear from white at 0 to orange at {top:.4g}{above}"
 
 
-def write_token_view(out_dir: Path, rows: list[WeightedTokens], title: str, weight_name: str,
-                     stem: str = "token_weights") -> tuple[Path, Path]:
+def write_token_view(
+    out_dir: Path, rows: list[WeightedTokens], title: str, weight_name: str, stem: str = "token_weights"
+) -> tuple[Path, Path]:
     """Writes out_dir/<stem>.html and out_dir/<stem>.png; returns their paths."""
     if not rows:
         raise ValueError("write_token_view: no rows to show")
@@ -85,20 +88,28 @@ h2 { font-size: 1em; margin: 0.4em 0; }
 def _token_html(token: str, weight: float, weight_name: str, top: float) -> str:
     r, g, b = shade(weight, top)
     tip = html.escape(f"{weight_name}: {weight:.4g}")
-    span = (f'<span class="tok" style="background: rgb({r}, {g}, {b})" title="{tip}">'
-            f"{html.escape(visible(token))}</span>")
+    span = (
+        f'<span class="tok" style="background: rgb({r}, {g}, {b})" title="{tip}">'
+        f"{html.escape(visible(token))}</span>"
+    )
     return span + ("<br>" if "\n" in token else "")
 
 
 def _html(rows: list[WeightedTokens], title: str, weight_name: str, top: float) -> str:
     esc = html.escape
-    legend = (f'<p class="legend">Background of each rejected token: its '
-              f'{_scale_text(esc(weight_name), top)}. 0<span class="bar" style="background: '
-              f'linear-gradient(to right, rgb{LOW}, rgb{HIGH})"></span>{top:.4g}<br>Hover over a '
-              f"token for its weight. ↵ marks a line break, ⇥ a tab; a space is a gap in the "
-              f"shading.</p>")
-    parts = [f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>'
-             f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>", legend]
+    legend = (
+        f'<p class="legend">Background of each rejected token: its '
+        f'{_scale_text(esc(weight_name), top)}. 0<span class="bar" style="background: '
+        f'linear-gradient(to right, rgb{LOW}, rgb{HIGH})"></span>{top:.4g}<br>Hover over a '
+        f"token for its weight. ↵ marks a line break, ⇥ a tab; a space is a gap in the "
+        f"shading.</p>"
+    )
+    parts = [
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        legend,
+    ]
     for row in rows:
         parts.append(f"<section><h2>{esc(row.label)}</h2>")
         parts.append(f'<div class="name">prompt</div><div class="text">{esc(row.prompt)}</div>')
@@ -119,10 +130,11 @@ CHAR_IN = 0.602 * FONT_PT / 72  # advance of DejaVu Sans Mono
 
 
 def _text_lines(name: str, text: str) -> list[str]:
-    lines = [piece for line in f"{name}: {text}".split("\n")
-             for piece in (textwrap.wrap(line, WIDTH) or [""])]
+    lines = [
+        piece for line in f"{name}: {text}".split("\n") for piece in (textwrap.wrap(line, WIDTH) or [""])
+    ]
     if len(lines) > TEXT_LINES:
-        lines = lines[:TEXT_LINES - 1] + [lines[TEXT_LINES - 1][:WIDTH - 1] + "…"]
+        lines = lines[: TEXT_LINES - 1] + [lines[TEXT_LINES - 1][: WIDTH - 1] + "…"]
     return lines
 
 
@@ -163,10 +175,23 @@ def _png(path: Path, rows: list[WeightedTokens], title: str, weight_name: str, t
     width_in = WIDTH * CHAR_IN + 2 * margin_in
     height_in = head_in + len(lines) * line_in + foot_in
     fig = Figure(figsize=(width_in, height_in), dpi=110)
-    fig.text(margin_in / width_in, 1 - 0.3 / height_in, title, fontsize=11, weight="bold",
-             va="center", parse_math=False)
-    ax = fig.add_axes((margin_in / width_in, foot_in / height_in, WIDTH * CHAR_IN / width_in,
-                       len(lines) * line_in / height_in))
+    fig.text(
+        margin_in / width_in,
+        1 - 0.3 / height_in,
+        title,
+        fontsize=11,
+        weight="bold",
+        va="center",
+        parse_math=False,
+    )
+    ax = fig.add_axes(
+        (
+            margin_in / width_in,
+            foot_in / height_in,
+            WIDTH * CHAR_IN / width_in,
+            len(lines) * line_in / height_in,
+        )
+    )
     ax.set_xlim(0, WIDTH)
     ax.set_ylim(len(lines), 0)
     ax.axis("off")
@@ -176,14 +201,23 @@ def _png(path: Path, rows: list[WeightedTokens], title: str, weight_name: str, t
     for y, (kind, content) in enumerate(lines):
         if kind == "tokens":
             for x, token, weight in content:
-                ax.add_patch(Rectangle((x, y + 0.1), len(token), 0.8, facecolor=cmap(norm(weight)),
-                                       edgecolor="0.8", linewidth=0.4))
+                ax.add_patch(
+                    Rectangle(
+                        (x, y + 0.1),
+                        len(token),
+                        0.8,
+                        facecolor=cmap(norm(weight)),
+                        edgecolor="0.8",
+                        linewidth=0.4,
+                    )
+                )
                 ax.text(x, y + 0.5, token, **text)
         else:
             ax.text(0, y + 0.5, content, **text, **({"weight": "bold"} if kind == "title" else {}))
     cax = fig.add_axes((margin_in / width_in, 0.3 / height_in, 0.45, 0.12 / height_in))
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal")
     cax.tick_params(labelsize=7)
-    fig.text(margin_in / width_in, 0.47 / height_in, _scale_text(weight_name, top), fontsize=8,
-             parse_math=False)
+    fig.text(
+        margin_in / width_in, 0.47 / height_in, _scale_text(weight_name, top), fontsize=8, parse_math=False
+    )
     fig.savefig(path)

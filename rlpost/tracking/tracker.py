@@ -11,6 +11,7 @@ run continues the same W&B run. A W&B run carries `tracking.group`, the name
 `tracking.run_name` (else the config's `name`), `tracking.tags`, the whole
 resolved config, and the metrics at their RL step (W&B's step axis).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,13 +50,21 @@ CONSOLE_METRICS: list[tuple[str, str, str]] = [
 # Plot panels: (title, y label, [(metric key, legend label)], is_eval).
 PLOT_PANELS: list[tuple[str, str, list[tuple[str, str]], bool]] = [
     ("Reward", "mean reward", [("reward/mean", "reward/mean")], False),
-    ("Eval accuracy", "accuracy",
-     [("eval/accuracy_greedy", "greedy"), ("eval/accuracy_sampled", "sampled")], True),
+    (
+        "Eval accuracy",
+        "accuracy",
+        [("eval/accuracy_greedy", "greedy"), ("eval/accuracy_sampled", "sampled")],
+        True,
+    ),
     ("Entropy", "entropy (nats/token)", [("entropy", "entropy")], False),
     ("Response length", "tokens", [("response_length/mean", "mean length")], False),
     ("Loss", "loss", [("loss", "loss")], False),
-    ("Clip fraction", "fraction of tokens",
-     [("clip_frac_low", "low (adv < 0)"), ("clip_frac_high", "high (adv > 0)")], False),
+    (
+        "Clip fraction",
+        "fraction of tokens",
+        [("clip_frac_low", "low (adv < 0)"), ("clip_frac_high", "high (adv > 0)")],
+        False,
+    ),
 ]
 
 _RESERVED = ("step", "time")
@@ -134,7 +143,7 @@ class Tracker:
     console_metrics = CONSOLE_METRICS
     plot_panels = PLOT_PANELS
 
-    def __init__(self, run_dir: Path, cfg: "TrainConfig", resume_step: int | None = None):
+    def __init__(self, run_dir: Path, cfg: TrainConfig, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
@@ -202,8 +211,7 @@ class Tracker:
 
         if self.wandb_run is not None:
             if self._wandb_skip_through is None or step > self._wandb_skip_through:
-                self.wandb_run.log({k: v for k, v in row.items() if k not in _RESERVED},
-                                   step=step)
+                self.wandb_run.log({k: v for k, v in row.items() if k not in _RESERVED}, step=step)
 
         has_eval = any(k.startswith("eval/") for k in metrics)
         every = self.cfg.tracking.log_every

@@ -1,4 +1,5 @@
 """The clock of a worker's own compute, which every role (learner, rollout) keeps."""
+
 from __future__ import annotations
 
 import time

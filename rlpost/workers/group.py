@@ -14,11 +14,13 @@ workers, from `cfg.ray` (README "Clusters"):
   and rollout worker r each ask for half of its GPU, so both see the same GPU
   (how its memory is split is vLLM's `gpu_memory_utilization`).
 """
+
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from rlpost.config.rl import TrainConfig
@@ -49,7 +51,7 @@ class Placement:
     `shutdown`, so the warm-up's learners and the RL learners take the same slots.
     In the in-process mode there is nothing to place: `slots` returns None."""
 
-    def __init__(self, cfg: "TrainConfig", use_ray: bool):
+    def __init__(self, cfg: TrainConfig, use_ray: bool):
         self.groups: list[Any] = []
         self._slots: dict[str, Slots] = {}
         if not use_ray:
@@ -60,11 +62,15 @@ class Placement:
             gpu = rc.gpus_per_learner
             # a CPU per worker, as in the separate placement (the local cluster has that many)
             pg = self._group([_bundle(1 + (rank < workers), gpu) for rank in range(learners)])
-            self._slots = {"learner": Slots(pg, list(range(learners)), 1, gpu / 2),
-                           "rollout": Slots(pg, list(range(workers)), 1, gpu / 2)}
+            self._slots = {
+                "learner": Slots(pg, list(range(learners)), 1, gpu / 2),
+                "rollout": Slots(pg, list(range(workers)), 1, gpu / 2),
+            }
         else:
-            for role, n, gpu in (("learner", learners, rc.gpus_per_learner),
-                                 ("rollout", workers, rc.gpus_per_rollout_worker)):
+            for role, n, gpu in (
+                ("learner", learners, rc.gpus_per_learner),
+                ("rollout", workers, rc.gpus_per_rollout_worker),
+            ):
                 self._slots[role] = Slots(self._group([_bundle(1, gpu)] * n), list(range(n)), 1, gpu)
 
     def _group(self, bundles: list[dict]) -> Any:
@@ -95,9 +101,17 @@ class WorkerGroup:
     """`slots` places the workers in a run's `Placement`; without it the group makes
     a placement group of its own (one bundle per worker) and removes it at shutdown."""
 
-    def __init__(self, cls: type, num_workers: int, make_kwargs: Callable[[int], dict],
-                 use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 env: dict[str, str] | None = None, slots: Slots | None = None):
+    def __init__(
+        self,
+        cls: type,
+        num_workers: int,
+        make_kwargs: Callable[[int], dict],
+        use_ray: bool,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        env: dict[str, str] | None = None,
+        slots: Slots | None = None,
+    ):
         self.use_ray = use_ray
         self.workers: list[Any]
         self.pg = None
@@ -117,10 +131,12 @@ class WorkerGroup:
         actor_cls = ray.remote(cls)
         self.workers = [
             actor_cls.options(
-                num_cpus=slots.num_cpus, num_gpus=slots.num_gpus,
+                num_cpus=slots.num_cpus,
+                num_gpus=slots.num_gpus,
                 runtime_env={"env_vars": env or {}},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=slots.pg, placement_group_bundle_index=slots.bundles[rank]),
+                    placement_group=slots.pg, placement_group_bundle_index=slots.bundles[rank]
+                ),
             ).remote(**make_kwargs(rank))
             for rank in range(num_workers)
         ]
@@ -136,8 +152,7 @@ class WorkerGroup:
             return [getattr(w, method)(*a, **kwargs) for w, a in zip(self.workers, arg_lists)]
         import ray
 
-        return ray.get([getattr(w, method).remote(*a, **kwargs)
-                        for w, a in zip(self.workers, arg_lists)])
+        return ray.get([getattr(w, method).remote(*a, **kwargs) for w, a in zip(self.workers, arg_lists)])
 
     def shutdown(self) -> None:
         if self.use_ray:

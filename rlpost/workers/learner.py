@@ -4,6 +4,7 @@ A step's result does not depend on how its mini-batch is cut into micro-batches 
 among ranks (`train_minibatch`). The preference-pair role (`rlpost dpo`) is
 `pair_learner.PairLearner`; both are `policy_rank.PolicyRank`s.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ from rlpost.workers.group import Slots, WorkerGroup
 from rlpost.workers.policy_rank import LRSchedule, PolicyRank
 
 
-def group_divergence(hidden: torch.Tensor, head: nn.Module, lengths: list[int], chunk_rows: int,
-                     temperature: float) -> torch.Tensor:
+def group_divergence(
+    hidden: torch.Tensor, head: nn.Module, lengths: list[int], chunk_rows: int, temperature: float
+) -> torch.Tensor:
     """TW-GRPO's D_t of one group (`algorithms.base.position_divergence`) over response positions
     t < its longest response, from `hidden`, the final states predicting its responses'
     tokens (flat, response after response, `lengths` tokens each).
@@ -38,12 +40,13 @@ def group_divergence(hidden: torch.Tensor, head: nn.Module, lengths: list[int], 
     for t0 in range(0, longest, step):
         t1 = min(t0 + step, longest)
         # fp64: D is a small difference of large sums (0 where all rollouts agree)
-        block = torch.full((len(lengths), t1 - t0, vocab), -math.log(vocab),
-                           dtype=torch.float64, device=hidden.device)
+        block = torch.full(
+            (len(lengths), t1 - t0, vocab), -math.log(vocab), dtype=torch.float64, device=hidden.device
+        )
         for i, (start, n) in enumerate(zip(starts, lengths)):
             if t0 < n:
-                rows = hidden[start + t0:start + min(t1, n)]
-                block[i, :len(rows)] = (head(rows).double() / temperature).log_softmax(-1)
+                rows = hidden[start + t0 : start + min(t1, n)]
+                block[i, : len(rows)] = (head(rows).double() / temperature).log_softmax(-1)
         divergence.append(position_divergence(block))
     return torch.cat(divergence)
 
@@ -53,8 +56,9 @@ class Learner(PolicyRank):
     TW-GRPO divergences the controller asks for before them."""
 
     @torch.no_grad()
-    def logprobs(self, micro_batches: list[list[Sample]], with_ref: bool = False,
-                 rule: SamplingRule | None = None) -> dict[str, torch.Tensor | None]:
+    def logprobs(
+        self, micro_batches: list[list[Sample]], with_ref: bool = False, rule: SamplingRule | None = None
+    ) -> dict[str, torch.Tensor | None]:
         """Log-probs, entropies (and reference log-probs) of the response tokens of all
         the micro-batches, flat in their order: a few tensors cross back to the controller,
         not a few per micro-batch or per sequence.
@@ -91,11 +95,18 @@ class Learner(PolicyRank):
         for group in groups:
             batch = collate(group, self.pad_id, self.packed)
             with self.clock("logprob"):
-                hidden = model.hidden_states(batch["input_ids"].to(self.device),
-                                             batch["pred_pos"].to(self.device),
-                                             **packed_kwargs(batch, self.device))
-                divergence = group_divergence(hidden, head, [s.num_tokens for s in group],
-                                              self.cfg.learner.logprob_chunk_size, self.temperature)
+                hidden = model.hidden_states(
+                    batch["input_ids"].to(self.device),
+                    batch["pred_pos"].to(self.device),
+                    **packed_kwargs(batch, self.device),
+                )
+                divergence = group_divergence(
+                    hidden,
+                    head,
+                    [s.num_tokens for s in group],
+                    self.cfg.learner.logprob_chunk_size,
+                    self.temperature,
+                )
             out.append(divergence.cpu())
         self.engine.train()
         return out
@@ -122,15 +133,22 @@ class Learner(PolicyRank):
                 if needs.token_kl:  # ASFT: the KL to the reference with its gradient
                     ref_hidden = self._reference(inputs)
                     logp, ref_logp, extra[TOKEN_KL] = self.engine(
-                        **inputs, reference=(ref_hidden, self.ref.lm.get_output_embeddings()))
+                        **inputs, reference=(ref_hidden, self.ref.lm.get_output_embeddings())
+                    )
                     entropy = None
                 else:
                     logp, entropy = self.engine(**inputs)
                     if not needs.entropy_grad:
                         entropy = entropy.detach()
-                t = TokenTensors(logp=logp, old_logp=get("old_logp"), advantages=get("advantages"),
-                                 entropy=entropy, ref_logp=ref_logp, seq_index=get("seq_index"),
-                                 extra=extra)
+                t = TokenTensors(
+                    logp=logp,
+                    old_logp=get("old_logp"),
+                    advantages=get("advantages"),
+                    entropy=entropy,
+                    ref_logp=ref_logp,
+                    seq_index=get("seq_index"),
+                    extra=extra,
+                )
                 token_loss, token_metrics = self.algorithm.token_loss(t)
                 loss = (token_loss.double() * get("weights")).sum()
             metrics.add_total("loss", loss)
@@ -148,8 +166,9 @@ class Learner(PolicyRank):
         optimizer step after each."""
         return [self.train_minibatch(micro_batches) for micro_batches in minibatches]
 
-    def score_and_train(self, minibatches: list[list[list[Sample]]], with_ref: bool = False
-                        ) -> tuple[dict[str, torch.Tensor | None], list[MetricSums]]:
+    def score_and_train(
+        self, minibatches: list[list[list[Sample]]], with_ref: bool = False
+    ) -> tuple[dict[str, torch.Tensor | None], list[MetricSums]]:
         """An RL step's learner work in one call, when the controller needs nothing from the
         log-prob pass before the update (`Needs.old_policy_entropy` False, one epoch): the
         old policy's log-probs of this rank's samples, in the micro-batches they train in,
@@ -165,21 +184,39 @@ class Learner(PolicyRank):
 
 
 def checkpoint_tags(ckpt_dir: Path) -> list[str]:
-    return sorted((p.name for p in ckpt_dir.glob("step_*") if p.is_dir()),
-                  key=lambda t: int(t.split("_")[1]))
+    return sorted((p.name for p in ckpt_dir.glob("step_*") if p.is_dir()), key=lambda t: int(t.split("_")[1]))
 
 
-def start_learner_group(cfg: TrainConfig | OfflineConfig, model_dir: Path | str,
-                        algorithm: tuple[str, dict], schedule: LRSchedule, pad_id: int, use_ray: bool,
-                        slots: Slots | None = None, role: type[PolicyRank] = Learner) -> WorkerGroup:
+def start_learner_group(
+    cfg: TrainConfig | OfflineConfig,
+    model_dir: Path | str,
+    algorithm: tuple[str, dict],
+    schedule: LRSchedule,
+    pad_id: int,
+    use_ray: bool,
+    slots: Slots | None = None,
+    role: type[PolicyRank] = Learner,
+) -> WorkerGroup:
     """All ranks of a learner group, joined in one process group at rank 0's node. `role`:
     the class each rank runs, `Learner` for token losses or another role (the job chooses)."""
     n = cfg.learner.num_learners
     group = WorkerGroup(
-        role, n, lambda rank: dict(cfg=cfg, model_dir=str(model_dir), algorithm=algorithm,
-                                   schedule=schedule, rank=rank, world_size=n, pad_id=pad_id),
-        use_ray=use_ray, num_cpus=1, num_gpus=cfg.ray.gpus_per_learner, slots=slots)
+        role,
+        n,
+        lambda rank: dict(
+            cfg=cfg,
+            model_dir=str(model_dir),
+            algorithm=algorithm,
+            schedule=schedule,
+            rank=rank,
+            world_size=n,
+            pad_id=pad_id,
+        ),
+        use_ray=use_ray,
+        num_cpus=1,
+        num_gpus=cfg.ray.gpus_per_learner,
+        slots=slots,
+    )
     address, port = group.call("rendezvous")[0]
     group.call("setup", address, port)
     return group
-

@@ -5,6 +5,7 @@ The losses are `algorithms/preference.py`'s, over pair-atomic micro-batches
 reference's activations (`model.activations`), learned masks by networks trained with the
 policy (a submodule of the PolicyModel, so one optimizer, schedule and checkpoint cover both).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ from rlpost.tracking.metrics import MetricSums
 from rlpost.workers.policy_rank import PolicyRank
 
 
-def per_response(values: torch.Tensor, seq_index: torch.Tensor, num_seqs: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def per_response(
+    values: torch.Tensor, seq_index: torch.Tensor, num_seqs: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat per-token values [N, ...] (in sequence order) laid out as [num_seqs, longest
     response, ...], with the bool grid of real tokens and the (row, column) of each token."""
     lengths = torch.bincount(seq_index, minlength=num_seqs)
@@ -41,10 +43,12 @@ class PairLearner(PolicyRank):
         if self.algorithm.learned_masks:
             lm = policy.lm
             policy.masks = self.algorithm.mask_networks(
-                lm.config.num_hidden_layers, lm.config.hidden_size, self.cfg.seed).to(lm.dtype)
+                lm.config.num_hidden_layers, lm.config.hidden_size, self.cfg.seed
+            ).to(lm.dtype)
 
-    def _sparsepo_mask(self, means: dict[str, list[torch.Tensor]], ref_hidden: torch.Tensor,
-                       batch: dict, num_seqs: int) -> torch.Tensor:
+    def _sparsepo_mask(
+        self, means: dict[str, list[torch.Tensor]], ref_hidden: torch.Tensor, batch: dict, num_seqs: int
+    ) -> torch.Tensor:
         """SparsePO's activation mask (`PairLoss.activation_mask`) of each response token,
         flat [N]: every kind read at the positions that predict the tokens, as the log-probs
         are, and normalised over each response. The logits kind is their mean over the
@@ -54,12 +58,15 @@ class PairLearner(PolicyRank):
         mean_logit = ref_hidden.float() @ head.weight.float().mean(0)
         if head.bias is not None:
             mean_logit = mean_logit + head.bias.float().mean()
-        kinds = {kind: [x.reshape(-1).index_select(0, pred_pos) for x in layers]
-                 for kind, layers in means.items()}
+        kinds = {
+            kind: [x.reshape(-1).index_select(0, pred_pos) for x in layers] for kind, layers in means.items()
+        }
         kinds["logits"] = [mean_logit]
         _, valid, column = per_response(mean_logit, seq_index, num_seqs)
-        grids = {kind: [per_response(x, seq_index, num_seqs)[0][..., None] for x in layers]
-                 for kind, layers in kinds.items()}
+        grids = {
+            kind: [per_response(x, seq_index, num_seqs)[0][..., None] for x in layers]
+            for kind, layers in kinds.items()
+        }
         return self.algorithm.activation_mask(grids, valid)[seq_index, column]
 
     @torch.no_grad()
@@ -68,8 +75,9 @@ class PairLearner(PolicyRank):
         input (the last is the final states)."""
         return self.ref.layer_states(**self._attention(inputs))
 
-    def _reference_and_masks(self, batch: dict, inputs: dict, num_seqs: int
-                             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _reference_and_masks(
+        self, batch: dict, inputs: dict, num_seqs: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The reference's final states predicting each response token [N, H], and SparsePO's
         masks m^u, m^d of the tokens [N] (None, None for the other losses). Learned masks
         carry the gradient of their networks wherever the grad mode allows it."""
@@ -100,15 +108,29 @@ class PairLearner(PolicyRank):
         else:
             logp, _ = self.engine(**inputs)
             with torch.no_grad():
-                ref_logp, _ = chunked_logprobs(ref_hidden, ref_head, inputs["targets"],
-                                               self.cfg.learner.logprob_chunk_size, self.temperature)
+                ref_logp, _ = chunked_logprobs(
+                    ref_hidden,
+                    ref_head,
+                    inputs["targets"],
+                    self.cfg.learner.logprob_chunk_size,
+                    self.temperature,
+                )
         if algorithm.critical_weights:
             reward_weight = extra[REWARD_WEIGHT]
-        return algorithm.pair_sums(logp, ref_logp, extra[PAIR_INDEX], extra[CHOSEN_SIDE], num_pairs, kl=kl,
-                         reward_weight=reward_weight, kl_weight=kl_weight)
+        return algorithm.pair_sums(
+            logp,
+            ref_logp,
+            extra[PAIR_INDEX],
+            extra[CHOSEN_SIDE],
+            num_pairs,
+            kl=kl,
+            reward_weight=reward_weight,
+            kl_weight=kl_weight,
+        )
 
-    def train_pairs(self, micro_batches: list[list[Sample]], num_pairs: int,
-                    apply: bool = True) -> tuple[MetricSums, PairSums | None]:
+    def train_pairs(
+        self, micro_batches: list[list[Sample]], num_pairs: int, apply: bool = True
+    ) -> tuple[MetricSums, PairSums | None]:
         """One optimizer step over this rank's share of a mini-batch of `num_pairs`
         preference pairs, numbered 0..num_pairs-1 over the whole mini-batch (PAIR_INDEX).
 
@@ -125,8 +147,7 @@ class PairLearner(PolicyRank):
             with self.clock("update"):
                 sums = self._pair_sums(mb, num_pairs)
                 # pairs absent here have sums 0 and a loss of log 2: only the present count
-                present = torch.tensor(sorted({int(s.extra[PAIR_INDEX][0]) for s in mb}),
-                                       device=self.device)
+                present = torch.tensor(sorted({int(s.extra[PAIR_INDEX][0]) for s in mb}), device=self.device)
                 loss = self.algorithm.pair_loss(sums).index_select(0, present).sum() / num_pairs
             metrics.add_total("loss", loss)
             totals.append(sums.map(lambda x: x.detach().cpu()))

@@ -7,6 +7,7 @@ losses, `pair_learner.PairLearner` for preference pairs) adds what its steps com
 hands each micro-batch's loss to `_accumulate`, which owns the backward passes and the
 optimizer step.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,11 +52,21 @@ def join_process_group(rank: int, world_size: int, master_addr: str, master_port
     """This process's place in the learners' torch.distributed group (NCCL on CUDA, else gloo)."""
     import deepspeed
 
-    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False, rank=rank, world_size=world_size,
-                               distributed_port=master_port)
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+    )
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        auto_mpi_discovery=False,
+        rank=rank,
+        world_size=world_size,
+        distributed_port=master_port,
+    )
 
 
 def deepspeed_config(zero_stage: int, grad_clip: float, bf16: bool) -> dict:
@@ -73,20 +84,27 @@ def deepspeed_config(zero_stage: int, grad_clip: float, bf16: bool) -> dict:
     }
 
 
-def deepspeed_engine(policy: PolicyModel, schedule: LRSchedule, lc: LearnerConfig, bf16: bool,
-                     on_gpu: bool):
+def deepspeed_engine(policy: PolicyModel, schedule: LRSchedule, lc: LearnerConfig, bf16: bool, on_gpu: bool):
     """The DeepSpeed engine that trains `policy`'s trainable parameters with AdamW under
     `schedule`, in this process's place in the learners' group (`join_process_group`)."""
     import deepspeed
 
     # fused: one pass over the fp32 master weights and Adam moments instead of several
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
-                                  lr=schedule.lr, weight_decay=lc.weight_decay, fused=on_gpu)
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=schedule.lr,
+        weight_decay=lc.weight_decay,
+        fused=on_gpu,
+    )
     # Adam moves every parameter by about lr on its first steps, whatever the
     # gradient's size; a linear warm-up keeps the first RL updates small.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
-    engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=deepspeed_config(lc.zero_stage, lc.grad_clip, bf16))
+    engine, *_ = deepspeed.initialize(
+        model=policy,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(lc.zero_stage, lc.grad_clip, bf16),
+    )
     return engine
 
 
@@ -94,8 +112,16 @@ class PolicyRank:
     """`cfg` is the RL job's TrainConfig or an offline job's config (`rlpost sft` / `rlpost
     dpo`): the rank reads its `model`, `learner` and `ray` sections."""
 
-    def __init__(self, cfg: TrainConfig | OfflineConfig, model_dir: str, algorithm: tuple[str, dict],
-                 schedule: LRSchedule, rank: int, world_size: int, pad_id: int):
+    def __init__(
+        self,
+        cfg: TrainConfig | OfflineConfig,
+        model_dir: str,
+        algorithm: tuple[str, dict],
+        schedule: LRSchedule,
+        rank: int,
+        world_size: int,
+        pad_id: int,
+    ):
         set_threads()
         self.cfg, self.model_dir, self.schedule = cfg, model_dir, schedule
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
@@ -118,15 +144,23 @@ class PolicyRank:
             torch.cuda.set_device(0)  # Ray gives each learner actor one GPU
         self.clock = ComputeClock(cuda=on_gpu)
         join_process_group(self.rank, self.world_size, master_addr, master_port)
-        policy, self.adapter, self.packed = load_policy(
-            self.model_dir, cfg.model.dtype, lc, cfg.seed, torch.device("cuda" if on_gpu else "cpu"))
+        policy, self.adapter, self.packed, self.fused_kernels = load_policy(
+            self.model_dir, cfg.model.dtype, lc, cfg.seed, torch.device("cuda" if on_gpu else "cpu")
+        )
         self.add_trained_modules(policy)
         self.engine = deepspeed_engine(policy, schedule, lc, cfg.model.dtype == "bfloat16", on_gpu)
         self.device = self.engine.device
         self.ref = None
         if self.algorithm.needs.reference:
-            self.ref = load_reference(self.engine.module, self.adapter, self.model_dir,
-                                      cfg.model.dtype, lc, self.packed, self.device)
+            self.ref = load_reference(
+                self.engine.module,
+                self.adapter,
+                self.model_dir,
+                cfg.model.dtype,
+                lc,
+                self.packed,
+                self.device,
+            )
 
     def add_trained_modules(self, policy: PolicyModel) -> None:
         """Modules the optimizer trains with the LM, added to `policy` before DeepSpeed
@@ -135,10 +169,13 @@ class PolicyRank:
     def _inputs(self, batch: dict) -> dict:
         """Model inputs; the temperature is per token where the batch carries one."""
         temperature = batch["temperature"].to(self.device) if "temperature" in batch else self.temperature
-        return {"input_ids": batch["input_ids"].to(self.device),
-                "pred_pos": batch["pred_pos"].to(self.device),
-                "targets": batch["targets"].to(self.device),
-                "temperature": temperature, **packed_kwargs(batch, self.device)}
+        return {
+            "input_ids": batch["input_ids"].to(self.device),
+            "pred_pos": batch["pred_pos"].to(self.device),
+            "targets": batch["targets"].to(self.device),
+            "temperature": temperature,
+            **packed_kwargs(batch, self.device),
+        }
 
     @staticmethod
     def _attention(inputs: dict) -> dict:
@@ -150,8 +187,9 @@ class PolicyRank:
         """The reference's final states predicting each response token [N, H]."""
         return self.ref.hidden_states(**self._attention(inputs))
 
-    def _accumulate(self, micro_batches: list[list[Sample]], micro_loss, apply: bool,
-                    metrics: MetricSums) -> None:
+    def _accumulate(
+        self, micro_batches: list[list[Sample]], micro_loss, apply: bool, metrics: MetricSums
+    ) -> None:
         """Forward/backward of each micro-batch (`micro_loss`: its share of the mini-batch
         loss), then the optimizer step unless `apply` is False. An empty micro-batch
         backpropagates a zero loss to keep this rank's collectives in step with the others."""
@@ -171,13 +209,19 @@ class PolicyRank:
 
     def gradients(self) -> dict[str, torch.Tensor]:
         """Current full gradients (tests only; stage 0 keeps them on the parameters)."""
-        return {n: p.grad.detach().cpu().clone() for n, p in self.engine.module.named_parameters()
-                if p.grad is not None}
+        return {
+            n: p.grad.detach().cpu().clone()
+            for n, p in self.engine.module.named_parameters()
+            if p.grad is not None
+        }
 
     def named_parameters(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Current full parameters whose names start with `prefix` (tests only, as `gradients`)."""
-        return {n: p.detach().cpu().clone() for n, p in self.engine.module.named_parameters()
-                if n.startswith(prefix)}
+        return {
+            n: p.detach().cpu().clone()
+            for n, p in self.engine.module.named_parameters()
+            if n.startswith(prefix)
+        }
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -187,8 +231,9 @@ class PolicyRank:
         """The LM's parameters whole on every rank for the duration (ZeRO-3 partitions them)."""
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(self.engine.module.lm.parameters()),
-                                               enabled=self.cfg.learner.zero_stage == 3):
+        with deepspeed.zero.GatheredParameters(
+            list(self.engine.module.lm.parameters()), enabled=self.cfg.learner.zero_stage == 3
+        ):
             yield
 
     def export_weights(self) -> dict[str, torch.Tensor] | None:

@@ -1,4 +1,5 @@
 """A rollout worker: one inference engine (vLLM or transformers), as a Ray actor or in-process."""
+
 from __future__ import annotations
 
 from rlpost.algorithms.base import SamplingRule
@@ -26,9 +27,16 @@ class RolloutWorker:
         # engines hand back host lists, so no CUDA barrier is needed around them
         self.clock = ComputeClock()
 
-    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int, rule: SamplingRule | None = None
-                 ) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        rule: SamplingRule | None = None,
+    ) -> list[list[Completion]]:
         with self.clock("generate"):
             return self.engine.generate(prompts, n, temperature, top_p, max_new_tokens, seed, rule)
 

@@ -1,4 +1,5 @@
 """How many CPU threads a worker process's torch uses: set once, as the worker starts."""
+
 from __future__ import annotations
 
 import os

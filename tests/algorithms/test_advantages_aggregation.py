@@ -1,5 +1,6 @@
 """Advantage estimators and loss aggregations against hand-computed numbers
 (docs/algorithms.md section 1, "Advantages" and "Aggregation of l_{i,t}")."""
+
 from __future__ import annotations
 
 import math
@@ -8,9 +9,15 @@ import pytest
 import torch
 
 from rlpost.algorithms.advantages import ADVANTAGES, dr_grpo, grpo, hapo_token_level, rloo
-from rlpost.algorithms.aggregation import (AGGREGATIONS, balanced, constant_normaliser,
-                                           seq_mean_token_mean, seq_mean_token_sum, side_weights,
-                                           token_mean)
+from rlpost.algorithms.aggregation import (
+    AGGREGATIONS,
+    balanced,
+    constant_normaliser,
+    seq_mean_token_mean,
+    seq_mean_token_sum,
+    side_weights,
+    token_mean,
+)
 from rlpost.data.batch import Sample, view
 
 EPS = 1e-6
@@ -28,8 +35,9 @@ def test_grpo_numbers_and_equivalence():
     s0 = math.sqrt(1 / 3) + EPS
     # row 1: mean 0.75, sample std sqrt((3 * 0.0625 + 0.5625) / 3) = 0.5 -> 0.25/0.5, -0.75/0.5
     s1 = 0.5 + EPS
-    expected = torch.tensor([[0.5 / s0, -0.5 / s0, -0.5 / s0, 0.5 / s0],
-                             [0.25 / s1, 0.25 / s1, 0.25 / s1, -0.75 / s1]], dtype=F64)
+    expected = torch.tensor(
+        [[0.5 / s0, -0.5 / s0, -0.5 / s0, 0.5 / s0], [0.25 / s1, 0.25 / s1, 0.25 / s1, -0.75 / s1]], dtype=F64
+    )
     torch.testing.assert_close(a, expected)
     assert a[1].tolist() == pytest.approx([0.5, 0.5, 0.5, -1.5], abs=1e-5)
     assert grpo(torch.tensor([[3.0], [1.0]]), EPS).abs().max() == 0  # group of one
@@ -66,14 +74,10 @@ def _token_level(r, lengths):
 
 
 def test_hapo_token_level_numbers():
-    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0],
-                            [1.0, 1.0, 0.0, 0.0],
-                            [1.0, 0.0, 0.0, 0.0],
-                            [1.0, 1.0, 1.0, 1.0]], dtype=F64)
-    lengths = torch.tensor([[1, 1, 1, 3],
-                            [2, 2, 4, 4],
-                            [1, 10, 10, 10],
-                            [3, 1, 4, 1]])
+    rewards = torch.tensor(
+        [[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=F64
+    )
+    lengths = torch.tensor([[1, 1, 1, 3], [2, 2, 4, 4], [1, 10, 10, 10], [3, 1, 4, 1]])
     a = hapo_token_level(rewards, lengths, eps=EPS)
     # row 0: sum|o| = 6, mu = 1/6, sigma^2 = (1 * (5/6)^2 + 5 * (1/6)^2) / 6 = (30/36)/6 = 5/36,
     #        sigma = sqrt(5)/6; A = (5/6)/(sigma+1e-6) ~ sqrt(5) = 2.236, -(1/6)/(sigma+1e-6) ~ -0.447
@@ -86,10 +90,15 @@ def test_hapo_token_level_numbers():
     #        mean 0.25, sample std sqrt((0.5625 + 3 * 0.0625)/3) = 0.5 -> 0.75/0.5, -0.25/0.5
     s2 = 0.5 + EPS
     # row 3: all rewards equal -> 0
-    expected = torch.tensor([[(5 / 6) / s0, -(1 / 6) / s0, -(1 / 6) / s0, -(1 / 6) / s0],
-                             [(2 / 3) / s1, (2 / 3) / s1, -(1 / 3) / s1, -(1 / 3) / s1],
-                             [0.75 / s2, -0.25 / s2, -0.25 / s2, -0.25 / s2],
-                             [0.0, 0.0, 0.0, 0.0]], dtype=F64)
+    expected = torch.tensor(
+        [
+            [(5 / 6) / s0, -(1 / 6) / s0, -(1 / 6) / s0, -(1 / 6) / s0],
+            [(2 / 3) / s1, (2 / 3) / s1, -(1 / 3) / s1, -(1 / 3) / s1],
+            [0.75 / s2, -0.25 / s2, -0.25 / s2, -0.25 / s2],
+            [0.0, 0.0, 0.0, 0.0],
+        ],
+        dtype=F64,
+    )
     torch.testing.assert_close(a, expected)
     assert a[0].tolist() == pytest.approx([math.sqrt(5)] + [-1 / math.sqrt(5)] * 3, abs=1e-4)
     assert a[1].tolist() == pytest.approx([math.sqrt(2)] * 2 + [-1 / math.sqrt(2)] * 2, abs=1e-4)
@@ -137,10 +146,15 @@ def test_advantages_registry_uniform_signature():
 
 # ----------------------------------------------------------------------------- aggregation
 
+
 def _view(spec):
     """spec: (group, length, advantage) per sequence, in mini-batch order."""
-    return view([Sample(prompt_ids=[1], response_ids=[3] * n, group=g, advantages=torch.full((n,), a))
-                 for g, n, a in spec])
+    return view(
+        [
+            Sample(prompt_ids=[1], response_ids=[3] * n, group=g, advantages=torch.full((n,), a))
+            for g, n, a in spec
+        ]
+    )
 
 
 def _per_token(values_lengths):
@@ -163,9 +177,14 @@ def test_seq_mean_token_sum_and_constant_numbers():
 
 def test_registry_entries_take_b_and_constant():
     b = _view([(0, 1, 1.0), (0, 3, -1.0), (1, 4, 0.5)])
-    assert set(AGGREGATIONS) == {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                 "constant", "balanced"}
-    for name, fn in AGGREGATIONS.items():
+    assert set(AGGREGATIONS) == {
+        "token-mean",
+        "seq-mean-token-mean",
+        "seq-mean-token-sum",
+        "constant",
+        "balanced",
+    }
+    for fn in AGGREGATIONS.values():
         w = fn(b, 10.0)  # all accept the constant; only "constant" reads it
         assert w.dtype == F64 and w.shape == (8,)
     torch.testing.assert_close(AGGREGATIONS["token-mean"](b, None), token_mean(b))
@@ -236,9 +255,20 @@ def test_balanced_equals_seq_mean_token_mean_exactly_when():
     equal_all = [(g, 5, a) for g in range(3) for a in (1.0, -1.0, 2.0, -0.5)]
     b = _view(equal_all)
     torch.testing.assert_close(balanced(b), seq_mean_token_mean(b))
-    sides = [(0, 2, 1.0), (0, 2, 0.4), (0, 5, -1.0), (0, 5, -2.0),
-             (1, 3, 1.0), (1, 7, -1.0), (1, 7, -0.1), (1, 7, -0.3),
-             (2, 1, 1.0), (2, 1, 1.0), (2, 1, 0.2), (2, 4, -3.0)]
+    sides = [
+        (0, 2, 1.0),
+        (0, 2, 0.4),
+        (0, 5, -1.0),
+        (0, 5, -2.0),
+        (1, 3, 1.0),
+        (1, 7, -1.0),
+        (1, 7, -0.1),
+        (1, 7, -0.3),
+        (2, 1, 1.0),
+        (2, 1, 1.0),
+        (2, 1, 0.2),
+        (2, 4, -3.0),
+    ]
     b = _view(sides)
     torch.testing.assert_close(balanced(b), seq_mean_token_mean(b))
     # and not otherwise: lengths differing within a side ...

@@ -1,6 +1,7 @@
 """DAPO pieces (docs/algorithms.md section 1, "DAPO pieces"): the overlong penalty and the
 zero-variance filter against hand-computed numbers, and the trainer's dynamic-sampling
 bookkeeping (rounds, data position, seeds, metrics) with a scripted rollout engine."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,15 @@ import json
 import pytest
 import torch
 
-from tests.run_helpers import TINY
 from rlpost.algorithms.dapo import informative_groups, overlong_penalty
+from rlpost.data.stream import derive_seed
+from rlpost.engines.base import Completion
 from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config
-from rlpost.engines.base import Completion
+from rlpost.jobs.rl import Trainer, step_metrics
+from rlpost.rewards.scoring.pool import RewardResult
 from rlpost.tracking.metrics import MetricSums
-from rlpost.rewards.pool import RewardResult
-from rlpost.data.stream import derive_seed
-from rlpost.jobs.rl import Trainer
+from tests.run_helpers import TINY
 
 
 def test_overlong_penalty_numbers_at_the_boundaries():
@@ -25,26 +26,32 @@ def test_overlong_penalty_numbers_at_the_boundaries():
     expected = torch.tensor([0, 0, 0, -0.25, -0.5, -0.75, -1.0, -1.0, -1.0], dtype=torch.float64)
     torch.testing.assert_close(overlong_penalty(lengths, 10, 4), expected)
     # L_c = L_max: the ramp starts at 0 tokens
-    torch.testing.assert_close(overlong_penalty(torch.tensor([0, 1, 5, 6]), 5, 5),
-                               torch.tensor([0.0, -0.2, -1.0, -1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        overlong_penalty(torch.tensor([0, 1, 5, 6]), 5, 5),
+        torch.tensor([0.0, -0.2, -1.0, -1.0], dtype=torch.float64),
+    )
     for buffer, limit in ((0, 10), (11, 10)):
         with pytest.raises(ValueError, match="buffer"):
             overlong_penalty(lengths, limit, buffer)
 
 
 def test_informative_groups():
-    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0],
-                            [0.0, 0.0, -0.25]])
+    rewards = torch.tensor(
+        [[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, -0.25]]
+    )
     assert informative_groups(rewards).tolist() == [False, True, False, False, True]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["rollout.overlong_max_length=6"], "rollout.overlong_buffer is 0"),
-    (["rollout.overlong_buffer=4"], r"must not exceed L_max .* \(3\)"),
-    (["rollout.overlong_buffer=4", "rollout.overlong_max_length=3"], r"\(3\)"),
-    (["rollout.max_extra_rounds=-1"], "key 'rollout.max_extra_rounds'"),
-    (["rollout.dynamic_sampling=maybe"], "key 'rollout.dynamic_sampling'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rollout.overlong_max_length=6"], "rollout.overlong_buffer is 0"),
+        (["rollout.overlong_buffer=4"], r"must not exceed L_max .* \(3\)"),
+        (["rollout.overlong_buffer=4", "rollout.overlong_max_length=3"], r"\(3\)"),
+        (["rollout.max_extra_rounds=-1"], "key 'rollout.max_extra_rounds'"),
+        (["rollout.dynamic_sampling=maybe"], "key 'rollout.dynamic_sampling'"),
+    ],
+)
 def test_rollout_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, overrides)
@@ -62,8 +69,12 @@ def test_overlong_limit_defaults_to_max_new_tokens():
 ROUNDS = [
     [[(1, 1)] * 4, [(0, 1), (1, 1), (0, 1), (0, 1)], [(0, 2)] * 4, [(1, 1), (0, 3), (1, 1), (0, 1)]],
     [[(0, 1)] * 4, [(0, 1)] * 4, [(1, 1)] * 4, [(0, 1)] * 4],
-    [[(1, 1), (0, 1), (0, 1), (0, 1)], [(0, 1), (1, 2), (1, 1), (1, 1)],
-     [(1, 1), (1, 1), (0, 1), (0, 1)], [(0, 1)] * 4],
+    [
+        [(1, 1), (0, 1), (0, 1), (0, 1)],
+        [(0, 1), (1, 2), (1, 1), (1, 1)],
+        [(1, 1), (1, 1), (0, 1), (0, 1)],
+        [(0, 1)] * 4,
+    ],
 ]
 
 
@@ -86,8 +97,17 @@ class ScriptedTrainer(Trainer):
     def generate(self, problems, n, temperature, seed, rule=None):
         script = ROUNDS[len(self.seeds) % len(ROUNDS)]
         self.seeds.append(seed)
-        return [[Completion(ids=[1 if score else 2] + [7] * (length - 1), logprobs=[0.0] * length,
-                            truncated=length == 3) for score, length in group] for group in script]
+        return [
+            [
+                Completion(
+                    ids=[1 if score else 2] + [7] * (length - 1),
+                    logprobs=[0.0] * length,
+                    truncated=length == 3,
+                )
+                for score, length in group
+            ]
+            for group in script
+        ]
 
     def encode_prompt(self, text):
         return [1]
@@ -109,13 +129,20 @@ def test_dynamic_sampling_refills_up_to_the_batch(tmp_path):
     # the batch takes the first 2; zero-variance groups dropped: 2 + 4 + 1 = 7 of 12
     assert rollouts.rounds == 3 and rollouts.dropped_groups == 7
     assert [[s.reward for s in g] for g in rollouts.groups] == [
-        [0, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 0], [0, 1, 1, 1]]
+        [0, 1, 0, 0],
+        [1, 0, 1, 0],
+        [1, 0, 0, 0],
+        [0, 1, 1, 1],
+    ]
     assert [s.group for g in rollouts.groups for s in g] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
     assert len(rollouts.generated) == 48 and trainer.stream.position == 12
-    assert trainer.seeds == [derive_seed(3, "rollout", 5), derive_seed(3, "rollout", 5, "round", 1),
-                             derive_seed(3, "rollout", 5, "round", 2)]
+    assert trainer.seeds == [
+        derive_seed(3, "rollout", 5),
+        derive_seed(3, "rollout", 5, "round", 1),
+        derive_seed(3, "rollout", 5, "round", 2),
+    ]
     assert trainer.lines == []
-    metrics = trainer.step_metrics(rollouts, [], None, MetricSums(), times, {})
+    metrics = step_metrics(trainer.cfg, rollouts, [], None, MetricSums(), times, {})
     assert metrics["dynamic_sampling/dropped_group_frac"] == pytest.approx(7 / 12)
     assert metrics["dynamic_sampling/extra_rounds"] == 2
     assert metrics["dynamic_sampling/kept_groups"] == 4
@@ -127,8 +154,9 @@ def test_dynamic_sampling_gives_up_after_the_bound(tmp_path):
     trainer = scripted(tmp_path, "rollout.dynamic_sampling=true", "rollout.max_extra_rounds=1")
     rollouts = trainer.collect(1, {"rollout": 0.0, "reward": 0.0})
     assert rollouts.rounds == 2 and len(rollouts.groups) == 2 and trainer.stream.position == 8
-    assert trainer.lines == ["step 1: dynamic sampling kept 2 of 4 groups after 1 extra rounds; "
-                             "training on those"]
+    assert trainer.lines == [
+        "step 1: dynamic sampling kept 2 of 4 groups after 1 extra rounds; training on those"
+    ]
 
 
 def test_without_dynamic_sampling_one_round_as_before(tmp_path):
@@ -136,20 +164,21 @@ def test_without_dynamic_sampling_one_round_as_before(tmp_path):
     rollouts = trainer.collect(2, {"rollout": 0.0, "reward": 0.0})
     assert rollouts.rounds == 1 and len(rollouts.groups) == 4 and trainer.stream.position == 4
     assert trainer.seeds == [derive_seed(3, "rollout", 2)]
-    metrics = trainer.step_metrics(rollouts, [], None, MetricSums(), {"rollout": 1.0}, {})
+    metrics = step_metrics(trainer.cfg, rollouts, [], None, MetricSums(), {"rollout": 1.0}, {})
     assert not any(k.startswith(("dynamic_sampling/", "overlong/")) for k in metrics)
 
 
 def test_overlong_shaping_adds_to_the_reward_and_makes_groups_informative(tmp_path):
     # max_new_tokens 3, L_c = 2: free up to 1 token, -0.5 at 2, -1 at 3
-    trainer = scripted(tmp_path, "rollout.dynamic_sampling=true", "rollout.overlong_buffer=2",
-                       "rollout.max_extra_rounds=0")
+    trainer = scripted(
+        tmp_path, "rollout.dynamic_sampling=true", "rollout.overlong_buffer=2", "rollout.max_extra_rounds=0"
+    )
     rollouts = trainer.collect(1, {"rollout": 0.0, "reward": 0.0})
     # round 0: prompt 2 (all wrong, all 2 tokens) stays uninformative at -0.5 each;
     # prompt 3 had (1, 1), (0, 3), (1, 1), (0, 1): rewards 1, -1, 1, 0
     assert [[s.reward for s in g] for g in rollouts.groups] == [[0, 1, 0, 0], [1, -1, 1, 0]]
     assert rollouts.rewards.totals[8:12] == [0, 0, 0, 0]  # the pool rewards stay unshaped
-    metrics = trainer.step_metrics(rollouts, [], None, MetricSums(), {"rollout": 1.0}, {})
+    metrics = step_metrics(trainer.cfg, rollouts, [], None, MetricSums(), {"rollout": 1.0}, {})
     # penalties: 4 x -0.5 (prompt 2) and one -1 (prompt 3) over 16 samples
     assert metrics["overlong/penalty_mean"] == pytest.approx(-3 / 16)
     assert metrics["accuracy/arithmetic"] == pytest.approx(7 / 16)

@@ -1,4 +1,5 @@
 """GRPO's pieces against hand-computed numbers (docs/algorithms.md section 1)."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,14 @@ from rlpost.data.batch import Sample, view
 
 def _tokens(logp, old, adv):
     t = torch.tensor
-    return TokenTensors(logp=t(logp), old_logp=t(old), advantages=t(adv), entropy=torch.zeros(len(logp)),
-                        ref_logp=None, seq_index=torch.zeros(len(logp), dtype=torch.long))
+    return TokenTensors(
+        logp=t(logp),
+        old_logp=t(old),
+        advantages=t(adv),
+        entropy=torch.zeros(len(logp)),
+        ref_logp=None,
+        seq_index=torch.zeros(len(logp), dtype=torch.long),
+    )
 
 
 def test_ppo_clip_per_token_numbers():

@@ -1,6 +1,7 @@
 """GSPO (docs/algorithms.md section 6) against the formula written out sequence by sequence: the
 loss, its gradient, and the same loss and gradient however the mini-batch is cut into
 micro-batches and learner ranks (`data.batch.shard`, which keeps sequences whole)."""
+
 from __future__ import annotations
 
 import math
@@ -29,9 +30,15 @@ def make_batch(seed: int = 0):
         old = -torch.rand(n, generator=g, dtype=torch.float64) * 3
         shift = (torch.rand((), generator=g, dtype=torch.float64) - 0.5) * 2e-3
         logps.append(old + shift + torch.randn(n, generator=g, dtype=torch.float64) * 1e-4)
-        samples.append(Sample(prompt_ids=[1, 2], response_ids=[3] * n, group=i // GROUP,
-                              advantages=torch.full((n,), float(adv[i]), dtype=torch.float64),
-                              old_logp=old))
+        samples.append(
+            Sample(
+                prompt_ids=[1, 2],
+                response_ids=[3] * n,
+                group=i // GROUP,
+                advantages=torch.full((n,), float(adv[i]), dtype=torch.float64),
+                old_logp=old,
+            )
+        )
     logp = torch.cat(logps).requires_grad_(True)
     return samples, logp
 
@@ -41,7 +48,7 @@ def by_hand(samples, logp) -> torch.Tensor:
     losses, start = [], 0
     for s in samples:
         n = s.num_tokens
-        s_i = torch.exp((logp[start:start + n] - s.old_logp).mean())
+        s_i = torch.exp((logp[start : start + n] - s.old_logp).mean())
         a = s.advantages[0]
         losses.append(-torch.minimum(s_i * a, torch.clamp(s_i, 1 - EPS_LOW, 1 + EPS_HIGH) * a))
         start += n
@@ -57,10 +64,16 @@ def micro_loss(algo, micro: list[Sample], logp: torch.Tensor, start: dict[int, i
     """sum_t w_t l_t of one micro-batch, as a learner computes it (local seq_index)."""
     idx = torch.cat([torch.arange(start[id(s)], start[id(s)] + s.num_tokens) for s in micro])
     cat = lambda field: torch.cat([getattr(s, field) for s in micro])  # noqa: E731
-    t = TokenTensors(logp=logp[idx], old_logp=cat("old_logp"), advantages=cat("advantages"),
-                     entropy=None, ref_logp=None,
-                     seq_index=torch.repeat_interleave(torch.arange(len(micro)),
-                                                       torch.tensor([s.num_tokens for s in micro])))
+    t = TokenTensors(
+        logp=logp[idx],
+        old_logp=cat("old_logp"),
+        advantages=cat("advantages"),
+        entropy=None,
+        ref_logp=None,
+        seq_index=torch.repeat_interleave(
+            torch.arange(len(micro)), torch.tensor([s.num_tokens for s in micro])
+        ),
+    )
     loss, _ = algo.token_loss(t)
     return (cat("weights") * loss).sum()
 
@@ -92,7 +105,7 @@ def test_loss_and_gradient_equal_the_formula(seed):
     # the batch exercises both clip sides and the unclipped range
     start, ratios = 0, []
     for s in samples:
-        ratios.append(math.exp(float((logp.detach()[start:start + s.num_tokens] - s.old_logp).mean())))
+        ratios.append(math.exp(float((logp.detach()[start : start + s.num_tokens] - s.old_logp).mean())))
         start += s.num_tokens
     assert min(ratios) < 1 - EPS_LOW and max(ratios) > 1 + EPS_HIGH
     assert any(1 - EPS_LOW < r < 1 + EPS_HIGH for r in ratios)
@@ -101,9 +114,17 @@ def test_loss_and_gradient_equal_the_formula(seed):
 def test_ratio_is_length_normalised():
     """A response twice as long with the same per-token log-ratio has the same s_i."""
     algo = build_algorithm("gspo", {"clip_eps_low": 1.0, "clip_eps_high": 1.0})
-    t = lambda n: TokenTensors(logp=torch.full((n,), -1.0 + 0.01), old_logp=torch.full((n,), -1.0),  # noqa: E731
-                               advantages=torch.ones(n), entropy=None, ref_logp=None,
-                               seq_index=torch.zeros(n, dtype=torch.long))
+
+    def t(n):
+        return TokenTensors(
+            logp=torch.full((n,), -1.0 + 0.01),
+            old_logp=torch.full((n,), -1.0),
+            advantages=torch.ones(n),
+            entropy=None,
+            ref_logp=None,
+            seq_index=torch.zeros(n, dtype=torch.long),
+        )
+
     short, _ = algo.token_loss(t(3))
     long, metrics = algo.token_loss(t(6))
     torch.testing.assert_close(short, torch.full((3,), -math.exp(0.01)))
@@ -111,8 +132,10 @@ def test_ratio_is_length_normalised():
     torch.testing.assert_close(metrics["ratio_max"], torch.full((6,), math.exp(0.01)))
 
 
-@pytest.mark.parametrize("num_ranks, max_tokens, max_seqs", [
-    (1, None, 1), (1, 12, None), (2, None, 2), (2, 9, None), (4, None, None), (3, 5, 2)])
+@pytest.mark.parametrize(
+    "num_ranks, max_tokens, max_seqs",
+    [(1, None, 1), (1, 12, None), (2, None, 2), (2, 9, None), (4, None, None), (3, 5, 2)],
+)
 def test_same_loss_and_gradient_under_any_split(num_ranks, max_tokens, max_seqs):
     algo = build_algorithm("gspo", {})
     samples, logp = make_batch(seed=3)

@@ -1,4 +1,5 @@
 """HAPO's pieces against hand-computed numbers (docs/algorithms.md section 1, "HAPO")."""
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ def test_normalised_log_entropy_with_stats_of_another_batch_is_clamped():
     # new batch: e = 1.6 -> h_hat = (1.6 - 1.2) / 0.8 = 0.5; e = 5 -> (5 - 1.2) / 0.8 = 4.75 -> 1;
     # e = -0.4 -> (-0.4 - 1.2) / 3.2 = -0.5; e = -10 -> -11.2 / 3.2 = -3.5 -> -1
     other = torch.tensor([1.6, 5.0, -0.4, -10.0]).exp()
-    torch.testing.assert_close(normalised_log_entropy(other, st), torch.tensor([0.5, 1.0, -0.5, -1.0]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        normalised_log_entropy(other, st), torch.tensor([0.5, 1.0, -0.5, -1.0]), atol=1e-5, rtol=0
+    )
 
 
 def test_normalised_log_entropy_has_no_gradient():
@@ -95,13 +97,15 @@ def test_entropy_stats_degenerate_cases():
     # h_hat = d / 4 = [-0.25, -1, 0, -0.5, -0.75]
     st1 = entropy_stats(H, MASK, q=1.0)
     assert st1.p == pytest.approx(2.0, abs=1e-5) and st1.max_pos == 1.0
-    torch.testing.assert_close(normalised_log_entropy(H[:5], st1), torch.tensor([-0.25, -1.0, 0.0, -0.5, -0.75]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        normalised_log_entropy(H[:5], st1), torch.tensor([-0.25, -1.0, 0.0, -0.5, -0.75]), atol=1e-5, rtol=0
+    )
     # q = 0: p = min e = -2, min(h-) = 0 -> min_neg = -1; d = [3, 0, 4, 2, 1], h_hat = d / 4
     st2 = entropy_stats(H, MASK, q=0.0)
     assert st2.min_neg == -1.0
-    torch.testing.assert_close(normalised_log_entropy(H[:5], st2), torch.tensor([0.75, 0.0, 1.0, 0.5, 0.25]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        normalised_log_entropy(H[:5], st2), torch.tensor([0.75, 0.0, 1.0, 0.5, 0.25]), atol=1e-5, rtol=0
+    )
 
 
 def test_quantile_linear_matches_torch_quantile():
@@ -115,10 +119,13 @@ def test_quantile_linear_matches_torch_quantile():
 def test_adaptive_temperature_numbers():
     h_hat = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])
     # T (1 + 0.05 h): 1 - 0.05, 1 - 0.025, 1, 1 + 0.025, 1 + 0.05
-    torch.testing.assert_close(adaptive_temperature(1.0, h_hat), torch.tensor([0.95, 0.975, 1.0, 1.025, 1.05]))
+    torch.testing.assert_close(
+        adaptive_temperature(1.0, h_hat), torch.tensor([0.95, 0.975, 1.0, 1.025, 1.05])
+    )
     # T = 0.7: 0.7 * 0.95 = 0.665, 0.7 * 1.05 = 0.735
-    torch.testing.assert_close(adaptive_temperature(0.7, h_hat, tau=0.05),
-                               torch.tensor([0.665, 0.6825, 0.7, 0.7175, 0.735]))
+    torch.testing.assert_close(
+        adaptive_temperature(0.7, h_hat, tau=0.05), torch.tensor([0.665, 0.6825, 0.7, 0.7175, 0.735])
+    )
     # tau = 0 switches it off
     torch.testing.assert_close(adaptive_temperature(0.7, h_hat, tau=0.0), torch.full((5,), 0.7))
 
@@ -175,8 +182,14 @@ def test_redistribution_zone_bounds_are_strict_and_no_grad():
 
 def _grpo_loss(logp, old, adv, **cfg):
     algo = build_algorithm("grpo", cfg)
-    t = TokenTensors(logp=logp, old_logp=old, advantages=adv, entropy=torch.zeros_like(adv), ref_logp=None,
-                     seq_index=torch.zeros(adv.numel(), dtype=torch.long))
+    t = TokenTensors(
+        logp=logp,
+        old_logp=old,
+        advantages=adv,
+        entropy=torch.zeros_like(adv),
+        ref_logp=None,
+        seq_index=torch.zeros(adv.numel(), dtype=torch.long),
+    )
     return algo.token_loss(t)
 
 
@@ -187,12 +200,22 @@ def test_equals_plain_ppo_clip_when_h_hat_is_zero():
     h0 = torch.zeros(6)
     for eps_low, eps_high in ((0.2, 0.2), (0.2, 0.28)):
         logp_ref = ratio.log().requires_grad_(True)
-        ref, ref_m = _grpo_loss(logp_ref, old, adv, clip_eps_low=eps_low, clip_eps_high=eps_high, dual_clip=10.0)
+        ref, ref_m = _grpo_loss(
+            logp_ref, old, adv, clip_eps_low=eps_low, clip_eps_high=eps_high, dual_clip=10.0
+        )
         ref.sum().backward()
         for redistribute in (False, True):  # with h_hat = 0, A~ = A, so redistribution is a no-op too
             logp = ratio.log().requires_grad_(True)
-            loss, m = hapo_token_loss(logp, old, adv, h0, eps_low=eps_low, eps_high=eps_high, dual_clip=10.0,
-                                      redistribute=redistribute)
+            loss, m = hapo_token_loss(
+                logp,
+                old,
+                adv,
+                h0,
+                eps_low=eps_low,
+                eps_high=eps_high,
+                dual_clip=10.0,
+                redistribute=redistribute,
+            )
             loss.sum().backward()
             torch.testing.assert_close(loss, ref)
             torch.testing.assert_close(logp.grad, logp_ref.grad)
@@ -270,6 +293,7 @@ def test_full_pipeline_from_entropies():
 
 # ---- the `hapo` algorithm module ----------------------------------------------------------
 
+
 def test_hapo_algorithm_defaults_and_inputs():
     algo = build_algorithm("hapo", {})
     assert algo.cfg.advantage == "hapo" and algo.cfg.dual_clip == 10.0
@@ -286,8 +310,15 @@ def test_hapo_algorithm_loss_is_hapo_token_loss():
     old = torch.tensor([-1.3, -0.5, -1.2, -0.4])
     adv = torch.tensor([1.0, -1.0, 2.0, -0.5])
     h_hat = torch.tensor([-1.0, 0.2, 1.0, -0.3])
-    t = TokenTensors(logp=logp, old_logp=old, advantages=adv, entropy=torch.zeros(4), ref_logp=None,
-                     seq_index=torch.zeros(4, dtype=torch.long), extra={"h_hat": h_hat})
+    t = TokenTensors(
+        logp=logp,
+        old_logp=old,
+        advantages=adv,
+        entropy=torch.zeros(4),
+        ref_logp=None,
+        seq_index=torch.zeros(4, dtype=torch.long),
+        extra={"h_hat": h_hat},
+    )
     loss, metrics = algo.token_loss(t)
     expected, _ = hapo_token_loss(logp, old, adv, h_hat, 0.2, 0.2, 0.5, 0.5, 10.0)
     torch.testing.assert_close(loss, expected)

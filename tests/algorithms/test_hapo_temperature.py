@@ -1,5 +1,6 @@
 """HAPO's adaptive temperature: the rule's numbers, and the transformers engine and
 the learner applying the same per-token T_t (the vLLM engine: test_vllm_engine.py)."""
+
 from __future__ import annotations
 
 import math
@@ -54,12 +55,18 @@ def model_dir(tmp_path_factory):
     from rlpost.config.sections import ModelConfig
     from rlpost.model.load import materialise_initial_model
 
-    return materialise_initial_model(ModelConfig(hidden_size=64, num_heads=2), alphabet="0123456789+=",
-                                     seed=0, out_dir=tmp_path_factory.mktemp("m") / "m", max_len=64)
+    return materialise_initial_model(
+        ModelConfig(hidden_size=64, num_heads=2),
+        alphabet="0123456789+=",
+        seed=0,
+        out_dir=tmp_path_factory.mktemp("m") / "m",
+        max_len=64,
+    )
 
 
-def rule_logprobs(model, seq: list[int], prompt_len: int, temperature: float,
-                  rule: TemperatureRule, top_p: float = 1.0) -> torch.Tensor:
+def rule_logprobs(
+    model, seq: list[int], prompt_len: int, temperature: float, rule: TemperatureRule, top_p: float = 1.0
+) -> torch.Tensor:
     """Independent of the engines: full logits in fp64, entropy at T, then T_t, then
     top-p (keep the most probable tokens until their mass reaches top_p; renormalise)."""
     with torch.no_grad():
@@ -73,7 +80,7 @@ def rule_logprobs(model, seq: list[int], prompt_len: int, temperature: float,
         kept = torch.zeros_like(log_q, dtype=torch.bool).scatter(-1, order, mass_before < top_p)
         log_q = log_q.masked_fill(~kept, -math.inf).log_softmax(-1)
         lp = log_q.gather(-1, x[0, 1:, None])[:, 0]
-    return lp[prompt_len - 1:]
+    return lp[prompt_len - 1 :]
 
 
 PROMPTS = [[1, 4, 5, 13, 6], [1, 7, 14, 8], [1, 3, 3, 13, 9, 9, 14]]
@@ -113,18 +120,21 @@ def test_learner_scores_at_the_rule_temperature(model_dir):
     policy = PolicyModel(model, chunk_size=3).eval()
     T = 0.8
     rule = TemperatureRule(entropy_stats(torch.rand(100) * 2.5 + 0.05), tau=0.5)
-    samples = [Sample(prompt_ids=p, response_ids=r) for p, r in
-               zip(PROMPTS, [[4, 5, 2], [6, 6, 6, 6, 7], [2]])]
+    samples = [
+        Sample(prompt_ids=p, response_ids=r) for p, r in zip(PROMPTS, [[4, 5, 2], [6, 6, 6, 6, 7], [2]])
+    ]
     for packed in (False, True):
         batch = collate(samples, pad_id=0, packed=packed)
-        attention = ({"position_ids": batch["position_ids"]} if packed
-                     else {"attention_mask": batch["attention_mask"]})
+        attention = (
+            {"position_ids": batch["position_ids"]} if packed else {"attention_mask": batch["attention_mask"]}
+        )
         with torch.no_grad():
-            logp, entropy = policy(batch["input_ids"], batch["pred_pos"], batch["targets"], T,
-                                   rule=rule, **attention)
-            _, plain_entropy = policy(batch["input_ids"], batch["pred_pos"], batch["targets"], T,
-                                      **attention)
-        ref = torch.cat([rule_logprobs(model, s.prompt_ids + s.response_ids, len(s.prompt_ids), T, rule)
-                         for s in samples])
+            logp, entropy = policy(
+                batch["input_ids"], batch["pred_pos"], batch["targets"], T, rule=rule, **attention
+            )
+            _, plain_entropy = policy(batch["input_ids"], batch["pred_pos"], batch["targets"], T, **attention)
+        ref = torch.cat(
+            [rule_logprobs(model, s.prompt_ids + s.response_ids, len(s.prompt_ids), T, rule) for s in samples]
+        )
         torch.testing.assert_close(logp.double(), ref, rtol=0, atol=1e-5)
         torch.testing.assert_close(entropy, plain_entropy, rtol=0, atol=0)

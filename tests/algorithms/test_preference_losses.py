@@ -1,6 +1,7 @@
 """DPO, TDPO1/2, SparsePO and cDPO losses against the formulas of docs/algorithms.md section 2
 written out with the math module on hand-made numbers; their properties; exactness of the
 per-pair sums (and of the gradient) under any split of the tokens."""
+
 from __future__ import annotations
 
 import math
@@ -10,16 +11,25 @@ from functools import reduce
 import pytest
 import torch
 
-from rlpost.algorithms.preference import (PairSums, PreferenceConfig, dpo_loss, loss_coefficients,
-                                          pair_sums, preference_loss, preference_metrics, sparsepo_loss,
-                                          surrogate, tdpo_loss)
+from rlpost.algorithms.pairs import PairSums, loss_coefficients, pair_sums, surrogate
+from rlpost.algorithms.preference import (
+    PreferenceConfig,
+    dpo_loss,
+    preference_loss,
+    preference_metrics,
+    tdpo_loss,
+)
+from rlpost.algorithms.sparsepo import sparsepo_loss
 
 # Two pairs, hand-made. Per token: (pair, chosen, logp, ref_logp, kl)
 TOKENS = [
-    (0, True, -1.0, -1.5, 0.20), (0, True, -2.0, -1.0, 0.05),
+    (0, True, -1.0, -1.5, 0.20),
+    (0, True, -2.0, -1.0, 0.05),
     (0, False, -0.5, -0.7, 0.30),
     (1, True, -0.3, -0.4, 0.10),
-    (1, False, -1.2, -2.0, 0.40), (1, False, -0.1, -0.1, 0.00), (1, False, -3.0, -2.5, 0.25),
+    (1, False, -1.2, -2.0, 0.40),
+    (1, False, -0.1, -0.1, 0.00),
+    (1, False, -3.0, -2.5, 0.25),
 ]
 BETA, ALPHA = 0.1, 0.5
 
@@ -63,8 +73,9 @@ def test_tdpo_by_hand(variant):
         weight = 1.0 if variant == 1 else ALPHA
         want.append(neg_log_sigmoid(BETA * ((delta_w - delta_l) - weight * (kl_l - kl_w))))
     # pair 0 by eye: TDPO1 = -log sigmoid(0.1 (-0.7 - (0.30 - 0.25)))
-    assert want[0] == pytest.approx(neg_log_sigmoid(0.1 * (-0.7 - 0.05)) if variant == 1
-                                    else neg_log_sigmoid(0.1 * (-0.7 - 0.5 * 0.05)))
+    assert want[0] == pytest.approx(
+        neg_log_sigmoid(0.1 * (-0.7 - 0.05)) if variant == 1 else neg_log_sigmoid(0.1 * (-0.7 - 0.5 * 0.05))
+    )
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
@@ -92,14 +103,17 @@ def test_sparsepo_by_hand():
     m_u = torch.tensor([1.0, 0.0, 0.5, 2.0, 0.0, 1.0, 0.25], dtype=torch.float64)
     m_d = torch.tensor([0.0, 1.0, 1.0, 0.5, 0.3, 0.0, 1.0], dtype=torch.float64)
     lam_u, lam_d = 0.01, 0.02
-    got = sparsepo_loss(pair_sums(logp, ref, pair, chosen, 2, kl=kl, reward_weight=m_u, kl_weight=m_d),
-                        BETA, lam_u, lam_d)
+    got = sparsepo_loss(
+        pair_sums(logp, ref, pair, chosen, 2, kl=kl, reward_weight=m_u, kl_weight=m_d), BETA, lam_u, lam_d
+    )
     want = []
     for p in (0, 1):
-        u = (by_hand(p, True, lambda i, t: m_u[i].item() * (t[2] - t[3]))
-             - by_hand(p, False, lambda i, t: m_u[i].item() * (t[2] - t[3])))
-        d = (by_hand(p, False, lambda i, t: m_d[i].item() * t[4])
-             - by_hand(p, True, lambda i, t: m_d[i].item() * t[4]))
+        u = by_hand(p, True, lambda i, t: m_u[i].item() * (t[2] - t[3])) - by_hand(
+            p, False, lambda i, t: m_u[i].item() * (t[2] - t[3])
+        )
+        d = by_hand(p, False, lambda i, t: m_d[i].item() * t[4]) - by_hand(
+            p, True, lambda i, t: m_d[i].item() * t[4]
+        )
         l1_u = sum(abs(m_u[i].item()) for i, t in enumerate(TOKENS) if t[0] == p)
         l1_d = sum(abs(m_d[i].item()) for i, t in enumerate(TOKENS) if t[0] == p)
         want.append(neg_log_sigmoid(BETA * (u - d)) + lam_u * l1_u + lam_d * l1_d)
@@ -155,6 +169,7 @@ def test_losses_need_their_inputs():
 
 # ----- exactness under any split of the tokens -------------------------------------------
 
+
 def random_batch(num_pairs=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 9, (num_pairs, 2), generator=g)
@@ -169,9 +184,13 @@ def random_batch(num_pairs=6, seed=0):
     return pair, chosen, logp, ref, kl, m_u, m_d
 
 
-LOSSES = [PreferenceConfig(loss="dpo"), PreferenceConfig(loss="tdpo1"),
-          PreferenceConfig(loss="tdpo2", alpha=0.7),
-          PreferenceConfig(loss="sparsepo", lambda_u=0.05, lambda_d=0.02), PreferenceConfig(loss="cdpo")]
+LOSSES = [
+    PreferenceConfig(loss="dpo"),
+    PreferenceConfig(loss="tdpo1"),
+    PreferenceConfig(loss="tdpo2", alpha=0.7),
+    PreferenceConfig(loss="sparsepo", lambda_u=0.05, lambda_d=0.02),
+    PreferenceConfig(loss="cdpo"),
+]
 
 
 def sums_of(idx, pair, chosen, logp, ref, kl, m_u, m_d, cfg, num_pairs):
@@ -206,8 +225,9 @@ def test_split_sums_and_gradients_equal_the_whole(cfg, parts):
     micro = list(order.tensor_split(parts))
     ranks = [micro[0::2], micro[1::2]]
     with torch.no_grad():  # pass 1: partial sums per micro-batch, summed per rank, then "all-reduced"
-        per_rank = [reduce(operator.add, (sums_of(i, *batch, cfg, num_pairs) for i in mbs))
-                    for mbs in ranks if mbs]
+        per_rank = [
+            reduce(operator.add, (sums_of(i, *batch, cfg, num_pairs) for i in mbs)) for mbs in ranks if mbs
+        ]
         total = reduce(operator.add, per_rank)
     for name, value in whole.items():
         torch.testing.assert_close(getattr(total, name), value.detach(), rtol=1e-12, atol=1e-12)
@@ -260,6 +280,7 @@ def test_pair_sums_add():
 
 # ----- metrics --------------------------------------------------------------------------
 
+
 def test_metrics_by_hand():
     pair, chosen, logp, ref, kl = tensors()
     m = torch.tensor([1.0, 0.0, 0.5, 2.0, 0.0, 1.0, 0.0], dtype=torch.float64)
@@ -277,8 +298,9 @@ def test_metrics_by_hand():
     assert got["mask_u/mean"] == pytest.approx(4.5 / 7)
     assert got["mask_u/sparsity"] == pytest.approx(3 / 7)
     assert got["mask_d/sparsity"] == pytest.approx(3 / 7)
-    cdpo = preference_metrics(pair_sums(logp, ref, pair, chosen, 2, reward_weight=m),
-                              PreferenceConfig(loss="cdpo"))
+    cdpo = preference_metrics(
+        pair_sums(logp, ref, pair, chosen, 2, reward_weight=m), PreferenceConfig(loss="cdpo")
+    )
     assert cdpo["critical_weight/mean"] == pytest.approx((0.5 + 0.0 + 1.0 + 0.0) / 4)
     assert "kl/per_token" not in cdpo and "mask_u/mean" not in cdpo
 

@@ -1,5 +1,6 @@
 """cDPO's contrastive critical-token weights and SparsePO's masks (activation masks from the
 reference model, learned mask networks) against hand computations."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,8 @@ import statistics
 import pytest
 import torch
 
-from rlpost.algorithms.preference import (MaskNetwork, SparsePOMasks, activation_mask,
-                                          chunked_critical_weights, critical_weights)
+from rlpost.algorithms.preference import chunked_critical_weights, critical_weights
+from rlpost.algorithms.sparsepo import MaskNetwork, SparsePOMasks, activation_mask
 
 
 def test_critical_weights_by_hand():
@@ -25,7 +26,8 @@ def test_critical_weights_by_hand():
         torch.testing.assert_close(critical_weights(pos, neg, targets, gamma), torch.tensor(want))
     # gamma 1, row 0: z = (2, 3, -1) -> w = 1 - e^3 / (e^2 + e^3 + e^-1)
     assert critical_weights(pos, neg, targets)[0].item() == pytest.approx(
-        1 - math.exp(3) / (math.exp(2) + math.exp(3) + math.exp(-1)), rel=1e-6)
+        1 - math.exp(3) / (math.exp(2) + math.exp(3) + math.exp(-1)), rel=1e-6
+    )
 
 
 def test_critical_weight_is_small_where_both_models_agree_on_the_token():
@@ -49,6 +51,7 @@ def test_chunked_critical_weights_equal_full_logits(chunk):
 
 # ----- SparsePO activation masks --------------------------------------------------------
 
+
 def rescale_by_hand(values: list[float]) -> list[float]:
     mean, std = statistics.fmean(values), statistics.pstdev(values)
     z = [(v - mean) / std for v in values]
@@ -59,10 +62,13 @@ def rescale_by_hand(values: list[float]) -> list[float]:
 def test_activation_mask_by_hand():
     valid = torch.tensor([True, True, True, True, False])
     # kind "mlp": two layers [T=5, D=2]; kind "resid": one layer [T, D=3]; the last token is padding
-    mlp = [torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.0, 0.0], [4.0, 6.0], [9.0, 9.0]]),
-           torch.tensor([[0.0, 0.0], [1.0, 1.0], [3.0, 5.0], [2.0, 2.0], [-7.0, 1.0]])]
-    resid = [torch.tensor([[1.0, 1.0, 1.0], [3.0, 0.0, 0.0], [2.0, 2.0, 2.0], [0.0, 0.0, 0.0],
-                           [float("nan")] * 3])]
+    mlp = [
+        torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.0, 0.0], [4.0, 6.0], [9.0, 9.0]]),
+        torch.tensor([[0.0, 0.0], [1.0, 1.0], [3.0, 5.0], [2.0, 2.0], [-7.0, 1.0]]),
+    ]
+    resid = [
+        torch.tensor([[1.0, 1.0, 1.0], [3.0, 0.0, 0.0], [2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [float("nan")] * 3])
+    ]
     got = activation_mask({"mlp": mlp, "resid": resid}, valid)
 
     def layer(x):  # mean over hidden, over the 4 valid tokens
@@ -97,11 +103,16 @@ def test_activation_mask_of_logits_from_their_mean():
     h = torch.randn(7, 8)
     valid = torch.ones(7, dtype=torch.bool)
     mean_logit = (h @ head.weight.mean(0) + head.bias.mean())[:, None]
-    torch.testing.assert_close(activation_mask({"logits": [mean_logit]}, valid),
-                               activation_mask({"logits": [head(h).detach()]}, valid), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        activation_mask({"logits": [mean_logit]}, valid),
+        activation_mask({"logits": [head(h).detach()]}, valid),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 # ----- SparsePO learned masks -----------------------------------------------------------
+
 
 def test_mask_network_by_hand():
     torch.manual_seed(2)
@@ -118,8 +129,10 @@ def test_mask_network_by_hand():
         for k in range(2):
             x = hidden[k][t].tolist()
             mean, var = statistics.fmean(x), statistics.pvariance(x)
-            normed = [(v - mean) / math.sqrt(var + net.norms[k].eps) * g + b
-                      for v, g, b in zip(x, net.norms[k].weight.tolist(), net.norms[k].bias.tolist())]
+            normed = [
+                (v - mean) / math.sqrt(var + net.norms[k].eps) * g + b
+                for v, g, b in zip(x, net.norms[k].weight.tolist(), net.norms[k].bias.tolist())
+            ]
             lin = sum(w * v for w, v in zip(net.proj[k].weight[0].tolist(), normed)) + net.proj[k].bias.item()
             per_layer.append(max(lin, 0.0))
         want = max(0.7 * per_layer[0] - 0.4 * per_layer[1], 0.0)

@@ -1,5 +1,6 @@
 """Token and sample selection against hand-computed numbers and brute force
 (docs/algorithms.md section 1, "Token and sample selection")."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,8 +9,14 @@ import pytest
 import torch
 
 from rlpost.algorithms import build_algorithm
-from rlpost.algorithms.selection import (d3s_token_mask, entropy_quantile_mask, linear_schedule,
-                                         max_variance_subset, subset_size, top_fraction_mask)
+from rlpost.algorithms.selection import (
+    d3s_token_mask,
+    entropy_quantile_mask,
+    linear_schedule,
+    max_variance_subset,
+    subset_size,
+    top_fraction_mask,
+)
 from rlpost.errors import ConfigError
 
 
@@ -23,6 +30,7 @@ def _population_variance(values) -> float:
 
 
 # ----------------------------------------------------------------------------- D3S sample level
+
 
 def test_max_variance_subset_numbers():
     adv = torch.tensor([[0.5, -1.0, 2.0, 0.0, -0.3]])
@@ -55,14 +63,19 @@ def test_max_variance_subset_equals_brute_force(seed):
     g = torch.Generator().manual_seed(seed)
     group = 6
     # integer-valued draws make ties common, continuous ones make them rare
-    adv = torch.randint(-2, 3, (4, group), generator=g).double() if seed % 2 else \
-        torch.randn(4, group, generator=g, dtype=torch.float64)
+    adv = (
+        torch.randint(-2, 3, (4, group), generator=g).double()
+        if seed % 2
+        else torch.randn(4, group, generator=g, dtype=torch.float64)
+    )
     for n in range(1, group + 1):
         mask = max_variance_subset(adv, n)
         for row, m in zip(adv.tolist(), mask):
             assert int(m.sum()) == n
-            best = max(_population_variance([row[i] for i in subset])
-                       for subset in itertools.combinations(range(group), n))
+            best = max(
+                _population_variance([row[i] for i in subset])
+                for subset in itertools.combinations(range(group), n)
+            )
             assert _population_variance([row[i] for i in _kept(m)]) == pytest.approx(best, abs=1e-12)
 
 
@@ -83,6 +96,7 @@ def test_subset_size_and_linear_schedule_numbers():
 
 
 # ----------------------------------------------------------------------------- token level
+
 
 def test_top_fraction_mask_numbers():
     score = torch.tensor([0.3, 0.9, 0.1, 0.9, 0.5])
@@ -129,10 +143,21 @@ def test_entropy_quantile_mask_numbers():
 
 # ----------------------------------------------------------------------------- from the config
 
+
 def test_grpo_d3s_follows_its_schedule():
-    algo = build_algorithm("grpo", {"selection": "d3s", "d3s": {
-        "sample_frac_start": 0.5, "sample_frac_end": 1.0, "token_frac_start": 0.25,
-        "token_frac_end": 0.75, "schedule_steps": 4}})
+    algo = build_algorithm(
+        "grpo",
+        {
+            "selection": "d3s",
+            "d3s": {
+                "sample_frac_start": 0.5,
+                "sample_frac_end": 1.0,
+                "token_frac_start": 0.25,
+                "token_frac_end": 0.75,
+                "schedule_steps": 4,
+            },
+        },
+    )
     adv = torch.tensor([[1.0, -1.0, 0.5, -0.2], [0.3, 0.3, -0.6, 0.0]])
     # step 1: N = 0.5 * 4 = 2 per group: the extremes
     assert _kept(algo.select_samples(adv, 1).flatten()) == [0, 1, 5, 6]
@@ -167,14 +192,17 @@ def test_hapo_takes_the_same_selection_keys():
     assert algo.select_samples(torch.ones(1, 4), 1) is None
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"d3s": {"sample_frac_start": 0.3}}, "algorithm.d3s is set but algorithm.selection is 'none'"),
-    ({"selection": "d3s", "entropy_mask_rho": 0.3}, "algorithm.entropy_mask_rho is set"),
-    ({"selection": "d3s", "d3s": {"sample_frac_end": 1.5}}, "key 'algorithm.d3s.sample_frac_end'"),
-    ({"selection": "d3s", "d3s": {"samples": 3}}, "unknown key 'algorithm.d3s.samples'"),
-    ({"selection": "entropy_mask", "entropy_mask_rho": 0}, "key 'algorithm.entropy_mask_rho'"),
-    ({"selection": "top-k"}, "key 'algorithm.selection'"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"d3s": {"sample_frac_start": 0.3}}, "algorithm.d3s is set but algorithm.selection is 'none'"),
+        ({"selection": "d3s", "entropy_mask_rho": 0.3}, "algorithm.entropy_mask_rho is set"),
+        ({"selection": "d3s", "d3s": {"sample_frac_end": 1.5}}, "key 'algorithm.d3s.sample_frac_end'"),
+        ({"selection": "d3s", "d3s": {"samples": 3}}, "unknown key 'algorithm.d3s.samples'"),
+        ({"selection": "entropy_mask", "entropy_mask_rho": 0}, "key 'algorithm.entropy_mask_rho'"),
+        ({"selection": "top-k"}, "key 'algorithm.selection'"),
+    ],
+)
 def test_selection_config_errors_name_the_key(params, message):
     with pytest.raises(ConfigError, match=message):
         build_algorithm("grpo", params)

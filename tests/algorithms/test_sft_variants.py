@@ -1,4 +1,5 @@
 """SFT's per-token losses (docs/algorithms.md section 3): NLL, DFT and ASFT, values and gradients."""
+
 from __future__ import annotations
 
 import math
@@ -7,15 +8,22 @@ import pytest
 import torch
 
 from rlpost.algorithms import TokenTensors, build_algorithm
-from rlpost.algorithms.sft import TOKEN_KL
+from rlpost.algorithms.base import TOKEN_KL
 from rlpost.errors import ConfigError
 from rlpost.model.token_ops import chunked_logprobs, chunked_token_kl
 
 
 def tokens(logp: torch.Tensor, **extra) -> TokenTensors:
     n = logp.shape[0]
-    return TokenTensors(logp=logp, old_logp=None, advantages=None, entropy=torch.zeros(n),
-                        ref_logp=None, seq_index=torch.zeros(n, dtype=torch.long), extra=extra)
+    return TokenTensors(
+        logp=logp,
+        old_logp=None,
+        advantages=None,
+        entropy=torch.zeros(n),
+        ref_logp=None,
+        seq_index=torch.zeros(n, dtype=torch.long),
+        extra=extra,
+    )
 
 
 def test_nll_is_unchanged_and_the_default():

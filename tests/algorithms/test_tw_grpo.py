@@ -1,5 +1,6 @@
 """TW-GRPO position weights: D_t and w_t against the formula, the learner's chunked
 full-vocabulary pass against a plain forward, and the weights in the loss."""
+
 from __future__ import annotations
 
 import math
@@ -9,10 +10,11 @@ import torch
 
 from rlpost.algorithms import build_algorithm
 from rlpost.algorithms.aggregation import aggregate
-from rlpost.algorithms.selection import position_divergence, position_weights
-from rlpost.data.batch import Sample, view
+from rlpost.algorithms.base import position_divergence
+from rlpost.algorithms.selection import position_weights
 from rlpost.config.rl import TrainConfig
 from rlpost.config.sections import ModelConfig
+from rlpost.data.batch import Sample, view
 from rlpost.model.load import load_model, materialise_initial_model
 from rlpost.workers.learner import LRSchedule, start_learner_group
 
@@ -39,7 +41,8 @@ def test_position_divergence_numbers():
     assert position_divergence(same).abs().max().item() < 1e-12
     probs = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(0)).softmax(-1).double()
     assert position_divergence(probs.log()).tolist() == pytest.approx(
-        divergence_by_loops(probs.tolist()), rel=1e-12)
+        divergence_by_loops(probs.tolist()), rel=1e-12
+    )
 
 
 def test_position_weights_numbers():
@@ -50,8 +53,10 @@ def test_position_weights_numbers():
 
 
 def test_position_weights_multiply_the_aggregation_weights():
-    samples = [Sample(prompt_ids=[1], response_ids=[3] * n, group=0, advantages=torch.full((n,), a))
-               for n, a in ((2, 1.0), (3, -1.0), (1, 0.5))]
+    samples = [
+        Sample(prompt_ids=[1], response_ids=[3] * n, group=0, advantages=torch.full((n,), a))
+        for n, a in ((2, 1.0), (3, -1.0), (1, 0.5))
+    ]
     scale = [torch.tensor([1.0, 1.7]), torch.tensor([1.0, 1.7, 1.35]), torch.tensor([1.0])]
     for s, w in zip(samples, scale):
         s.extra["token_scale"] = w.double()
@@ -67,8 +72,13 @@ def test_position_weights_multiply_the_aggregation_weights():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return materialise_initial_model(ModelConfig(hidden_size=64, intermediate_size=128), "0123456789+=",
-                                     seed=0, out_dir=tmp_path_factory.mktemp("m") / "m", max_len=64)
+    return materialise_initial_model(
+        ModelConfig(hidden_size=64, intermediate_size=128),
+        "0123456789+=",
+        seed=0,
+        out_dir=tmp_path_factory.mktemp("m") / "m",
+        max_len=64,
+    )
 
 
 def make_groups() -> list[list[Sample]]:
@@ -76,8 +86,12 @@ def make_groups() -> list[list[Sample]]:
     groups = []
     for prompt_len, lengths in ((4, (1, 5, 3)), (6, (2, 2, 7))):
         prompt = [1] + torch.randint(3, 15, (prompt_len,), generator=g).tolist()
-        groups.append([Sample(prompt_ids=prompt, response_ids=torch.randint(3, 15, (n,), generator=g).tolist())
-                       for n in lengths])
+        groups.append(
+            [
+                Sample(prompt_ids=prompt, response_ids=torch.randint(3, 15, (n,), generator=g).tolist())
+                for n in lengths
+            ]
+        )
     return groups
 
 
@@ -90,20 +104,22 @@ def reference_divergence(model, group: list[Sample], temperature: float) -> list
         for s in group:
             ids = torch.tensor([s.prompt_ids + s.response_ids])
             p = len(s.prompt_ids)
-            rows = (model(input_ids=ids).logits[0, p - 1:-1].double() / temperature).softmax(-1).tolist()
+            rows = (model(input_ids=ids).logits[0, p - 1 : -1].double() / temperature).softmax(-1).tolist()
             probs.append(rows + [[1 / vocab] * vocab] * (longest - len(rows)))
     return divergence_by_loops(probs)
 
 
-@pytest.mark.parametrize("packing, chunk, temperature", [("padded", 1024, 1.0), ("padded", 1, 0.7),
-                                                         ("packed", 4, 1.0)])
+@pytest.mark.parametrize(
+    "packing, chunk, temperature", [("padded", 1024, 1.0), ("padded", 1, 0.7), ("packed", 4, 1.0)]
+)
 def test_learner_position_divergence_matches_formula(model_dir, packing, chunk, temperature):
     cfg = TrainConfig(mode="inprocess")
     cfg.learner.packing = packing
     cfg.learner.logprob_chunk_size = chunk  # 1 and 4: one and one-to-two positions per chunk
     cfg.rollout.temperature = temperature
-    group = start_learner_group(cfg, model_dir, ("grpo", {"tw_alpha": 1.7}), LRSchedule(1e-3),
-                                pad_id=0, use_ray=False)
+    group = start_learner_group(
+        cfg, model_dir, ("grpo", {"tw_alpha": 1.7}), LRSchedule(1e-3), pad_id=0, use_ray=False
+    )
     try:
         groups = make_groups()
         got = group.call("position_divergence", groups)[0]

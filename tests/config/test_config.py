@@ -1,4 +1,5 @@
 """Config errors stop `rlpost train` before any worker starts, with one line naming key or file."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,18 +16,26 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "rlpost.cli", "train", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "rlpost.cli", "train", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("args, expected", [
-    ((QUICKSTART, "rollout.engin=vllm"), "unknown key 'rollout.engin'"),
-    ((QUICKSTART, "rollout.n=many"), "key 'rollout.n'"),
-    ((QUICKSTART, "algorithm.clip_eps=0.3"), "unknown key 'algorithm.clip_eps'"),
-    (("configs/nope.yaml",), "config file not found: configs/nope.yaml"),
-    ((QUICKSTART, "model.kind=hf", "model.path=/no/such/dir"), "directory not found: /no/such/dir"),
-    ((QUICKSTART, "resume=/no/such/run"), "/no/such/run is not a run directory"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ((QUICKSTART, "rollout.engin=vllm"), "unknown key 'rollout.engin'"),
+        ((QUICKSTART, "rollout.n=many"), "key 'rollout.n'"),
+        ((QUICKSTART, "algorithm.clip_eps=0.3"), "unknown key 'algorithm.clip_eps'"),
+        (("configs/nope.yaml",), "config file not found: configs/nope.yaml"),
+        ((QUICKSTART, "model.kind=hf", "model.path=/no/such/dir"), "directory not found: /no/such/dir"),
+        ((QUICKSTART, "resume=/no/such/run"), "/no/such/run is not a run directory"),
+    ],
+)
 def test_cli_config_errors_are_one_line(args, expected):
     proc = run_cli(*args)
     assert proc.returncode == 2
@@ -40,8 +49,9 @@ def test_no_held_out_problem_is_an_error_before_start_up(tmp_path):
     # 1-digit addition has 100 problems: 4096 training problems draw every one
     proc = run_cli(QUICKSTART, "task.args.digits=1", f"output_dir={tmp_path}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("rlpost: error: key 'task.train_size': the 100 distinct training "
-                                  "problems include every problem")
+    assert proc.stderr.startswith(
+        "rlpost: error: key 'task.train_size': the 100 distinct training problems include every problem"
+    )
 
 
 def test_error_names_the_file(tmp_path):
@@ -55,8 +65,10 @@ def test_error_names_the_file(tmp_path):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(QUICKSTART, ["rollout.n=4", "learner.lr=1e-4", "algorithm.clip_eps_high=0.28",
-                                   "learner.mini_batch_size=64"])
+    cfg = load_config(
+        QUICKSTART,
+        ["rollout.n=4", "learner.lr=1e-4", "algorithm.clip_eps_high=0.28", "learner.mini_batch_size=64"],
+    )
     assert cfg.rollout.n == 4 and cfg.learner.lr == 1e-4
     assert cfg.algorithm.params()["clip_eps_high"] == 0.28
 

@@ -1,5 +1,6 @@
 """Every YAML file under configs/ is a valid config as it stands, and each ablation
 family differs from its baseline only where it says."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,7 @@ import pytest
 import yaml
 
 from rlpost.algorithms import build_algorithm
-from rlpost.jobs.preflight import load_cdpo_config
-from rlpost.jobs.preflight import load_config
+from rlpost.jobs.preflight import load_cdpo_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # training configs; configs/sweeps/ holds sweep files (tests/test_sweep.py loads those)
@@ -18,10 +18,22 @@ ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if "sweeps" not in p.relative_to
 
 def test_there_are_configs():
     names = {p.relative_to(CONFIGS).as_posix() for p in ALL}
-    for family in ("aggregation_token_mean", "aggregation_seq_mean", "aggregation_balanced",
-                   "clipping_symmetric", "clipping_clip_higher", "clipping_hapo",
-                   "hapo_full", "hapo_no_temperature", "hapo_no_clip", "hapo_no_redistribution",
-                   "selection_none", "selection_d3s", "selection_entropy_mask", "selection_tw_grpo"):
+    for family in (
+        "aggregation_token_mean",
+        "aggregation_seq_mean",
+        "aggregation_balanced",
+        "clipping_symmetric",
+        "clipping_clip_higher",
+        "clipping_hapo",
+        "hapo_full",
+        "hapo_no_temperature",
+        "hapo_no_clip",
+        "hapo_no_redistribution",
+        "selection_none",
+        "selection_d3s",
+        "selection_entropy_mask",
+        "selection_tw_grpo",
+    ):
         assert f"ablations/{family}.yaml" in names
     assert {"quickstart.yaml", "dapo.yaml", "hapo.yaml"} <= names
 
@@ -40,12 +52,12 @@ def _without(path: Path, *sections: str) -> dict:
     return {k: v for k, v in dumped.items() if k not in ("name", *sections)}
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "ablations").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((CONFIGS / "ablations").glob("*.yaml")), ids=lambda p: p.stem)
 def test_ablations_are_the_quickstart_job_otherwise(path):
     quickstart = _without(CONFIGS / "quickstart.yaml", "algorithm", "rollout")
     assert _without(path, "algorithm", "rollout") == quickstart
     rollout = load_config(path).rollout.model_dump()
     base = load_config(CONFIGS / "quickstart.yaml").rollout.model_dump()
-    assert {k: v for k, v in rollout.items() if k not in ("dynamic_sampling", "max_extra_rounds")} == \
-        {k: v for k, v in base.items() if k not in ("dynamic_sampling", "max_extra_rounds")}
+    assert {k: v for k, v in rollout.items() if k not in ("dynamic_sampling", "max_extra_rounds")} == {
+        k: v for k, v in base.items() if k not in ("dynamic_sampling", "max_extra_rounds")
+    }

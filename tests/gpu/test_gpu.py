@@ -2,13 +2,14 @@
 
 Skipped without a GPU; run on the GPU machine with `python -m pytest tests/test_gpu.py`.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rlpost.model.attention import packed_kwargs, use_varlen_attention, varlen_available
 from rlpost.data.batch import Sample, collate
+from rlpost.model.attention import packed_kwargs, use_varlen_attention, varlen_available
 from rlpost.model.policy import PolicyModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -18,16 +19,26 @@ def small_qwen():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
-                      attn_implementation="sdpa")  # grouped-query attention, head dim 64
+    cfg = Qwen2Config(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        attn_implementation="sdpa",
+    )  # grouped-query attention, head dim 64
     return Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
 
 
 def run(policy, samples, packed: bool):
     batch = collate(samples, 0, packed)
-    logp, entropy = policy(batch["input_ids"].cuda(), batch["pred_pos"].cuda(),
-                           batch["targets"].cuda(), **packed_kwargs(batch, "cuda"))
+    logp, entropy = policy(
+        batch["input_ids"].cuda(),
+        batch["pred_pos"].cuda(),
+        batch["targets"].cuda(),
+        **packed_kwargs(batch, "cuda"),
+    )
     policy.zero_grad()
     logp.float().sum().backward()
     grads = torch.cat([p.grad.float().flatten() for p in policy.parameters()])
@@ -37,9 +48,13 @@ def run(policy, samples, packed: bool):
 def test_varlen_packed_matches_padded_sdpa():
     assert varlen_available(torch.device("cuda"), torch.bfloat16)
     g = torch.Generator().manual_seed(1)
-    samples = [Sample(prompt_ids=torch.randint(3, 1000, (p,), generator=g).tolist(),
-                      response_ids=torch.randint(3, 1000, (r,), generator=g).tolist())
-               for p, r in [(5, 40), (17, 3), (9, 120), (30, 1), (2, 64)]]
+    samples = [
+        Sample(
+            prompt_ids=torch.randint(3, 1000, (p,), generator=g).tolist(),
+            response_ids=torch.randint(3, 1000, (r,), generator=g).tolist(),
+        )
+        for p, r in [(5, 40), (17, 3), (9, 120), (30, 1), (2, 64)]
+    ]
     padded = run(PolicyModel(small_qwen(), 64), samples, packed=False)
     lm = small_qwen()
     use_varlen_attention(lm)
@@ -94,9 +109,15 @@ def small_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, vocab_size=1000,
-                      attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=1000,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
 
 
@@ -107,9 +128,13 @@ def test_liger_kernels_match_the_eager_model(build, restore_transformers_modules
     from rlpost.model.fused_kernels import use_fused_kernels
 
     g = torch.Generator().manual_seed(2)
-    samples = [Sample(prompt_ids=torch.randint(3, 1000, (p,), generator=g).tolist(),
-                      response_ids=torch.randint(3, 1000, (r,), generator=g).tolist())
-               for p, r in [(5, 40), (17, 3), (9, 120), (30, 1), (2, 64)]]
+    samples = [
+        Sample(
+            prompt_ids=torch.randint(3, 1000, (p,), generator=g).tolist(),
+            response_ids=torch.randint(3, 1000, (r,), generator=g).tolist(),
+        )
+        for p, r in [(5, 40), (17, 3), (9, 120), (30, 1), (2, 64)]
+    ]
     results = []
     for liger in (False, True):
         lm = build()
@@ -152,14 +177,18 @@ def test_liger_kernels_under_lora_and_activation_hooks(restore_transformers_modu
     the same, and SparsePO's down_proj input hooks read the same activations."""
     pytest.importorskip("liger_kernel")
     from rlpost.config.sections import LoraConfig
+    from rlpost.model.activations import activation_means
     from rlpost.model.fused_kernels import use_fused_kernels
     from rlpost.model.lora import add_lora
-    from rlpost.model.activations import activation_means
 
     g = torch.Generator().manual_seed(3)
-    samples = [Sample(prompt_ids=torch.randint(3, 1000, (p,), generator=g).tolist(),
-                      response_ids=torch.randint(3, 1000, (r,), generator=g).tolist())
-               for p, r in [(6, 30), (12, 50), (3, 9)]]
+    samples = [
+        Sample(
+            prompt_ids=torch.randint(3, 1000, (p,), generator=g).tolist(),
+            response_ids=torch.randint(3, 1000, (r,), generator=g).tolist(),
+        )
+        for p, r in [(6, 30), (12, 50), (3, 9)]
+    ]
     batch = collate(samples, 0, True)
     results = []
     for liger in (False, True):
@@ -172,8 +201,12 @@ def test_liger_kernels_under_lora_and_activation_hooks(restore_transformers_modu
                 torch.nn.init.normal_(p, std=0.02, generator=torch.Generator(p.device).manual_seed(0))
         policy = PolicyModel(lm, 64)
         with activation_means(lm) as means:
-            logp, _ = policy(batch["input_ids"].cuda(), batch["pred_pos"].cuda(), batch["targets"].cuda(),
-                             **packed_kwargs(batch, "cuda"))
+            logp, _ = policy(
+                batch["input_ids"].cuda(),
+                batch["pred_pos"].cuda(),
+                batch["targets"].cuda(),
+                **packed_kwargs(batch, "cuda"),
+            )
         logp.float().sum().backward()
         grads = torch.cat([p.grad.float().flatten() for n, p in lm.named_parameters() if "lora_" in n])
         results.append((logp.detach().float(), torch.cat([m.flatten() for m in means["mlp"]]), grads))

@@ -6,6 +6,7 @@ The test clusters keep to themselves: their own temp dir (so no other `ray.init(
 on this machine finds them) and their own ports. They are stopped by ending their
 own processes, never with `ray stop`, which ends every Ray process of the user on
 the machine, other tests' clusters included."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ import pytest
 from rlpost.workers.group import free_port
 from tests.run_helpers import ROOT, only_run_dir, read_metrics
 
-SCRIPTS = ["launch/ray_cluster.sh", "launch/submit.sh", "launch/slurm_ray.sbatch",
-           "launch/setup.sh"]
+SCRIPTS = ["launch/ray_cluster.sh", "launch/submit.sh", "launch/slurm_ray.sbatch", "launch/setup.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -30,12 +30,22 @@ def test_scripts_parse(script):
     subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
 
 
-@pytest.mark.parametrize("script, args", [("launch/submit.sh", ["train"]),
-                                          ("launch/submit.sh", ["evaluate", "x.yaml"]),
-                                          ("launch/ray_cluster.sh", ["restart"])])
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("launch/submit.sh", ["train"]),
+        ("launch/submit.sh", ["evaluate", "x.yaml"]),
+        ("launch/ray_cluster.sh", ["restart"]),
+    ],
+)
 def test_scripts_refuse_wrong_usage(script, args):
-    proc = subprocess.run(["bash", script, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:1"})
+    proc = subprocess.run(
+        ["bash", script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:1"},
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("usage: ")
 
 
@@ -54,8 +64,9 @@ def end_processes(pgid: int, *markers: str) -> None:
     mine = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if p.pid != os.getpid() and (os.getpgid(p.pid) == pgid or any(
-                    m in arg for arg in p.info["cmdline"] or [] for m in markers)):
+            if p.pid != os.getpid() and (
+                os.getpgid(p.pid) == pgid or any(m in arg for arg in p.info["cmdline"] or [] for m in markers)
+            ):
                 mine.append(p)
         except (psutil.Error, ProcessLookupError):
             pass
@@ -74,11 +85,16 @@ def end_processes(pgid: int, *markers: str) -> None:
 
 def cluster_env(temp: Path) -> dict[str, str]:
     """ray start settings of a head of its own on 127.0.0.1."""
-    return {"RAY_HEAD": "127.0.0.1", "RAY_HEAD_IP": "127.0.0.1", "RAY_PORT": str(free_port()),
-            "RAY_DASHBOARD_HOST": "127.0.0.1", "RAY_DASHBOARD_PORT": str(free_port()),
-            "RAY_NUM_CPUS": "2",
-            "RAY_START_ARGS": f"--temp-dir={temp} --ray-client-server-port={free_port()} "
-                              f"--dashboard-agent-listen-port={free_port()}"}
+    return {
+        "RAY_HEAD": "127.0.0.1",
+        "RAY_HEAD_IP": "127.0.0.1",
+        "RAY_PORT": str(free_port()),
+        "RAY_DASHBOARD_HOST": "127.0.0.1",
+        "RAY_DASHBOARD_PORT": str(free_port()),
+        "RAY_NUM_CPUS": "2",
+        "RAY_START_ARGS": f"--temp-dir={temp} --ray-client-server-port={free_port()} "
+        f"--dashboard-agent-listen-port={free_port()}",
+    }
 
 
 @contextmanager
@@ -98,9 +114,14 @@ def local_cluster(tmp_path: Path):
         env = {**os.environ, **cluster_env(temp)}
         with open(tmp_path / "ray_start.log", "w") as log:
             # its own session: the daemons `ray start` leaves behind share its process group
-            start = subprocess.Popen(["bash", "launch/ray_cluster.sh", "start"], cwd=ROOT,
-                                     env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+            start = subprocess.Popen(
+                ["bash", "launch/ray_cluster.sh", "start"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             start.wait(timeout=120)
             assert start.returncode == 0, (tmp_path / "ray_start.log").read_text()[-3000:]
@@ -113,25 +134,60 @@ def local_cluster(tmp_path: Path):
 def test_training_job_submitted_through_launch_runs_on_a_ray_cluster(tmp_path):
     job = f"rlpost-test-{os.getpid()}"
     with local_cluster(tmp_path) as address:
-        env = {**os.environ, "RAY_ADDRESS": address, "RLPOST_OUTPUT_DIR": str(tmp_path / "runs"),
-               "RLPOST_JOB_ID": job}
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": address,
+            "RLPOST_OUTPUT_DIR": str(tmp_path / "runs"),
+            "RLPOST_JOB_ID": job,
+        }
         submit = subprocess.run(
-            ["bash", "launch/submit.sh", "train", "tests/configs/tiny.yaml", "mode=ray",
-             "steps=2", "warmup.steps=4"], cwd=ROOT, env=env, capture_output=True, text=True,
-            timeout=300)
+            [
+                "bash",
+                "launch/submit.sh",
+                "train",
+                "tests/configs/tiny.yaml",
+                "mode=ray",
+                "steps=2",
+                "warmup.steps=4",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         output = submit.stdout + submit.stderr
         assert submit.returncode == 0, output[-4000:]
         assert f"Job '{job}' succeeded" in output
 
         client = {**os.environ, **auth_env()}
-        status = subprocess.run([str(ROOT / ".venv/bin/ray"), "job", "status", job,
-                                 "--address", address], env=client, capture_output=True,
-                                text=True, timeout=60)
+        status = subprocess.run(
+            [str(ROOT / ".venv/bin/ray"), "job", "status", job, "--address", address],
+            env=client,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert f"Job '{job}' succeeded" in status.stdout + status.stderr
         # the run's workers were actors of this cluster
-        actors = subprocess.run([str(ROOT / ".venv/bin/ray"), "list", "actors", "--address",
-                                 address, "--format", "json", "--limit", "100"], env=client,
-                                capture_output=True, text=True, timeout=60, check=True)
+        actors = subprocess.run(
+            [
+                str(ROOT / ".venv/bin/ray"),
+                "list",
+                "actors",
+                "--address",
+                address,
+                "--format",
+                "json",
+                "--limit",
+                "100",
+            ],
+            env=client,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         classes = sorted(a["class_name"] for a in json.loads(actors.stdout))
         assert {"Learner", "RolloutWorker", "JobSupervisor"} <= set(classes), classes
 
@@ -143,9 +199,9 @@ def test_training_job_submitted_through_launch_runs_on_a_ray_cluster(tmp_path):
 
 SHIMS = {
     # the allocation is this machine; srun runs its command here
-    "scontrol": '#!/usr/bin/env bash\necho localhost\n',
+    "scontrol": "#!/usr/bin/env bash\necho localhost\n",
     "srun": '#!/usr/bin/env bash\nwhile [[ "$1" == -* ]]; do\n'
-            '  case "$1" in -w|--nodelist) shift 2;; *) shift;; esac\ndone\nexec "$@"\n',
+    '  case "$1" in -w|--nodelist) shift 2;; *) shift;; esac\ndone\nexec "$@"\n',
 }
 
 
@@ -157,19 +213,35 @@ def test_slurm_script_runs_a_sweep_on_its_cluster(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     sweep = tmp_path / "one.yaml"
-    sweep.write_text(f"base: {ROOT / 'tests/configs/tiny.yaml'}\n"
-                     f"overrides: {{mode: ray, steps: 2, warmup.steps: 4}}\n")
+    sweep.write_text(
+        f"base: {ROOT / 'tests/configs/tiny.yaml'}\noverrides: {{mode: ray, steps: 2, warmup.steps: 4}}\n"
+    )
     with private_temp_dir() as temp:
         settings = cluster_env(temp)
-        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-               "SLURM_JOB_NODELIST": "localhost", "SLURM_CPUS_PER_TASK": "2",
-               "RAY_PORT": settings["RAY_PORT"],
-               "RAY_START_ARGS": settings["RAY_START_ARGS"] + " --include-dashboard=false"}
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_CPUS_PER_TASK": "2",
+            "RAY_PORT": settings["RAY_PORT"],
+            "RAY_START_ARGS": settings["RAY_START_ARGS"] + " --include-dashboard=false",
+        }
         with open(tmp_path / "slurm.log", "w") as log:
-            job = subprocess.Popen(["bash", "launch/slurm_ray.sbatch", "sweep", str(sweep),
-                                    "--output-dir", str(tmp_path / "sweeps")], cwd=ROOT,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+            job = subprocess.Popen(
+                [
+                    "bash",
+                    "launch/slurm_ray.sbatch",
+                    "sweep",
+                    str(sweep),
+                    "--output-dir",
+                    str(tmp_path / "sweeps"),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             job.wait(timeout=300)
         finally:

@@ -2,13 +2,14 @@
 
 The kernels themselves are Triton (CUDA); their results against the eager model are
 checked in tests/test_gpu.py."""
+
 from __future__ import annotations
 
 import pytest
 
-from rlpost.model import fused_kernels
 from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config
+from rlpost.model import fused_kernels
 from rlpost.model.fused_kernels import use_fused_kernels
 from tests.run_helpers import TINY
 
@@ -16,8 +17,11 @@ from tests.run_helpers import TINY
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=2, vocab_size=50))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=50
+        )
+    )
 
 
 def test_off_and_auto_leave_a_cpu_learner_alone():
@@ -43,8 +47,10 @@ def test_without_the_package_auto_falls_back_and_liger_says_how_to_install(monke
 def test_config_check_names_the_key_before_start_up(monkeypatch):
     monkeypatch.setattr(fused_kernels, "liger_installed", lambda: False)
     assert load_config(TINY, ["learner.fused_kernels=off"]).learner.fused_kernels == "off"
-    expected = (rf"{TINY} \(with overrides\): key 'learner.fused_kernels': liger needs the "
-                r"liger-kernel package: pip install liger-kernel")
+    expected = (
+        rf"{TINY} \(with overrides\): key 'learner.fused_kernels': liger needs the "
+        r"liger-kernel package: pip install liger-kernel"
+    )
     with pytest.raises(ConfigError, match=expected):
         load_config(TINY, ["learner.fused_kernels=liger"])
     with pytest.raises(ConfigError, match="learner.fused_kernels"):
@@ -64,8 +70,11 @@ def test_unsupported_model_type(monkeypatch):
 def test_bare_on_and_off_are_read_as_words_not_booleans(tmp_path):
     """YAML 1.1 reads a bare off as False: in a file and in an override alike."""
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(TINY.read_text().replace("eval_size: 16}", "eval_size: 16, chat_template: off}")
-                   .replace("epochs: 2}", "epochs: 2, fused_kernels: off}"))
+    cfg.write_text(
+        TINY.read_text()
+        .replace("eval_size: 16}", "eval_size: 16, chat_template: off}")
+        .replace("epochs: 2}", "epochs: 2, fused_kernels: off}")
+    )
     loaded = load_config(cfg)
     assert loaded.task.chat_template == "off" and loaded.learner.fused_kernels == "off"
     assert load_config(TINY, ["task.chat_template=on"]).task.chat_template == "on"

@@ -1,19 +1,19 @@
 """LoRA through peft (`learner.lora`, rlpost/model/lora.py): only the adapter trains, the reference
 is the base model with the adapter off, and everything leaving the learner (weight sync,
 saved models) is the merged model under the base model's names."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from rlpost.algorithms import build_algorithm
-from rlpost.data.batch import collate, view
 from rlpost.config.rl import TrainConfig
 from rlpost.config.sections import ModelConfig
+from rlpost.data.batch import collate, view
 from rlpost.errors import ConfigError
-from rlpost.jobs.preflight import load_config
+from rlpost.jobs.preflight import load_config, load_offline_config
 from rlpost.model.load import load_model, materialise_initial_model
-from rlpost.jobs.preflight import load_offline_config
 from rlpost.model.policy import PolicyModel
 from rlpost.workers.learner import Learner, LRSchedule
 from rlpost.workers.rollout import RolloutWorker
@@ -28,14 +28,17 @@ LORA_PARAMS = 2 * 3 * 4 * (64 + 128)  # layers x MLP projections x r x (in + out
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return materialise_initial_model(ModelConfig(hidden_size=64, intermediate_size=128),
-                                     "0123456789+=", seed=0, out_dir=tmp_path_factory.mktemp("m"),
-                                     max_len=64)
+    return materialise_initial_model(
+        ModelConfig(hidden_size=64, intermediate_size=128),
+        "0123456789+=",
+        seed=0,
+        out_dir=tmp_path_factory.mktemp("m"),
+        max_len=64,
+    )
 
 
 def lora_learner(model_dir, lora=None, rollout=None, **learner) -> Learner:
-    cfg = TrainConfig(mode="inprocess", learner={"lora": lora or {"r": 4}, **learner},
-                      rollout=rollout or {})
+    cfg = TrainConfig(mode="inprocess", learner={"lora": lora or {"r": 4}, **learner}, rollout=rollout or {})
     out = Learner(cfg, str(model_dir), GRPO_KL, LRSchedule(1e-2), rank=0, world_size=1, pad_id=0)
     out.setup(*out.rendezvous())
     return out
@@ -56,7 +59,8 @@ def initial_logprobs(model_dir, learner: Learner, samples) -> torch.Tensor:
     """The frozen initial model's log-probs of the samples' responses, as PolicyModel computes them."""
     with torch.no_grad():
         return PolicyModel(load_model(model_dir), 1024).eval()(
-            **learner._inputs(collate(samples, 0, learner.packed)))[0]
+            **learner._inputs(collate(samples, 0, learner.packed))
+        )[0]
 
 
 def test_updates_move_only_the_adapter(model_dir):
@@ -83,8 +87,9 @@ def test_updates_move_only_the_adapter(model_dir):
 @pytest.mark.parametrize("packing, checkpointing", [("padded", False), ("packed", True)])
 def test_reference_is_the_initial_model(model_dir, packing, checkpointing):
     # adapter dropout: the reference pass must switch off dropout too, as a frozen copy would
-    learner = lora_learner(model_dir, lora={"r": 4, "dropout": 0.3}, packing=packing,
-                           gradient_checkpointing=checkpointing)
+    learner = lora_learner(
+        model_dir, lora={"r": 4, "dropout": 0.3}, packing=packing, gradient_checkpointing=checkpointing
+    )
     try:
         samples = fixed_samples()
         for _ in range(2):
@@ -146,39 +151,48 @@ def test_merged_weights_are_the_adapted_model(model_dir, tmp_path, engine):
     assert (merged_logits - peft_logits).abs().max() < 1e-6
     assert torch.equal(reloaded_adapter_logits, peft_logits)
     # the learner's chunked log-probs are peft's forward's (2.4e-7 measured)
-    peft_logp = peft_logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[-sizes[0]:, 0]
+    peft_logp = peft_logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[-sizes[0] :, 0]
     assert (learner_logp[0] - peft_logp).abs().max() < 1e-6
     moved = 0.0
     for s, lp, before, after in zip(samples, learner_logp, engine_before, engine_logp):
-        assert (torch.tensor(after[-s.num_tokens:]) - lp).abs().max() < 1e-5
-        moved = max(moved, (torch.tensor(before[-s.num_tokens:]) - lp).abs().max().item())
+        assert (torch.tensor(after[-s.num_tokens :]) - lp).abs().max() < 1e-5
+        moved = max(moved, (torch.tensor(before[-s.num_tokens :]) - lp).abs().max().item())
     assert moved > 0.1  # three steps took the policy far from the initial model
 
 
 def test_target_modules_that_match_nothing_name_the_key(model_dir, tmp_path):
     sft_data, _ = write_data(tmp_path)
-    expected = ("key 'learner.lora.target_modules': lm_head, mlp.gate match no linear module of "
-                "the model, or its output head 'lm_head', which cannot be adapted (names match "
-                "whole or as a dotted suffix); its other linear modules: q_proj, k_proj, v_proj, "
-                "o_proj, gate_proj, up_proj, down_proj")
+    expected = (
+        "key 'learner.lora.target_modules': lm_head, mlp.gate match no linear module of "
+        "the model, or its output head 'lm_head', which cannot be adapted (names match "
+        "whole or as a dotted suffix); its other linear modules: q_proj, k_proj, v_proj, "
+        "o_proj, gate_proj, up_proj, down_proj"
+    )
     bad = "learner.lora.target_modules=[gate_proj, lm_head, mlp.gate]"
     with pytest.raises(ConfigError) as rl:  # when the config loads: nothing has started
         load_config(ROOT / "tests" / "configs" / "tiny.yaml", [bad])
     with pytest.raises(ConfigError) as sft:
-        load_offline_config("sft", CONFIGS / "sft_tiny.yaml",
-                            [f"data.path={sft_data}", "model.kind=hf", f"model.path={model_dir}", bad])
+        load_offline_config(
+            "sft",
+            CONFIGS / "sft_tiny.yaml",
+            [f"data.path={sft_data}", "model.kind=hf", f"model.path={model_dir}", bad],
+        )
     for error in (rl, sft):
         assert str(error.value).endswith(expected) and "(with overrides): key" in str(error.value)
     with pytest.raises(ConfigError) as setup:  # and at learner setup, for any model kind
         lora_learner(model_dir, lora={"target_modules": ["gate_proj", "lm_head", "mlp.gate"]})
     assert str(setup.value) == expected
     # the offline configs take the section from LearnerConfig, defaults included
-    cfg = load_offline_config("sft", CONFIGS / "sft_tiny.yaml", [f"data.path={sft_data}",
-                                                                  "learner.lora.r=4"])
-    assert cfg.learner.lora.model_dump() == {"r": 4, "alpha": 16.0, "dropout": 0.0,
-                                             "target_modules": ["gate_proj", "up_proj", "down_proj"]}
-    assert load_offline_config("sft", CONFIGS / "sft_tiny.yaml",
-                               [f"data.path={sft_data}"]).learner.lora is None
+    cfg = load_offline_config("sft", CONFIGS / "sft_tiny.yaml", [f"data.path={sft_data}", "learner.lora.r=4"])
+    assert cfg.learner.lora.model_dump() == {
+        "r": 4,
+        "alpha": 16.0,
+        "dropout": 0.0,
+        "target_modules": ["gate_proj", "up_proj", "down_proj"],
+    }
+    assert (
+        load_offline_config("sft", CONFIGS / "sft_tiny.yaml", [f"data.path={sft_data}"]).learner.lora is None
+    )
 
 
 def test_sft_with_lora_trains_and_saves_a_plain_model(tmp_path):
@@ -197,9 +211,15 @@ def test_sft_with_lora_trains_and_saves_a_plain_model(tmp_path):
 def test_rl_with_lora_syncs_the_merged_policy(tmp_path):
     # a length reward gives the groups different rewards (the tiny model's answers are all
     # wrong so far); kl_coef: the reference (the adapter off) takes part in the loss
-    run = run_train(tmp_path, "learner.lora.r=4", "steps=2", "eval_every=0", "warmup.steps=4",
-                    "algorithm.kl_coef=0.1",
-                    "reward.components=[{name: task}, {name: length, args: {target: 2, tolerance: 2}}]")
+    run = run_train(
+        tmp_path,
+        "learner.lora.r=4",
+        "steps=2",
+        "eval_every=0",
+        "warmup.steps=4",
+        "algorithm.kl_coef=0.1",
+        "reward.components=[{name: task}, {name: length, args: {target: 2, tolerance: 2}}]",
+    )
     metrics = read_metrics(run)
     assert metrics[1]["grad_norm"] > 1e-2
     # step 2 samples from a policy 1e-4 nats of KL away from the warm-up model the engine

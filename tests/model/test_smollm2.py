@@ -1,15 +1,16 @@
 """model.kind: smollm2: the package's GGUF file converted once into the cache (written
 atomically), a clear error without the package, and (slow tier) GRPO steps of
 configs/smollm2_reasoning_gym.yaml on the real model."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from rlpost.model import load as models
 from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config
+from rlpost.model import load as models
 from tests.run_helpers import ROOT, read_metrics, run_train
 
 CONFIG = ROOT / "configs" / "smollm2_reasoning_gym.yaml"
@@ -59,12 +60,23 @@ def test_smollm2_grpo_steps(tmp_path):
     """Two GRPO steps of the real config, cut to a few prompts and short responses
     (converts the model into the cache on first use)."""
     directory = models.smollm2_dir()
-    assert (directory / "chat_template.jinja").is_file() or "chat_template" in \
-        (directory / "tokenizer_config.json").read_text()
-    run = run_train(tmp_path, "steps=2", "eval_every=0", "task.train_size=32", "task.eval_size=4",
-                    "rollout.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=8",
-                    "learner.mini_batch_size=8", "learner.micro_batch_size=8",
-                    config=CONFIG, timeout=600)
+    assert (directory / "chat_template.jinja").is_file() or "chat_template" in (
+        directory / "tokenizer_config.json"
+    ).read_text()
+    run = run_train(
+        tmp_path,
+        "steps=2",
+        "eval_every=0",
+        "task.train_size=32",
+        "task.eval_size=4",
+        "rollout.prompts_per_step=2",
+        "rollout.n=4",
+        "rollout.max_new_tokens=8",
+        "learner.mini_batch_size=8",
+        "learner.micro_batch_size=8",
+        config=CONFIG,
+        timeout=600,
+    )
     metrics = read_metrics(run)
     assert sorted(metrics) == [0, 1, 2]
     for step in (1, 2):

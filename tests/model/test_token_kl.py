@@ -1,5 +1,6 @@
 """Chunked full-vocabulary KL(pi_ref || pi_theta) per token: values and gradients equal the
 naive full-logits computation, and nothing of size [tokens x vocab] survives the forward."""
+
 from __future__ import annotations
 
 import math
@@ -92,8 +93,9 @@ def test_kl_by_hand():
         ref_head.weight.zero_()
         head.bias.copy_(torch.tensor([0.0, 1.0]))  # p = softmax([0, 1])
         ref_head.bias.copy_(torch.tensor([2.0, 0.0]))  # r = softmax([2, 0])
-    logp, ref_logp, kl = chunked_token_kl(torch.zeros(2, 1), head, torch.zeros(2, 1), ref_head,
-                                          torch.tensor([0, 1]), chunk_size=1)
+    logp, ref_logp, kl = chunked_token_kl(
+        torch.zeros(2, 1), head, torch.zeros(2, 1), ref_head, torch.tensor([0, 1]), chunk_size=1
+    )
     p1 = math.e / (1 + math.e)
     r0 = math.exp(2) / (math.exp(2) + 1)
     p, r = [1 - p1, p1], [r0, 1 - r0]
@@ -130,8 +132,9 @@ def test_nothing_of_tokens_x_vocab_is_kept_for_backward(zero3):
 
 def test_empty_input():
     head, ref_head, _, _, _ = setup(1, 4, 9, False)
-    out = chunked_token_kl(torch.zeros(0, 4), head, torch.zeros(0, 4), ref_head,
-                           torch.zeros(0, dtype=torch.long))
+    out = chunked_token_kl(
+        torch.zeros(0, 4), head, torch.zeros(0, 4), ref_head, torch.zeros(0, dtype=torch.long)
+    )
     assert [o.shape for o in out] == [torch.Size([0])] * 3
 
 
@@ -170,6 +173,8 @@ def test_cuda_compiled_kernels_and_peak_memory():
     peak = torch.cuda.max_memory_allocated() - base
     chunk_bytes = chunk * v * 4
     grad_bytes = hidden.numel() * 2 + v * h * (4 + 2)  # grad of hidden, fp32 head buffer + its bf16 copy
-    print(f"peak above inputs {peak / 2**30:.2f} GiB; one fp32 [chunk x V] {chunk_bytes / 2**30:.2f} GiB; "
-          f"full [N x V] fp32 {n * v * 4 / 2**30:.2f} GiB")
+    print(
+        f"peak above inputs {peak / 2**30:.2f} GiB; one fp32 [chunk x V] {chunk_bytes / 2**30:.2f} GiB; "
+        f"full [N x V] fp32 {n * v * 4 / 2**30:.2f} GiB"
+    )
     assert peak < grad_bytes + 5 * chunk_bytes

@@ -1,4 +1,5 @@
 """Chunked log-probs / entropy equal the naive full-logits computation, values and gradients."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Each reward component on hand-written cases: right, wrong, malformed, adversarial."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,19 +16,22 @@ def component(name: str, task=None, **args):
     return COMPONENTS[name](validate_args(name, args), task)
 
 
-@pytest.mark.parametrize("text, expected", [
-    (r"so it is \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
-    (r"\boxed{1} then \boxed{\sqrt{x^{2}}}", r"\sqrt{x^{2}}"),  # the last, nested braces
-    ("The answer is 42.", "42"),
-    ("answer: $x^2$", "x^2"),
-    ("we get 1,234 and then -5.5", "-5.5"),
-    ("<think>7</think><answer>-4</answer>", "-4"),
-    (r"<answer>\boxed{3}</answer> and 9", "3"),
-    ("<answer></answer> 5", None),  # an empty answer is no answer
-    ("no numbers here", None),
-    ("", None),
-    (r"\boxed{}", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so it is \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+        (r"\boxed{1} then \boxed{\sqrt{x^{2}}}", r"\sqrt{x^{2}}"),  # the last, nested braces
+        ("The answer is 42.", "42"),
+        ("answer: $x^2$", "x^2"),
+        ("we get 1,234 and then -5.5", "-5.5"),
+        ("<think>7</think><answer>-4</answer>", "-4"),
+        (r"<answer>\boxed{3}</answer> and 9", "3"),
+        ("<answer></answer> 5", None),  # an empty answer is no answer
+        ("no numbers here", None),
+        ("", None),
+        (r"\boxed{}", None),
+    ],
+)
 def test_final_answer(text, expected):
     assert final_answer(text) == expected
 
@@ -42,20 +46,23 @@ def math_reward():
     return component("math")
 
 
-@pytest.mark.parametrize("gold, response, expected", [
-    (r"\frac{1}{2}", r"so \boxed{0.5}", 1.0),
-    (r"\frac{1}{2}", "The answer is 1/2.", 1.0),
-    (r"\frac{1}{2}", r"<answer>\frac12</answer>", 1.0),
-    (r"\frac{1}{2}", r"\boxed{\frac{1}{3}}", 0.0),
-    ("-4", "<answer>-4</answer>", 1.0),
-    ("-4", "it is 4", 0.0),
-    ("3037", "so 3,037 in total", 1.0),
-    ("x^2+1", r"\boxed{1+x^2}", 1.0),
-    (r"\sqrt{2}", r"answer: $\sqrt 2$", 1.0),
-    (r"\frac{1}{2}", "I don't know", 0.0),
-    (r"\frac{1}{2}", r"\boxed{\frac{1}{2", 0.0),  # unbalanced: falls back to the last number
-    (r"\frac{1}{2}", "", 0.0),
-])
+@pytest.mark.parametrize(
+    "gold, response, expected",
+    [
+        (r"\frac{1}{2}", r"so \boxed{0.5}", 1.0),
+        (r"\frac{1}{2}", "The answer is 1/2.", 1.0),
+        (r"\frac{1}{2}", r"<answer>\frac12</answer>", 1.0),
+        (r"\frac{1}{2}", r"\boxed{\frac{1}{3}}", 0.0),
+        ("-4", "<answer>-4</answer>", 1.0),
+        ("-4", "it is 4", 0.0),
+        ("3037", "so 3,037 in total", 1.0),
+        ("x^2+1", r"\boxed{1+x^2}", 1.0),
+        (r"\sqrt{2}", r"answer: $\sqrt 2$", 1.0),
+        (r"\frac{1}{2}", "I don't know", 0.0),
+        (r"\frac{1}{2}", r"\boxed{\frac{1}{2", 0.0),  # unbalanced: falls back to the last number
+        (r"\frac{1}{2}", "", 0.0),
+    ],
+)
 def test_math(math_reward, gold, response, expected):
     assert math_reward(response, Problem("", gold)) == expected
 
@@ -72,13 +79,16 @@ def test_math_gold_answer_that_cannot_be_parsed_raises(math_reward):
         math_reward("1", Problem("", ""))
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("<think>a</think><answer>1</answer>", 1.0),
-    ("  <think>\nlong\n</think>\n\n<answer>1</answer>\n", 1.0),
-    ("<answer>1</answer>", 0.0),
-    ("<think>a</think><answer>1</answer> trailing", 0.0),
-    ("<think>a<answer>1</answer>", 0.0),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("<think>a</think><answer>1</answer>", 1.0),
+        ("  <think>\nlong\n</think>\n\n<answer>1</answer>\n", 1.0),
+        ("<answer>1</answer>", 0.0),
+        ("<think>a</think><answer>1</answer> trailing", 0.0),
+        ("<think>a<answer>1</answer>", 0.0),
+    ],
+)
 def test_format(response, expected):
     assert component("format")(response, Problem("", "")) == expected
 
@@ -92,8 +102,13 @@ def test_length_rewards():
     def length_component(name, **args):
         return COMPONENTS[name](validate_args(name, args))
 
-    assert length_component("length", target=10, tolerance=4)([10, 8, 13, 14, 100]) == \
-        [0.0, -0.5, -0.75, -1.0, -1.0]
+    assert length_component("length", target=10, tolerance=4)([10, 8, 13, 14, 100]) == [
+        0.0,
+        -0.5,
+        -0.75,
+        -1.0,
+        -1.0,
+    ]
     lengths = [0, 6, 7, 9, 10, 11]
     expected = overlong_penalty(torch.tensor(lengths), 10, 4).tolist()
     assert length_component("overlong", max_length=10, buffer=4)(lengths) == expected
@@ -114,9 +129,17 @@ def test_user_function_with_kwargs():
         fn("bad", Problem("", ""))
 
 
-SUM = Problem("", "", {"tests": [{"input": "1 2\n", "output": "3\n"},
-                                 {"input": "5 7\n", "output": "12"},
-                                 {"input": "-1 1\n", "output": "0"}]})
+SUM = Problem(
+    "",
+    "",
+    {
+        "tests": [
+            {"input": "1 2\n", "output": "3\n"},
+            {"input": "5 7\n", "output": "12"},
+            {"input": "-1 1\n", "output": "0"},
+        ]
+    },
+)
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +147,19 @@ def code_reward():
     return component("code", cpu_s=1, wall_s=2.0)
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("```python\na, b = map(int, input().split())\nprint(a + b)\n```", 1.0),
-    ("Here:\n```py\nimport sys\nprint(sum(map(int, sys.stdin.read().split())))  \n```", 1.0),
-    ("print(3)", 1 / 3),  # right on the first test only
-    ("a, b = map(int, input().split())\nprint(a + b)\nraise SystemExit(1)", 0.0),  # exit status
-    ("print(", 0.0),  # syntax error
-    ("", 0.0),
-    # right, then flooding the output past the cap
-    ("a, b = map(int, input().split())\nprint(a + b)\nprint('x' * (2 << 20))", 0.0),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("```python\na, b = map(int, input().split())\nprint(a + b)\n```", 1.0),
+        ("Here:\n```py\nimport sys\nprint(sum(map(int, sys.stdin.read().split())))  \n```", 1.0),
+        ("print(3)", 1 / 3),  # right on the first test only
+        ("a, b = map(int, input().split())\nprint(a + b)\nraise SystemExit(1)", 0.0),  # exit status
+        ("print(", 0.0),  # syntax error
+        ("", 0.0),
+        # right, then flooding the output past the cap
+        ("a, b = map(int, input().split())\nprint(a + b)\nprint('x' * (2 << 20))", 0.0),
+    ],
+)
 def test_code(code_reward, response, expected):
     assert code_reward(response, SUM) == pytest.approx(expected)
 

@@ -1,4 +1,5 @@
 """reasoning-gym tasks by name: seeded problems, the dataset's own scorer, the alphabet."""
+
 from __future__ import annotations
 
 import pickle
@@ -6,7 +7,7 @@ import pickle
 import pytest
 
 from rlpost.rewards import build_task
-from rlpost.rewards.reasoning_gym_task import dataset_names
+from rlpost.rewards.tasks.reasoning_gym import dataset_names
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,9 @@ def test_problems_are_seeded(chain_sum):
     a, b, c = (chain_sum.problems(8, seed=s) for s in (0, 0, 1))
     assert [p.prompt for p in a] == [p.prompt for p in b] != [p.prompt for p in c]
     p = a[0]
-    assert p.prompt.startswith("State the final answer") and p.answer == str(eval(
-        p.meta["entry"]["metadata"]["expression"]))
+    assert p.prompt.startswith("State the final answer") and p.answer == str(
+        eval(p.meta["entry"]["metadata"]["expression"])
+    )
 
 
 def test_scores_with_the_datasets_scorer(chain_sum):

@@ -5,6 +5,7 @@ written outside the sandbox, no process left behind).
 Every hostile program prints "ok" once its attack worked, so each would score 1
 against the expected output "ok" if the wall it hits were missing.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from rlpost.rewards.base import Problem
-from rlpost.rewards.code_tests import CodeTests
-from rlpost.rewards.sandbox import Limits, run_python
+from rlpost.rewards.components.code_tests import CodeTests
+from rlpost.rewards.scoring.sandbox import Limits, run_python
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/ns/net"), reason="needs Linux")
+
 
 def processes_with(marker: str) -> list[int]:
     found = []
@@ -61,22 +63,19 @@ def run(code: str, marker: str, **limits) -> tuple:
 
 
 def test_well_behaved_program_reads_stdin_and_argv(marker):
-    result = run_python("import sys\nprint(sys.argv[1:], input().upper())", stdin="hello\n",
-                        argv=["a", "b"])
+    result = run_python("import sys\nprint(sys.argv[1:], input().upper())", stdin="hello\n", argv=["a", "b"])
     assert result.ok and result.stdout == "['a', 'b'] HELLO\n" and result.stderr == ""
     assert CodeTests(Limits(), task=None)("print('ok')", expect_ok(marker)) == 1.0
 
 
 def test_infinite_loop_stopped_by_cpu_limit(marker):
-    result, _, score = run("print('ok', flush=True)\nwhile True: pass", marker,
-                           cpu_s=1, wall_s=30.0)
+    result, _, score = run("print('ok', flush=True)\nwhile True: pass", marker, cpu_s=1, wall_s=30.0)
     assert result.limit == "cpu_time" and not result.timed_out  # not the wall limit
     assert score == 0.0
 
 
 def test_sleeping_forever_stopped_by_wall_limit(marker):
-    result, elapsed, score = run("import time\nprint('ok', flush=True)\ntime.sleep(60)", marker,
-                                 wall_s=1.0)
+    result, elapsed, score = run("import time\nprint('ok', flush=True)\ntime.sleep(60)", marker, wall_s=1.0)
     assert result.timed_out and result.limit == "wall_time" and result.returncode is None
     assert 1.0 <= elapsed < 5
     assert score == 0.0
@@ -132,15 +131,17 @@ def test_huge_output_capped(marker):
 
 
 def test_huge_file_stopped(marker):
-    result, _, score = run("open('big', 'wb').write(b'x' * (64 << 20))\nprint('ok')", marker,
-                           file_mb=1)
+    result, _, score = run("open('big', 'wb').write(b'x' * (64 << 20))\nprint('ok')", marker, file_mb=1)
     assert result.limit == "file_size" and "ok" not in result.stdout
     assert score == 0.0
 
 
 def test_cannot_write_outside_its_directory(marker, tmp_path):
-    outside = [tmp_path / "escaped.txt", Path("/tmp") / f"rlpost-escaped-{uuid.uuid4().hex}",
-               Path("/dev/shm") / f"rlpost-escaped-{uuid.uuid4().hex}"]
+    outside = [
+        tmp_path / "escaped.txt",
+        Path("/tmp") / f"rlpost-escaped-{uuid.uuid4().hex}",
+        Path("/dev/shm") / f"rlpost-escaped-{uuid.uuid4().hex}",
+    ]
     code = f"""
 import os
 wrote = []
@@ -180,12 +181,11 @@ print('ok' if {secret!r} in seen else sorted(os.environ))
 """
     parent = f"""
 import os
-from rlpost.rewards.sandbox import run_python
+from rlpost.rewards.scoring.sandbox import run_python
 print(run_python({code!r}, argv=[{marker!r}, str(os.getpid())]).stdout, end='')
 """
     env = {**os.environ, "RLPOST_TEST_SECRET": secret}
-    out = subprocess.run([sys.executable, "-c", parent], env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, "-c", parent], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout == "['LANG', 'PATH']\n", out.stderr
     assert CodeTests(Limits(), task=None)(code, expect_ok(marker)) == 0.0
 

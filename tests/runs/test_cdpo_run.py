@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from rlpost.model.load import char_tokenizer
-from rlpost.rewards.arithmetic import Arithmetic
+from rlpost.rewards.tasks.arithmetic import Arithmetic
 from tests.run_helpers import ROOT, only_run_dir
 
 pytestmark = pytest.mark.slow

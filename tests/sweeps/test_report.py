@@ -1,5 +1,6 @@
 """`rlpost report` on a sweep directory of synthetic metric files: the table's numbers
 against hand-computed means and sample standard deviations, and the plots as images."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import pytest
 from matplotlib.image import imread
 
 from rlpost.cli import main
+from rlpost.sweeps.manifest import DONE, run_output_dir, write_manifest
 from rlpost.sweeps.report import curve, load_runs
 from rlpost.sweeps.sweep import load_sweep
-from rlpost.sweeps.manifest import DONE, run_output_dir, write_manifest
 from tests.run_helpers import TINY
 
 SWEEP = f"""
@@ -29,12 +30,23 @@ def rows_for(seed: int, arm: str) -> list[dict]:
     sampled 0.3; reward base+step/100 with base 0.1/0.2/0.3; rollout entropy 1/2/4;
     length 4; clip_frac_low 0.001*seed. Arm b (one seed): before 0.5, after 0.75."""
     base, k = [0.1, 0.2, 0.3][seed], seed
-    rows = [{"step": 0, "time": 0.0, "eval/accuracy_greedy": [0.2, 0.4, 0.6][k] if arm == "a" else 0.5,
-             "eval/accuracy_sampled": 0.25}]
+    rows = [
+        {
+            "step": 0,
+            "time": 0.0,
+            "eval/accuracy_greedy": [0.2, 0.4, 0.6][k] if arm == "a" else 0.5,
+            "eval/accuracy_sampled": 0.25,
+        }
+    ]
     for step in range(1, 13):
-        row = {"step": step, "time": float(step), "reward/mean": base + step / 100,
-               "rollout_entropy": [1.0, 2.0, 4.0][k], "response_length/mean": 4.0,
-               "clip_frac_low": 0.001 * k}
+        row = {
+            "step": step,
+            "time": float(step),
+            "reward/mean": base + step / 100,
+            "rollout_entropy": [1.0, 2.0, 4.0][k],
+            "response_length/mean": 4.0,
+            "clip_frac_low": 0.001 * k,
+        }
         if step == 12:
             row["eval/accuracy_greedy"] = [0.5, 0.7, 0.9][k] if arm == "a" else 0.75
             row["eval/accuracy_sampled"] = 0.3
@@ -54,9 +66,11 @@ def sweep_dir(tmp_path):
         run_dir = run_output_dir(sweep.directory, run.id) / "run-20261122-000000"
         run_dir.mkdir(parents=True)
         (run_dir / "metrics.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in rows_for(run.seed, run.arm)))
-        (run_dir.parent / DONE).write_text(json.dumps(
-            {"run_dir": str(run_dir.relative_to(sweep.directory)), "seconds": 1.0}))
+            "".join(json.dumps(r) + "\n" for r in rows_for(run.seed, run.arm))
+        )
+        (run_dir.parent / DONE).write_text(
+            json.dumps({"run_dir": str(run_dir.relative_to(sweep.directory)), "seconds": 1.0})
+        )
     return sweep.directory
 
 

@@ -1,6 +1,7 @@
 """Sweep files: expansion into runs, conflicting keys, validation before anything runs,
 and the runner's resume logic (with the trainer process stubbed; test_sweep_run.py
 runs real ones)."""
+
 from __future__ import annotations
 
 import io
@@ -9,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from rlpost.sweeps import runner as sweep_runner
 from rlpost.cli import main
 from rlpost.config.load import dump_config, parse_override
 from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config
-from rlpost.sweeps.sweep import load_sweep, yaml_text
+from rlpost.sweeps import runner as sweep_runner
 from rlpost.sweeps.manifest import DONE
 from rlpost.sweeps.runner import Progress, format_seconds, run_sweep
+from rlpost.sweeps.sweep import load_sweep, yaml_text
 from tests.run_helpers import ROOT, TINY
 
 
@@ -41,8 +42,12 @@ output_dir: OUT
 def test_grid_times_seeds_expands_seed_major_with_resolved_configs(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, GRID))
     assert sweep.name == "grid-test" and sweep.directory == tmp_path / "out" / "grid-test"
-    arms = ["loss_agg=token-mean,lr=0.0001", "loss_agg=token-mean,lr=0.0003",
-            "loss_agg=balanced,lr=0.0001", "loss_agg=balanced,lr=0.0003"]
+    arms = [
+        "loss_agg=token-mean,lr=0.0001",
+        "loss_agg=token-mean,lr=0.0003",
+        "loss_agg=balanced,lr=0.0001",
+        "loss_agg=balanced,lr=0.0003",
+    ]
     assert list(sweep.arms) == arms
     # every arm at seed 0 first: a sweep stopped half-way compares all arms
     assert [(r.arm, r.seed) for r in sweep.runs] == [(a, s) for s in (0, 1) for a in arms]
@@ -55,8 +60,12 @@ def test_grid_times_seeds_expands_seed_major_with_resolved_configs(tmp_path):
     assert cfg.output_dir == str(sweep.directory / "runs" / run.id)
     assert cfg.tracking.group == "grid-test"
     assert cfg.tracking.run_name == "loss_agg=token-mean,lr=0.0003,seed=1"
-    assert cfg.tracking.tags == ["algorithm.loss_agg=token-mean", "learner.lr=0.0003",
-                                 "arm=loss_agg=token-mean,lr=0.0003", "seed=1"]
+    assert cfg.tracking.tags == [
+        "algorithm.loss_agg=token-mean",
+        "learner.lr=0.0003",
+        "arm=loss_agg=token-mean,lr=0.0003",
+        "seed=1",
+    ]
     # everything else is the base config's
     base = load_config(TINY).model_dump()
     for key in ("model", "task", "warmup", "rollout"):
@@ -64,50 +73,80 @@ def test_grid_times_seeds_expands_seed_major_with_resolved_configs(tmp_path):
 
 
 def test_arms_as_labels_or_as_a_list(tmp_path):
-    named = load_sweep(write_sweep(tmp_path, """
+    named = load_sweep(
+        write_sweep(
+            tmp_path,
+            """
 base: BASE
 arms:
   small: {learner.lr: 1.0e-4}
   large: {learner.lr: 1.0e-3, learner.epochs: 1}
-"""))
+""",
+        )
+    )
     assert named.name == "sweep" and named.seeds == [3]  # the file's stem, the base's seed
     assert list(named.arms) == ["small", "large"]
     assert [r.id for r in named.runs] == ["small-seed3", "large-seed3"]
     assert named.resolve(named.runs[1]).learner.epochs == 1
 
-    listed = load_sweep(write_sweep(tmp_path, """
+    listed = load_sweep(
+        write_sweep(
+            tmp_path,
+            """
 base: BASE
 arms:
   - {learner.lr: 1.0e-4}
   - {learner.lr: 1.0e-3, task.args: {digits: 2}}
-"""))
+""",
+        )
+    )
     assert list(listed.arms) == ["lr=0.0001", "lr=0.001,args={digits: 2}"]
     assert listed.resolve(listed.runs[1]).task.args == {"digits": 2}
     assert listed.runs[1].id == "lr=0.001,args=_digits__2_-seed3"
 
 
-@pytest.mark.parametrize("text, error", [
-    ("base: BASE\ngrid:\n  learner.lr: [0.1]\n  learner.lr: [0.2]\n",
-     "line 4: key 'learner.lr' is given twice"),
-    ("base: BASE\noverrides: {learner.lr: 0.1}\ngrid: {learner.lr: [0.2, 0.3]}\n",
-     "key 'learner.lr' of arm 'lr=0.2' is also set for every run ('learner.lr' under 'overrides')"),
-    ("base: BASE\noverrides: {learner: {lr: 0.1}}\narms: {a: {learner.epochs: 2}}\n",
-     "key 'learner.epochs' of arm 'a' is also set for every run ('learner' under 'overrides')"),
-    ("base: BASE\ngrid: {learner: [{lr: 0.1}], learner.lr: [0.2]}\n",
-     "key 'grid': 'learner' and 'learner.lr' set the same key"),
-    ("base: BASE\ngrid: {seed: [1, 2]}\n",
-     "key 'grid.seed': set by the sweep for every run (list seeds under 'seeds')"),
-    ("base: BASE\narms: {a: {tracking.group: g}}\n",
-     "key 'arms.a.tracking.group': set by the sweep for every run"),
-    ("base: BASE\ngrid: {steps: [1]}\narms: {a: {}}\n", "give either 'grid' or 'arms', not both"),
-    ("base: BASE\ngrdi: {steps: [1]}\n",
-     "unknown key 'grdi'; a sweep file has name, base, seeds, overrides, grid, arms, output_dir"),
-    ("base: BASE\ngrid: {steps: 3}\n", "key 'grid.steps' must be a non-empty list of values"),
-    ("base: BASE\nseeds: [1, 1]\n", "key 'seeds' lists a seed twice"),
-    ("base: BASE\narms: {'a/b': {}, 'a_b': {}}\n", "two arms map to the same run directory "
-     "'a_b-seed3'; give them labels that differ in letters or digits"),
-    ("grid: {steps: [1]}\n", "key 'base' (the base config file) is missing"),
-])
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        (
+            "base: BASE\ngrid:\n  learner.lr: [0.1]\n  learner.lr: [0.2]\n",
+            "line 4: key 'learner.lr' is given twice",
+        ),
+        (
+            "base: BASE\noverrides: {learner.lr: 0.1}\ngrid: {learner.lr: [0.2, 0.3]}\n",
+            "key 'learner.lr' of arm 'lr=0.2' is also set for every run ('learner.lr' under 'overrides')",
+        ),
+        (
+            "base: BASE\noverrides: {learner: {lr: 0.1}}\narms: {a: {learner.epochs: 2}}\n",
+            "key 'learner.epochs' of arm 'a' is also set for every run ('learner' under 'overrides')",
+        ),
+        (
+            "base: BASE\ngrid: {learner: [{lr: 0.1}], learner.lr: [0.2]}\n",
+            "key 'grid': 'learner' and 'learner.lr' set the same key",
+        ),
+        (
+            "base: BASE\ngrid: {seed: [1, 2]}\n",
+            "key 'grid.seed': set by the sweep for every run (list seeds under 'seeds')",
+        ),
+        (
+            "base: BASE\narms: {a: {tracking.group: g}}\n",
+            "key 'arms.a.tracking.group': set by the sweep for every run",
+        ),
+        ("base: BASE\ngrid: {steps: [1]}\narms: {a: {}}\n", "give either 'grid' or 'arms', not both"),
+        (
+            "base: BASE\ngrdi: {steps: [1]}\n",
+            "unknown key 'grdi'; a sweep file has name, base, seeds, overrides, grid, arms, output_dir",
+        ),
+        ("base: BASE\ngrid: {steps: 3}\n", "key 'grid.steps' must be a non-empty list of values"),
+        ("base: BASE\nseeds: [1, 1]\n", "key 'seeds' lists a seed twice"),
+        (
+            "base: BASE\narms: {'a/b': {}, 'a_b': {}}\n",
+            "two arms map to the same run directory "
+            "'a_b-seed3'; give them labels that differ in letters or digits",
+        ),
+        ("grid: {steps: [1]}\n", "key 'base' (the base config file) is missing"),
+    ],
+)
 def test_bad_sweep_files_are_one_clear_error(tmp_path, text, error):
     path = write_sweep(tmp_path, text)
     with pytest.raises(ConfigError) as e:
@@ -120,8 +159,10 @@ def test_every_run_is_validated_before_any_runs(tmp_path, capsys):
     path = write_sweep(tmp_path, GRID.replace("[1.0e-4, 3.0e-4]", "[1.0e-4, -1]"))
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"rlpost: error: {path}: run loss_agg=token-mean,lr=-1-seed0: {TINY} (with "
-                   f"overrides): key 'learner.lr': Input should be greater than 0 (got -1)")
+    assert err == (
+        f"rlpost: error: {path}: run loss_agg=token-mean,lr=-1-seed0: {TINY} (with "
+        f"overrides): key 'learner.lr': Input should be greater than 0 (got -1)"
+    )
     assert not (tmp_path / "out").exists()
 
     path = write_sweep(tmp_path, GRID.replace("learner.lr:", "learner.lrr:"))
@@ -144,9 +185,11 @@ def test_aggregation_sweep_reproduces_the_ablation_files():
     """configs/sweeps/aggregation.yaml runs exactly the configs of docs/ablations.md."""
     sweep = load_sweep(ROOT / "configs" / "sweeps" / "aggregation.yaml")
     assert sweep.seeds == [0, 1, 2] and len(sweep.runs) == 9
-    files = {"aggregation-token-mean": "aggregation_token_mean",
-             "aggregation-seq-mean": "aggregation_seq_mean",
-             "aggregation-balanced": "aggregation_balanced"}
+    files = {
+        "aggregation-token-mean": "aggregation_token_mean",
+        "aggregation-seq-mean": "aggregation_seq_mean",
+        "aggregation-balanced": "aggregation_balanced",
+    }
     assert list(sweep.arms) == list(files)
 
     def comparable(cfg):
@@ -155,13 +198,29 @@ def test_aggregation_sweep_reproduces_the_ablation_files():
         return tree
 
     for run in sweep.runs:
-        ablation = load_config(ROOT / "configs" / "ablations" / f"{files[run.arm]}.yaml",
-                               [f"seed={run.seed}"])
+        ablation = load_config(
+            ROOT / "configs" / "ablations" / f"{files[run.arm]}.yaml", [f"seed={run.seed}"]
+        )
         assert comparable(sweep.resolve(run)) == comparable(ablation), run.id
 
 
-@pytest.mark.parametrize("value", ["balanced", "1e-4", "yes", "", "a: b", "x, y", 1e-4, 3, True,
-                                   None, [1, "two"], {"digits": 3, "op": "+"}])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "balanced",
+        "1e-4",
+        "yes",
+        "",
+        "a: b",
+        "x, y",
+        1e-4,
+        3,
+        True,
+        None,
+        [1, "two"],
+        {"digits": 3, "op": "+"},
+    ],
+)
 def test_values_survive_the_trip_through_override_text(value):
     assert parse_override(f"k={yaml_text(value)}")[1] == value
 
@@ -182,8 +241,11 @@ class FakeTrainer:
         run_dir = Path(resume[0]) if resume else log_path.parent / "run-20261122-000000"
         run_dir.mkdir(exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(self.sweep.resolve(run)))
-        rows = [{"step": 0, "eval/accuracy_greedy": 0.25}, {"step": 1, "reward/mean": 0.5},
-                {"step": 2, "reward/mean": 0.75, "eval/accuracy_greedy": 0.5}]
+        rows = [
+            {"step": 0, "eval/accuracy_greedy": 0.25},
+            {"step": 1, "reward/mean": 0.5},
+            {"step": 2, "reward/mean": 0.75, "eval/accuracy_greedy": 0.5},
+        ]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         with open(log_path, "a") as log:
             for line in ("warm-up 4/4 | nll 1.0", "step 1/2 | reward 0.5", "step 2/2 | reward 0.75"):
@@ -192,8 +254,7 @@ class FakeTrainer:
         return 1 if run_id in self.fail else 0
 
 
-def test_runner_skips_finished_runs_resumes_started_ones_and_stops_on_changed_configs(
-        tmp_path, monkeypatch):
+def test_runner_skips_finished_runs_resumes_started_ones_and_stops_on_changed_configs(tmp_path, monkeypatch):
     path = write_sweep(tmp_path, GRID.replace("seeds: [0, 1]", "seeds: [0]"))
     sweep = load_sweep(path)
     ids = [r.id for r in sweep.runs]
@@ -227,8 +288,11 @@ def test_runner_skips_finished_runs_resumes_started_ones_and_stops_on_changed_co
 
     # a sweep whose runs' configs changed stops before running anything
     changed = load_sweep(path, ["steps=3"])
-    with pytest.raises(ConfigError, match=rf"run {ids[0]} started with a different config "
-                                          r"\(steps changed\); remove .* or give the sweep"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"run {ids[0]} started with a different config "
+        r"\(steps changed\); remove .* or give the sweep",
+    ):
         run_sweep(changed, out=io.StringIO(), report=False)
 
 
@@ -239,18 +303,26 @@ def test_progress_lines_and_time_left():
     progress = Progress(total=9, out=out, every=10, clock=lambda: now[0])
     run = sweep.runs[0]
     progress.begin(1, run, after=8)
-    for t, line in [(5, "warm-up 250/2500 | nll 1.5"), (100, "step 0/80 | acc 0.4"),
-                    (101, "step 1/80 | reward 0.5"), (103, "step 2/80 | reward 0.5"),
-                    (105, "step 3/80 | reward 0.5"), (120, "step 10/80 | reward 0.6")]:
+    for t, line in [
+        (5, "warm-up 250/2500 | nll 1.5"),
+        (100, "step 0/80 | acc 0.4"),
+        (101, "step 1/80 | reward 0.5"),
+        (103, "step 2/80 | reward 0.5"),
+        (105, "step 3/80 | reward 0.5"),
+        (120, "step 10/80 | reward 0.6"),
+    ]:
         now[0] = t
         progress.feed(line)
     lines = out.getvalue().splitlines()
     prefix = "[sweep 1/9] arm=aggregation-token-mean seed=0 | "
     # the first run has no estimate before its RL steps; printed at most every 10 s
-    assert lines == [prefix + "warm-up 250/2500 | eta ?", prefix + "step 0/80 | eta ?",
-                     # 2 s per step since step 0: 70 steps left = 140 s; the run would take
-                     # 120 + 140 = 260 s, and 8 such runs come after it
-                     prefix + f"step 10/80 | eta {format_seconds(140 + 8 * 260)}"]
+    assert lines == [
+        prefix + "warm-up 250/2500 | eta ?",
+        prefix + "step 0/80 | eta ?",
+        # 2 s per step since step 0: 70 steps left = 140 s; the run would take
+        # 120 + 140 = 260 s, and 8 such runs come after it
+        prefix + f"step 10/80 | eta {format_seconds(140 + 8 * 260)}",
+    ]
     assert progress.end(300.0) == 8 * 300.0
     progress.begin(2, sweep.runs[1], after=7)
     now[0] += 100  # a finished run's duration is the estimate until RL steps start
@@ -258,7 +330,6 @@ def test_progress_lines_and_time_left():
     assert [format_seconds(s) for s in (None, 42, 250, 3725)] == ["?", "42s", "4m10s", "1h02m"]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_sweep_files_in_configs_validate(path):
     assert load_sweep(path).runs

@@ -1,6 +1,7 @@
 """A real sweep through the CLI: two arms of the tiny job, killed in its first run and
 run again (the run resumes from its checkpoint), run a third time (nothing to do),
 with W&B offline and the report at the end."""
+
 from __future__ import annotations
 
 import json
@@ -49,16 +50,21 @@ def test_sweep_resumes_a_killed_run_skips_finished_ones_and_reports(tmp_path):
     path = tmp_path / "tiny_sweep.yaml"
     path.write_text(SWEEP)
     cmd = [sys.executable, "-m", "rlpost.cli", "sweep", str(path), "--output-dir", str(tmp_path)]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
-           "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
-           "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
+    }
     env.pop("WANDB_API_KEY", None)
     sweep_dir = tmp_path / "tiny-sweep"
     first = sweep_dir / "runs" / "loss_agg=token-mean-seed0"
 
     # kill the sweep (and its run) once the first run saved its step-1 checkpoint
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if any(saved(p) for p in first.glob("*/checkpoints/step_1/trainer_state.json")):
@@ -100,8 +106,9 @@ def test_sweep_resumes_a_killed_run_skips_finished_ones_and_reports(tmp_path):
     assert (sweep_dir / "report" / "reward.png").read_bytes()[:4] == b"\x89PNG"
 
     before = {arm: (d / "metrics.jsonl").stat().st_mtime for arm, d in run_dirs.items()}
-    again = subprocess.run(cmd + ["--no-report"], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=120)
+    again = subprocess.run(
+        cmd + ["--no-report"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished before, skipped") == 2
     assert {arm: (d / "metrics.jsonl").stat().st_mtime for arm, d in run_dirs.items()} == before

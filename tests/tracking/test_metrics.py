@@ -1,4 +1,5 @@
 """MetricSums: exact reductions over micro-batches and ranks, with tensor values read late."""
+
 from __future__ import annotations
 
 import pickle
@@ -20,8 +21,13 @@ def test_token_means_totals_and_extremes_by_hand():
     m.add_total("loss", torch.tensor(0.25, dtype=torch.float64))
     m.add_total("loss", 0.5)
     m.add_mean("lr", 1e-3)
-    assert m.result() == {"entropy": pytest.approx(3.0), "ratio_max": 1.5, "ratio_min": 0.75,
-                          "loss": 0.75, "lr": 1e-3}
+    assert m.result() == {
+        "entropy": pytest.approx(3.0),
+        "ratio_max": 1.5,
+        "ratio_min": 0.75,
+        "loss": 0.75,
+        "lr": 1e-3,
+    }
 
 
 def test_merging_two_ranks_equals_one_rank_with_all_tokens():
@@ -48,6 +54,7 @@ def test_pending_tensors_are_read_before_pickling():
 
 class FakeEvent:
     """Stands in for torch.cuda.Event on the CPU: 'finishes' when the test says so."""
+
     clock = 0.0
     finished = True
 

@@ -1,6 +1,7 @@
 """The token-weight view (rlpost/tracking/token_view.py): every token in the HTML, escaped, with its
 weight; shading monotone in the weight on one scale (1, or the largest weight above 1); a
 PNG of the same rows; and `rlpost dpo` writing both for cdpo and sparsepo runs."""
+
 from __future__ import annotations
 
 import re
@@ -15,11 +16,18 @@ from tests.run_helpers import ROOT, only_run_dir, read_metrics
 from tests.runs.test_offline_runs import write_data
 
 NAME = 'critical "w" <t>'
-ROWS = [WeightedTokens("pair 3 (held out)", "What is <b>2+3</b>?\nThink & answer.",
-                       ["The", " answer", " is", "\n", "<b>", "6", "&amp;", "\t", "", "</s>"],
-                       [0.0, 0.1, 0.5, 1.0, 0.3, 0.9, 0.25, 0.7, 0.4, 0.05], chosen="The answer is 5"),
-        WeightedTokens("pair 5 (held out)", "p" * 250, [f" tok{i}" for i in range(60)],
-                       [i / 59 for i in range(60)])]
+ROWS = [
+    WeightedTokens(
+        "pair 3 (held out)",
+        "What is <b>2+3</b>?\nThink & answer.",
+        ["The", " answer", " is", "\n", "<b>", "6", "&amp;", "\t", "", "</s>"],
+        [0.0, 0.1, 0.5, 1.0, 0.3, 0.9, 0.25, 0.7, 0.4, 0.05],
+        chosen="The answer is 5",
+    ),
+    WeightedTokens(
+        "pair 5 (held out)", "p" * 250, [f" tok{i}" for i in range(60)], [i / 59 for i in range(60)]
+    ),
+]
 
 
 class Tokens(HTMLParser):
@@ -32,8 +40,10 @@ class Tokens(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "span" and attrs.get("class") == "tok":
-            rgb = tuple(int(v) for v in re.fullmatch(r"background: rgb\((\d+), (\d+), (\d+)\)",
-                                                     attrs["style"]).groups())
+            rgb = tuple(
+                int(v)
+                for v in re.fullmatch(r"background: rgb\((\d+), (\d+), (\d+)\)", attrs["style"]).groups()
+            )
             self._open = ["", attrs["title"], rgb]
 
     def handle_data(self, data):
@@ -81,8 +91,11 @@ def test_shading_is_monotone_in_the_weight_on_one_scale(tmp_path):
     # a weight above 1 (learned SparsePO masks) tops the scale instead of 1; the legend says so
     big = [WeightedTokens("r", "p", ["a", "b", "c"], [1.0, 2.5, 0.0])]
     page = write_token_view(tmp_path, big, "t", "m^u", stem="big")[0].read_text(encoding="utf-8")
-    assert [rgb for _, _, rgb in parse(page)] == [tuple(round(lo + (hi - lo) / 2.5) for lo, hi in zip(LOW, HIGH)),
-                                                  HIGH, LOW]
+    assert [rgb for _, _, rgb in parse(page)] == [
+        tuple(round(lo + (hi - lo) / 2.5) for lo, hi in zip(LOW, HIGH)),
+        HIGH,
+        LOW,
+    ]
     assert "orange at 2.5, the largest weight here (some exceed 1)" in page
     assert "some exceed 1" not in write_token_view(tmp_path, ROWS, "t", "w", stem="small")[0].read_text()
 
@@ -99,20 +112,34 @@ def test_png_is_an_image_of_the_rows(tmp_path):
     with Image.open(one) as small:  # height follows the lines drawn, width does not
         assert small.size[0] == width and small.size[1] < height - 100
     with pytest.raises(ValueError, match="pair 3 .*: 10 tokens but 9 weights"):
-        write_token_view(tmp_path, [WeightedTokens("pair 3 (held out)", "p", ROWS[0].tokens,
-                                                   ROWS[0].weights[:-1])], "t", "w")
+        write_token_view(
+            tmp_path,
+            [WeightedTokens("pair 3 (held out)", "p", ROWS[0].tokens, ROWS[0].weights[:-1])],
+            "t",
+            "w",
+        )
 
 
-@pytest.mark.parametrize("overrides", [["algorithm.loss=cdpo"],
-                                       ["algorithm.loss=sparsepo", "algorithm.masks=common"]],
-                         ids=["cdpo", "sparsepo-common"])
+@pytest.mark.parametrize(
+    "overrides",
+    [["algorithm.loss=cdpo"], ["algorithm.loss=sparsepo", "algorithm.masks=common"]],
+    ids=["cdpo", "sparsepo-common"],
+)
 def test_dpo_run_writes_the_view(tmp_path, capsys, overrides):
     """One step of the tiny config; the view shows the first 6 of the 8 held-out pairs, their
     rejected responses token by token (the character tokenizer: one token per character,
     then EOS) with the data's critical weights (cdpo) or the learners' masks (sparsepo)."""
     _, pairs = write_data(tmp_path)
-    code = main(["dpo", str(ROOT / "tests" / "configs" / "dpo_tiny.yaml"), f"data.path={pairs}", "steps=1",
-                 f"output_dir={tmp_path / 'runs'}", *overrides])
+    code = main(
+        [
+            "dpo",
+            str(ROOT / "tests" / "configs" / "dpo_tiny.yaml"),
+            f"data.path={pairs}",
+            "steps=1",
+            f"output_dir={tmp_path / 'runs'}",
+            *overrides,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     run = only_run_dir(tmp_path / "runs")

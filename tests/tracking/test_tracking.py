@@ -59,8 +59,10 @@ def test_jsonl_rows_and_console(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     # every 2nd step, the eval step, and the final step; step 1 is skipped
     assert [line.split(" | ")[0] for line in out] == ["step 2/5", "step 3/5", "step 4/5", "step 5/5"]
-    assert out[0] == ("step 2/5 | reward 0.250 | loss -0.2500 | entropy 1.375 | clip_lo 0.0000 | "
-                      "clip_hi 0.0625 | len 6.0 | time 0.50s | tok/s 2000")
+    assert out[0] == (
+        "step 2/5 | reward 0.250 | loss -0.2500 | entropy 1.375 | clip_lo 0.0000 | "
+        "clip_hi 0.0625 | len 6.0 | time 0.50s | tok/s 2000"
+    )
     assert "acc 0.375 | acc_sampled 0.250" in out[1]
     assert "acc" not in out[2]
 
@@ -72,7 +74,10 @@ def test_console_skips_missing_keys(tmp_path, capsys):
     tr.print_line("hello")
     tr.close()
     assert capsys.readouterr().out.splitlines() == [
-        "step 12/50 | reward 0.410", "step 0/50 | acc 0.500", "hello"]
+        "step 12/50 | reward 0.410",
+        "step 0/50 | acc 0.500",
+        "hello",
+    ]
 
 
 def test_nonfinite_values_are_strict_json(tmp_path):
@@ -111,10 +116,10 @@ def test_plot_tolerates_sparse_and_odd_data(tmp_path):
     import matplotlib.image as mpimg
 
     tr = Tracker(tmp_path, TrainConfig(steps=3))
-    tr.log({"eval/accuracy_sampled": 0.5}, step=0)          # only one eval point
-    tr.log({"unrelated": 1.0, "loss": None}, step=1)        # nothing plottable
-    tr.log({"reward/mean": "n/a"}, step=2)                   # non-numeric
-    with open(tmp_path / "metrics.jsonl", "a") as f:         # a half-written line
+    tr.log({"eval/accuracy_sampled": 0.5}, step=0)  # only one eval point
+    tr.log({"unrelated": 1.0, "loss": None}, step=1)  # nothing plottable
+    tr.log({"reward/mean": "n/a"}, step=2)  # non-numeric
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a half-written line
         f.write('{"step": 3, "reward/me')
     path = tr.plot()
     assert path is not None and mpimg.imread(path).ndim == 3
@@ -139,7 +144,12 @@ def test_resume_truncates_then_appends(tmp_path):
     tr.close()
     rows = _rows(tmp_path)
     assert [(r["step"], r["reward/mean"]) for r in rows] == [
-        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+        (5, 50.0),
+    ]
 
 
 def test_fresh_tracker_starts_a_new_file(tmp_path):
@@ -176,11 +186,11 @@ def _read_wandb_records(path: Path):
         if left < 7:
             pos += left
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:  # zero padding at the end of a block
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc
         pos += 7 + length
         pending += chunk
@@ -207,10 +217,12 @@ def _offline_run(run_dir: Path, run_id: str) -> dict:
         for rec in recs:
             if rec.WhichOneof("record_type") == "history":
                 # wandb 0.31 fills `nested_key` (a path), not `key`, for history items
-                items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                         for i in rec.history.item}
-                history.append((rec.history.step.num,
-                                {k: v for k, v in items.items() if not k.startswith("_")}))
+                items = {
+                    (i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item
+                }
+                history.append(
+                    (rec.history.step.num, {k: v for k, v in items.items() if not k.startswith("_")})
+                )
         runs.append({"dir": d, "run": run[0], "config": config, "history": history})
     return runs
 
@@ -275,4 +287,8 @@ def test_wandb_offline_run_records_config_and_history(wandb_env):
     assert resumed["run"].run_id == run_id and resumed["run"].display_name == "tracking-test"
     assert resumed["history"] == [(4, {"reward/mean": 1.0, "loss": 0.0})]
     assert [(x["step"], x["reward/mean"]) for x in _rows(run_dir)] == [
-        (1, 0.25), (2, 0.5), (3, 0.875), (4, 1.0)]
+        (1, 0.25),
+        (2, 0.5),
+        (3, 0.875),
+        (4, 1.0),
+    ]

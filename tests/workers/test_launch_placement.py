@@ -1,6 +1,7 @@
 """Placement of learners and rollout workers from `cfg.ray`: the configurations the
 README describes validate, impossible ones are one clear error, and on a real Ray
 cluster (with GPUs declared to Ray, none used) the workers get the GPUs they should."""
+
 from __future__ import annotations
 
 import sys
@@ -15,18 +16,34 @@ from tests.run_helpers import TINY
 
 # README "Clusters": a 1-node 8-GPU and a 4-node (32-GPU) layout, each way
 LAYOUTS = {
-    "1 node, separate": ["learner.num_learners=4", "ray.gpus_per_learner=1",
-                         "rollout.num_workers=2", "ray.gpus_per_rollout_worker=2",
-                         "rollout.vllm.tensor_parallel_size=2"],
-    "1 node, colocated": ["ray.placement=colocated", "learner.num_learners=8",
-                          "ray.gpus_per_learner=1", "rollout.num_workers=8",
-                          "rollout.vllm.gpu_memory_utilization=0.4"],
-    "4 nodes, separate": ["learner.num_learners=16", "ray.gpus_per_learner=1",
-                          "rollout.num_workers=4", "ray.gpus_per_rollout_worker=4",
-                          "rollout.vllm.tensor_parallel_size=4"],
-    "4 nodes, colocated": ["ray.placement=colocated", "learner.num_learners=32",
-                           "ray.gpus_per_learner=1", "rollout.num_workers=32",
-                           "rollout.vllm.gpu_memory_utilization=0.4"],
+    "1 node, separate": [
+        "learner.num_learners=4",
+        "ray.gpus_per_learner=1",
+        "rollout.num_workers=2",
+        "ray.gpus_per_rollout_worker=2",
+        "rollout.vllm.tensor_parallel_size=2",
+    ],
+    "1 node, colocated": [
+        "ray.placement=colocated",
+        "learner.num_learners=8",
+        "ray.gpus_per_learner=1",
+        "rollout.num_workers=8",
+        "rollout.vllm.gpu_memory_utilization=0.4",
+    ],
+    "4 nodes, separate": [
+        "learner.num_learners=16",
+        "ray.gpus_per_learner=1",
+        "rollout.num_workers=4",
+        "ray.gpus_per_rollout_worker=4",
+        "rollout.vllm.tensor_parallel_size=4",
+    ],
+    "4 nodes, colocated": [
+        "ray.placement=colocated",
+        "learner.num_learners=32",
+        "ray.gpus_per_learner=1",
+        "rollout.num_workers=32",
+        "rollout.vllm.gpu_memory_utilization=0.4",
+    ],
 }
 RAY = ["mode=ray", "rollout.engine=vllm", "rollout.prompts_per_step=32"]
 
@@ -37,24 +54,37 @@ def test_readme_layouts_validate(layout):
     assert cfg.ray.placement == ("colocated" if "colocated" in layout else "separate")
 
 
-@pytest.mark.parametrize("overrides, error", [
-    (["rollout.vllm.tensor_parallel_size=2", "ray.gpus_per_rollout_worker=1"],
-     "ray.gpus_per_rollout_worker (1) must equal rollout.vllm.tensor_parallel_size (2): "
-     "a vLLM engine holds one GPU per tensor-parallel rank"),
-    (["ray.placement=colocated", "ray.gpus_per_learner=2"],
-     "ray.placement=colocated puts each learner rank on one GPU (or none): "
-     "ray.gpus_per_learner must be 0 or 1 (got 2)"),
-    (["ray.placement=colocated", "ray.gpus_per_rollout_worker=1"],
-     "ray.gpus_per_rollout_worker is for ray.placement=separate; colocated rollout workers "
-     "share the learners' GPUs (set it to 0)"),
-    (["ray.placement=colocated", "rollout.vllm.tensor_parallel_size=2"],
-     "ray.placement=colocated runs one vLLM engine per GPU: set "
-     "rollout.vllm.tensor_parallel_size=1 or ray.placement=separate"),
-    (["ray.placement=colocated", "rollout.num_workers=2"],
-     "ray.placement=colocated: rollout.num_workers (2) must not exceed learner.num_learners "
-     "(1); each rollout worker shares the GPU of one learner rank"),
-    (["ray.placement=nearby"], "key 'ray.placement': Input should be 'separate' or 'colocated'"),
-])
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        (
+            ["rollout.vllm.tensor_parallel_size=2", "ray.gpus_per_rollout_worker=1"],
+            "ray.gpus_per_rollout_worker (1) must equal rollout.vllm.tensor_parallel_size (2): "
+            "a vLLM engine holds one GPU per tensor-parallel rank",
+        ),
+        (
+            ["ray.placement=colocated", "ray.gpus_per_learner=2"],
+            "ray.placement=colocated puts each learner rank on one GPU (or none): "
+            "ray.gpus_per_learner must be 0 or 1 (got 2)",
+        ),
+        (
+            ["ray.placement=colocated", "ray.gpus_per_rollout_worker=1"],
+            "ray.gpus_per_rollout_worker is for ray.placement=separate; colocated rollout workers "
+            "share the learners' GPUs (set it to 0)",
+        ),
+        (
+            ["ray.placement=colocated", "rollout.vllm.tensor_parallel_size=2"],
+            "ray.placement=colocated runs one vLLM engine per GPU: set "
+            "rollout.vllm.tensor_parallel_size=1 or ray.placement=separate",
+        ),
+        (
+            ["ray.placement=colocated", "rollout.num_workers=2"],
+            "ray.placement=colocated: rollout.num_workers (2) must not exceed learner.num_learners "
+            "(1); each rollout worker shares the GPU of one learner rank",
+        ),
+        (["ray.placement=nearby"], "key 'ray.placement': Input should be 'separate' or 'colocated'"),
+    ],
+)
 def test_impossible_placements_are_config_errors(overrides, error):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, RAY + overrides)
@@ -81,10 +111,12 @@ class Probe:
 
 def placed_gpus(cfg) -> tuple[list[list[str]], list[list[str]]]:
     placement = Placement(cfg, use_ray=True)
-    learners = WorkerGroup(Probe, cfg.learner.num_learners, lambda r: {"rank": r}, True,
-                           slots=placement.slots("learner"))
-    rollout = WorkerGroup(Probe, cfg.rollout.num_workers, lambda r: {"rank": r}, True,
-                          slots=placement.slots("rollout"))
+    learners = WorkerGroup(
+        Probe, cfg.learner.num_learners, lambda r: {"rank": r}, True, slots=placement.slots("learner")
+    )
+    rollout = WorkerGroup(
+        Probe, cfg.rollout.num_workers, lambda r: {"rank": r}, True, slots=placement.slots("rollout")
+    )
     try:
         return learners.call("gpus"), rollout.call("gpus")
     finally:
@@ -102,15 +134,34 @@ def test_workers_get_their_gpus_on_a_ray_cluster():
     # 4 GPUs declared to Ray (none is used): Ray's bookkeeping is what is tested
     ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        learners, rollout = placed_gpus(load_config(TINY, RAY + [
-            "learner.num_learners=2", "ray.gpus_per_learner=1", "rollout.num_workers=1",
-            "ray.gpus_per_rollout_worker=2", "rollout.vllm.tensor_parallel_size=2"]))
+        learners, rollout = placed_gpus(
+            load_config(
+                TINY,
+                RAY
+                + [
+                    "learner.num_learners=2",
+                    "ray.gpus_per_learner=1",
+                    "rollout.num_workers=1",
+                    "ray.gpus_per_rollout_worker=2",
+                    "rollout.vllm.tensor_parallel_size=2",
+                ],
+            )
+        )
         assert [len(g) for g in learners] == [1, 1] and len(rollout[0]) == 2
         assert len({g for ids in learners + rollout for g in ids}) == 4  # no GPU shared
 
-        learners, rollout = placed_gpus(load_config(TINY, RAY + [
-            "ray.placement=colocated", "learner.num_learners=4", "ray.gpus_per_learner=1",
-            "rollout.num_workers=2"]))
+        learners, rollout = placed_gpus(
+            load_config(
+                TINY,
+                RAY
+                + [
+                    "ray.placement=colocated",
+                    "learner.num_learners=4",
+                    "ray.gpus_per_learner=1",
+                    "rollout.num_workers=2",
+                ],
+            )
+        )
         assert all(len(g) == 1 for g in learners) and len({g[0] for g in learners}) == 4
         assert rollout == learners[:2]  # rollout worker r on learner r's GPU
         deadline = time.time() + 30  # placement groups are removed asynchronously

@@ -4,15 +4,16 @@ The learner takes a few large steps so its weights are far from the engine's;
 after `update_weights`, the engine's log-probs of fixed sequences must equal the
 learner's within 1e-5 (fp32), and must have moved by far more than that.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from rlpost.algorithms import build_algorithm
-from rlpost.data.batch import Sample, view
 from rlpost.config.rl import TrainConfig
 from rlpost.config.sections import ModelConfig
+from rlpost.data.batch import Sample, view
 from rlpost.model.load import materialise_initial_model
 from rlpost.workers.learner import Learner, LRSchedule
 from rlpost.workers.rollout import RolloutWorker
@@ -25,15 +26,25 @@ def fixed_samples() -> list[Sample]:
     samples = []
     for p_len, r_len in [(5, 3), (7, 4), (4, 6), (6, 2)]:
         ids = torch.randint(3, 15, (p_len + r_len,), generator=g).tolist()
-        samples.append(Sample(prompt_ids=[1] + ids[:p_len], response_ids=ids[p_len:],
-                              advantages=torch.full((r_len,), 1.0 if r_len % 2 else -1.0)))
+        samples.append(
+            Sample(
+                prompt_ids=[1] + ids[:p_len],
+                response_ids=ids[p_len:],
+                advantages=torch.full((r_len,), 1.0 if r_len % 2 else -1.0),
+            )
+        )
     return samples
 
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
 def test_engine_matches_learner_after_sync(engine, tmp_path):
-    model_dir = materialise_initial_model(ModelConfig(hidden_size=128, intermediate_size=256),
-                                          "0123456789+=", seed=0, out_dir=tmp_path / "m", max_len=64)
+    model_dir = materialise_initial_model(
+        ModelConfig(hidden_size=128, intermediate_size=256),
+        "0123456789+=",
+        seed=0,
+        out_dir=tmp_path / "m",
+        max_len=64,
+    )
     cfg = TrainConfig(mode="inprocess")
     cfg.rollout.engine = engine
     learner = Learner(cfg, str(model_dir), ("sft", {}), LRSchedule(1e-2), rank=0, world_size=1, pad_id=0)

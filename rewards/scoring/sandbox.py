@@ -38,6 +38,7 @@ Landlock absent) `run_python` raises `SandboxUnavailable` instead of running
 the program with fewer walls. Tested on Linux 6.18 with Landlock ABI 7, as root
 and as an unprivileged user.
 """
+
 from __future__ import annotations
 
 import functools
@@ -98,8 +99,9 @@ class SandboxResult:
         return self.returncode == 0 and self.limit is None
 
 
-def run_python(code: str, stdin: str = "", argv: tuple[str, ...] | list[str] = (),
-               limits: Limits = Limits()) -> SandboxResult:
+def run_python(
+    code: str, stdin: str = "", argv: tuple[str, ...] | list[str] = (), limits: Limits = Limits()
+) -> SandboxResult:
     """Run `code` as a Python program with `stdin` and `argv` in a fresh directory."""
     if sys.platform != "linux":
         raise SandboxUnavailable("the code sandbox needs Linux (namespaces and Landlock)")
@@ -108,16 +110,30 @@ def run_python(code: str, stdin: str = "", argv: tuple[str, ...] | list[str] = (
     status_r, status_w = os.pipe()
     try:
         Path(sandbox_dir, "main.py").write_text(code)
-        spec = {"python": program_interpreter(), "program": "main.py", "argv": list(argv),
-                "dir": sandbox_dir, "env": ENV, "limits": asdict(limits), "parent": os.getpid(),
-                "status_fd": status_w, "uid_base": UID_BASE if os.geteuid() == 0 else None}
+        spec = {
+            "python": program_interpreter(),
+            "program": "main.py",
+            "argv": list(argv),
+            "dir": sandbox_dir,
+            "env": ENV,
+            "limits": asdict(limits),
+            "parent": os.getpid(),
+            "status_fd": status_w,
+            "uid_base": UID_BASE if os.geteuid() == 0 else None,
+        }
         with tempfile.TemporaryFile() as stdin_file:
             stdin_file.write(stdin.encode())
             stdin_file.seek(0)
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-B", str(LAUNCHER), json.dumps(spec)],
-                cwd=sandbox_dir, env=ENV, stdin=stdin_file, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, pass_fds=(status_w,))
+                cwd=sandbox_dir,
+                env=ENV,
+                stdin=stdin_file,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=(status_w,),
+            )
         os.close(status_w)
         status_w = -1
         try:
@@ -161,16 +177,16 @@ def program_interpreter() -> str:
     system = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
     if system and _others_can_enter(Path(os.path.realpath(system))):
         return os.path.realpath(system)
-    raise SandboxUnavailable(f"running as root and no Python interpreter is usable by an "
-                             f"unprivileged uid ({own} is not)")
+    raise SandboxUnavailable(
+        f"running as root and no Python interpreter is usable by an unprivileged uid ({own} is not)"
+    )
 
 
 def _others_can_enter(path: Path) -> bool:
     return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
 
 
-def _collect(proc: subprocess.Popen, cap: int, deadline: float
-             ) -> tuple[bytes, bytes, str | None]:
+def _collect(proc: subprocess.Popen, cap: int, deadline: float) -> tuple[bytes, bytes, str | None]:
     """Read stdout and stderr until the program ends; stop early at the deadline or
     when a stream exceeds `cap` bytes. Returns (stdout, stderr, why it was stopped)."""
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}

@@ -4,6 +4,7 @@ Warm-up demonstrations come from a noisy teacher that forgets to carry in
 `teacher_carry_error` of the problems that need a carry: supervised learning
 imitates the mistake, and RL with the verifier is what can remove it.
 """
+
 from __future__ import annotations
 
 import random
@@ -29,7 +30,7 @@ class Arithmetic(Task):
 
     def problems(self, size: int, seed: int) -> list[Problem]:
         rng = random.Random(seed)
-        hi = 10 ** self.digits - 1
+        hi = 10**self.digits - 1
         out = []
         for _ in range(size):
             a, b = rng.randint(0, hi), rng.randint(0, hi)

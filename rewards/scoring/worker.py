@@ -9,6 +9,7 @@ child had finished survives it. Per (sample, component) cell, `status` is
 PENDING (0), OK, RAISED or TIMED_OUT; a restarted child skips the cells already
 settled, so a chunk resumes where its predecessor stopped.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,7 @@ def describe(e: BaseException) -> str:
         return type(e).__name__
 
 
-def serve(conn, components: list, task: Task, values, status, progress, scratch: str,
-          memory_mb: int) -> None:
+def serve(conn, components: list, task: Task, values, status, progress, scratch: str, memory_mb: int) -> None:
     """The child: build the components, then score chunks until told to stop."""
     from rlpost.rewards.components import COMPONENTS, validate_args
 
@@ -112,9 +112,20 @@ class ScoringProcess:
         os.chmod(self.scratch, 0o711)  # sandboxed programs run as other uids beneath it
         self.conn, child = self.ctx.Pipe()
         self.proc = self.ctx.Process(
-            target=serve, daemon=True, name="rlpost-reward",
-            args=(child, self.components, self.task, self.values, self.status, self.progress,
-                  self.scratch, self.memory_mb))
+            target=serve,
+            daemon=True,
+            name="rlpost-reward",
+            args=(
+                child,
+                self.components,
+                self.task,
+                self.values,
+                self.status,
+                self.progress,
+                self.scratch,
+                self.memory_mb,
+            ),
+        )
         self.proc.start()
         child.close()
         self.ready = False
@@ -137,7 +148,7 @@ class ScoringProcess:
     def score(self, items: list[tuple[str, Problem]]) -> Chunk:
         assert len(items) <= MAX_CHUNK
         n, k = len(items), self.k
-        self.status[:n * k] = bytes(n * k)
+        self.status[: n * k] = bytes(n * k)
         error = None
         while True:
             self.wait_ready()
@@ -163,10 +174,12 @@ class ScoringProcess:
             self.restart()
             if detail is None:
                 break
-        status = [list(self.status[i * k:(i + 1) * k]) for i in range(n)]
+        status = [list(self.status[i * k : (i + 1) * k]) for i in range(n)]
         # a failed cell scores 0 whatever its slot held from an earlier chunk
-        values = [[v if s == OK else 0.0 for v, s in zip(self.values[i * k:(i + 1) * k], row)]
-                  for i, row in enumerate(status)]
+        values = [
+            [v if s == OK else 0.0 for v, s in zip(self.values[i * k : (i + 1) * k], row)]
+            for i, row in enumerate(status)
+        ]
         return Chunk(values, status, error)
 
     def wait(self) -> tuple[str, object]:

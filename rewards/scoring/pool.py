@@ -14,6 +14,7 @@ round trip through a warm worker costs ~2 ms for 256 arithmetic samples
 (measured, see bench/rewards.py). Length components (length, overlong) are the
 exception: arithmetic on integers, computed here for the whole batch.
 """
+
 from __future__ import annotations
 
 import collections
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from rlpost.rewards.base import LengthReward, Problem, SampleReward, Task
 from rlpost.rewards.components import COMPONENTS, validate_args
 from rlpost.rewards.config import ComponentConfig, RewardConfig
-from rlpost.rewards.worker import MAX_CHUNK, RAISED, TIMED_OUT, Chunk, ScoringProcess
+from rlpost.rewards.scoring.worker import MAX_CHUNK, RAISED, TIMED_OUT, Chunk, ScoringProcess
 
 EXAMPLE_CHARS = 300
 CHUNKS_PER_WORKER = 4
@@ -38,12 +39,14 @@ class RewardResult:
     failures: dict[str, int]  # "raised", "timed_out": component calls that scored 0 for it
     example: str | None  # one failure: component, error, start of the response
 
-    def __add__(self, other: "RewardResult") -> "RewardResult":
+    def __add__(self, other: RewardResult) -> RewardResult:
         """The results of two batches as one (e.g. the generation rounds of a step)."""
-        return RewardResult(self.totals + other.totals,
-                            {k: v + other.components[k] for k, v in self.components.items()},
-                            {k: n + other.failures[k] for k, n in self.failures.items()},
-                            self.example if self.example is not None else other.example)
+        return RewardResult(
+            self.totals + other.totals,
+            {k: v + other.components[k] for k, v in self.components.items()},
+            {k: n + other.failures[k] for k, n in self.failures.items()},
+            self.example if self.example is not None else other.example,
+        )
 
     def metrics(self) -> dict[str, float]:
         """Batch means per component, and failure counts, as reward/* metrics."""
@@ -55,8 +58,9 @@ class RewardResult:
 class RewardActor:
     """A Ray actor driving one scoring process (the process is what a timeout kills)."""
 
-    def __init__(self, components: list, task: Task, timeout_s: float, memory_mb: int,
-                 driver_path: list[str]):
+    def __init__(
+        self, components: list, task: Task, timeout_s: float, memory_mb: int, driver_path: list[str]
+    ):
         # what the driver can import (a user's reward module), its scoring process can too
         sys.path += [p for p in driver_path if p not in sys.path]
         self.proc = ScoringProcess(components, task, timeout_s, memory_mb)
@@ -95,8 +99,10 @@ class RewardPool:
         self.cfg = cfg
         self.sample = [c for c in cfg.components if issubclass(COMPONENTS[c.name], SampleReward)]
         self.length: list[tuple[ComponentConfig, LengthReward]] = [
-            (c, COMPONENTS[c.name](validate_args(c.name, c.args))) for c in cfg.components
-            if issubclass(COMPONENTS[c.name], LengthReward)]
+            (c, COMPONENTS[c.name](validate_args(c.name, c.args)))
+            for c in cfg.components
+            if issubclass(COMPONENTS[c.name], LengthReward)
+        ]
         self.scorers: list = []
         self.threads = ThreadPoolExecutor(cfg.num_workers, "rlpost-reward")
         if not self.sample:
@@ -107,8 +113,7 @@ class RewardPool:
                 import ray
 
                 actor_cls = ray.remote(RewardActor).options(num_cpus=cfg.num_cpus_per_worker)
-                self.scorers = [_RayScorer(actor_cls.remote(*args, sys.path))
-                                for _ in range(cfg.num_workers)]
+                self.scorers = [_RayScorer(actor_cls.remote(*args, sys.path)) for _ in range(cfg.num_workers)]
                 ray.get([s.actor.ready.remote() for s in self.scorers])
             else:
                 self.scorers = [ScoringProcess(*args) for _ in range(cfg.num_workers)]
@@ -118,8 +123,9 @@ class RewardPool:
             self.close()
             raise
 
-    def score(self, responses: list[str], problems: list[Problem],
-              lengths: list[int] | None = None) -> RewardResult:
+    def score(
+        self, responses: list[str], problems: list[Problem], lengths: list[int] | None = None
+    ) -> RewardResult:
         """Score responses[i] against problems[i]. `lengths` are the responses' lengths
         for the length components (the trainer passes token counts; default: characters)."""
         assert len(responses) == len(problems)
@@ -134,23 +140,24 @@ class RewardPool:
                 failures["timed_out"] += status.count(TIMED_OUT)
             if chunk.error and example is None:
                 c, i, text = chunk.error
-                example = (f"{self.sample[c].key}: {text[:EXAMPLE_CHARS]} | response: "
-                           f"{responses[start + i][:EXAMPLE_CHARS]!r}")
+                example = (
+                    f"{self.sample[c].key}: {text[:EXAMPLE_CHARS]} | response: "
+                    f"{responses[start + i][:EXAMPLE_CHARS]!r}"
+                )
         for c, comp in enumerate(self.sample):
             values[comp.key] = [row[c] for _, chunk in chunks for row in chunk.values]
         sizes = lengths if lengths is not None else [len(r) for r in responses]
         for comp, fn in self.length:
             values[comp.key] = [float(v) for v in fn(sizes)] if n else []
         components = {c.key: values[c.key] for c in self.cfg.components}
-        totals = [math.fsum(c.weight * components[c.key][i] for c in self.cfg.components)
-                  for i in range(n)]
+        totals = [math.fsum(c.weight * components[c.key][i] for c in self.cfg.components) for i in range(n)]
         return RewardResult(totals, components, failures, example)
 
     def run_chunks(self, items: list[tuple[str, Problem]]) -> list[tuple[int, Chunk]]:
         """(start index, result) per chunk, in order; each worker takes chunks until none
         are left."""
         size = min(MAX_CHUNK, max(1, -(-len(items) // (len(self.scorers) * CHUNKS_PER_WORKER))))
-        todo = collections.deque((s, items[s:s + size]) for s in range(0, len(items), size))
+        todo = collections.deque((s, items[s : s + size]) for s in range(0, len(items), size))
 
         def drain(scorer) -> list[tuple[int, Chunk]]:
             done = []
@@ -161,8 +168,7 @@ class RewardPool:
                     return done
                 done.append((start, scorer.score(chunk)))
 
-        results = [r for f in [self.threads.submit(drain, s) for s in self.scorers]
-                   for r in f.result()]
+        results = [r for f in [self.threads.submit(drain, s) for s in self.scorers] for r in f.result()]
         return sorted(results, key=lambda r: r[0])
 
     def close(self) -> None:
@@ -171,7 +177,7 @@ class RewardPool:
         self.scorers = []
         self.threads.shutdown()
 
-    def __enter__(self) -> "RewardPool":
+    def __enter__(self) -> RewardPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -5,6 +5,7 @@ dataset, size=N, seed=S, **task.args)`) and scored with the dataset's own
 `score_answer(answer, entry)`. The answer is the content of the response's last
 <answer>...</answer>, or the whole stripped response when it has none.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -26,7 +27,7 @@ def dataset_names() -> list[str]:
     return sorted(DATASETS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scorer(dataset: str, config_json: str):
     """A dataset instance for its score_answer (per process; never pickled)."""
     import reasoning_gym
@@ -49,15 +50,16 @@ class ReasoningGym(Task):
         names = dataset_names()
         if self.dataset not in names:
             close = difflib.get_close_matches(self.dataset, names, n=3)
-            hint = f"did you mean {', '.join(PREFIX + c for c in close)}?" if close else \
-                f"known: {', '.join(names)}"
-            raise ConfigError(f"key 'task.name': unknown reasoning-gym task {self.dataset!r}; "
-                              f"{hint}")
+            hint = (
+                f"did you mean {', '.join(PREFIX + c for c in close)}?"
+                if close
+                else f"known: {', '.join(names)}"
+            )
+            raise ConfigError(f"key 'task.name': unknown reasoning-gym task {self.dataset!r}; {hint}")
         try:
             self.create(size=1, seed=0)
         except (TypeError, ValueError, AssertionError) as e:
-            raise ConfigError(f"key 'task.args': reasoning-gym task {self.dataset!r}: "
-                              f"{e}") from None
+            raise ConfigError(f"key 'task.args': reasoning-gym task {self.dataset!r}: {e}") from None
 
     def create(self, size: int, seed: int):
         import reasoning_gym
@@ -65,8 +67,10 @@ class ReasoningGym(Task):
         return reasoning_gym.create_dataset(self.dataset, size=size, seed=seed, **self.config)
 
     def problems(self, size: int, seed: int) -> list[Problem]:
-        return [Problem(prompt=entry["question"], answer=str(entry["answer"]),
-                        meta={"entry": entry}) for entry in self.create(size, seed)]
+        return [
+            Problem(prompt=entry["question"], answer=str(entry["answer"]), meta={"entry": entry})
+            for entry in self.create(size, seed)
+        ]
 
     def scorer(self):
         return _scorer(self.dataset, json.dumps(self.config, sort_keys=True))

@@ -1,30 +1,14 @@
-"""The reward components a `reward:` config can name, and how their args are checked."""
+"""A reward function of yours, by import path 'package.module:function'."""
+
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from rlpost.rewards.base import LengthReward, Problem, SampleReward, Task
-from rlpost.rewards.code_tests import CodeTests
-from rlpost.rewards.math_answer import MathAnswer
-from rlpost.rewards.shaping import Format, Overlong, TargetLength
-
-
-class TaskScore(SampleReward):
-    """The task's own verifier (`Task.score`): the default reward."""
-
-    class Args(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    def __init__(self, args: Args, task: Task):
-        super().__init__(args, task)
-        self.task = task
-        task.prepare()
-
-    def __call__(self, response: str, problem: Problem) -> float:
-        return self.task.score(response, problem)
+from rlpost.rewards.base import Problem, SampleReward, Task
 
 
 def import_function(path: str) -> Callable:
@@ -62,19 +46,3 @@ class UserFunction(SampleReward):
 
     def __call__(self, response: str, problem: Problem) -> float:
         return self.fn(response, problem, **self.args.kwargs)
-
-
-COMPONENTS: dict[str, type[SampleReward] | type[LengthReward]] = {
-    "task": TaskScore,
-    "math": MathAnswer,
-    "code": CodeTests,
-    "format": Format,
-    "function": UserFunction,
-    "length": TargetLength,
-    "overlong": Overlong,
-}
-
-
-def validate_args(name: str, args: dict[str, Any]) -> Any:
-    """The component's validated args (raises pydantic.ValidationError)."""
-    return TypeAdapter(COMPONENTS[name].Args).validate_python(args)

@@ -1,4 +1,5 @@
 """Shaping rewards: the response's format, and its length."""
+
 from __future__ import annotations
 
 import re
@@ -57,10 +58,9 @@ class Overlong(LengthReward):
         buffer: int = Field(gt=0)
 
         @model_validator(mode="after")
-        def _fits(self) -> "Overlong.Args":
+        def _fits(self) -> Overlong.Args:
             if self.buffer > self.max_length:
-                raise ValueError(f"buffer ({self.buffer}) must not exceed max_length "
-                                 f"({self.max_length})")
+                raise ValueError(f"buffer ({self.buffer}) must not exceed max_length ({self.max_length})")
             return self
 
     def __init__(self, args: Any):

@@ -1,4 +1,4 @@
-"""Starts one untrusted program for rlpost.rewards.sandbox: a script, not a module.
+"""Starts one untrusted program for rlpost.rewards.scoring.sandbox: a script, not a module.
 
 Run as `python -I -S sandbox_launcher.py SPEC_JSON` in a new session, so it
 imports the standard library only. It is trusted; the program is not. It
@@ -14,6 +14,7 @@ imports the standard library only. It is trusted; the program is not. It
   4. waits for it and writes {"returncode", "cpu_s"} as a JSON line to the
      status pipe; a failed setup step writes {"setup_error": ...} there first.
 """
+
 import ctypes
 import json
 import os
@@ -29,8 +30,12 @@ LANDLOCK_CREATE_RULESET_VERSION, LANDLOCK_RULE_PATH_BENEATH = 1, 1
 # Write-like filesystem rights by Landlock ABI version (reads and execution stay allowed):
 # ABI 1 write_file, remove_dir, remove_file, make_{char,dir,reg,sock,fifo,block,sym};
 # 2 refer (link/rename across directories); 3 truncate; 5 ioctl on devices.
-FS_WRITE_BY_ABI = {1: sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12)),
-                   2: 1 << 13, 3: 1 << 14, 5: 1 << 15}
+FS_WRITE_BY_ABI = {
+    1: sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12)),
+    2: 1 << 13,
+    3: 1 << 14,
+    5: 1 << 15,
+}
 FS_FILE_RIGHTS = (1 << 1) | (1 << 14) | (1 << 15)  # the rights that apply to a single file
 NET_TCP_BIND_CONNECT = 0b11  # ABI 4
 SCOPE_ABSTRACT_UNIX_SIGNAL = 0b11  # ABI 6
@@ -40,8 +45,11 @@ libc.syscall.restype = ctypes.c_long
 
 
 class RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class PathBeneathAttr(ctypes.Structure):
@@ -57,37 +65,57 @@ def check(ret: int, what: str) -> int:
 
 
 def landlock(sandbox_dir: str) -> None:
-    abi = check(libc.syscall(LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
-                             ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION)), "Landlock")
+    abi = check(
+        libc.syscall(
+            LANDLOCK_CREATE_RULESET,
+            None,
+            ctypes.c_size_t(0),
+            ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
+        ),
+        "Landlock",
+    )
     fs = sum(bits for version, bits in FS_WRITE_BY_ABI.items() if abi >= version)
-    attr = RulesetAttr(fs, NET_TCP_BIND_CONNECT if abi >= 4 else 0,
-                       SCOPE_ABSTRACT_UNIX_SIGNAL if abi >= 6 else 0)
+    attr = RulesetAttr(
+        fs, NET_TCP_BIND_CONNECT if abi >= 4 else 0, SCOPE_ABSTRACT_UNIX_SIGNAL if abi >= 6 else 0
+    )
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8  # the struct grew with the ABI
-    ruleset = check(libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
-                                 ctypes.c_uint32(0)), "landlock_create_ruleset")
+    ruleset = check(
+        libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
+        "landlock_create_ruleset",
+    )
     for path, rights in ((sandbox_dir, fs), ("/dev/null", fs & FS_FILE_RIGHTS)):
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         rule = PathBeneathAttr(rights, fd)
-        check(libc.syscall(LANDLOCK_ADD_RULE, ctypes.c_int(ruleset),
-                           ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
-                           ctypes.c_uint32(0)), f"landlock_add_rule {path}")
+        check(
+            libc.syscall(
+                LANDLOCK_ADD_RULE,
+                ctypes.c_int(ruleset),
+                ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                ctypes.byref(rule),
+                ctypes.c_uint32(0),
+            ),
+            f"landlock_add_rule {path}",
+        )
         os.close(fd)
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-    check(libc.syscall(LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)),
-          "landlock_restrict_self")
+    check(
+        libc.syscall(LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)),
+        "landlock_restrict_self",
+    )
     os.close(ruleset)
 
 
 def set_limits(limits: dict) -> None:
     mib = 1 << 20
     for name, soft, hard in (
-            # soft = hard: SIGKILL, which PID 1 of a namespace cannot ignore (unlike SIGXCPU)
-            ("RLIMIT_CPU", limits["cpu_s"], limits["cpu_s"]),
-            ("RLIMIT_AS", limits["memory_mb"] * mib, limits["memory_mb"] * mib),
-            ("RLIMIT_NPROC", limits["processes"], limits["processes"]),
-            ("RLIMIT_FSIZE", limits["file_mb"] * mib, limits["file_mb"] * mib),
-            ("RLIMIT_NOFILE", limits["open_files"], limits["open_files"]),
-            ("RLIMIT_CORE", 0, 0)):
+        # soft = hard: SIGKILL, which PID 1 of a namespace cannot ignore (unlike SIGXCPU)
+        ("RLIMIT_CPU", limits["cpu_s"], limits["cpu_s"]),
+        ("RLIMIT_AS", limits["memory_mb"] * mib, limits["memory_mb"] * mib),
+        ("RLIMIT_NPROC", limits["processes"], limits["processes"]),
+        ("RLIMIT_FSIZE", limits["file_mb"] * mib, limits["file_mb"] * mib),
+        ("RLIMIT_NOFILE", limits["open_files"], limits["open_files"]),
+        ("RLIMIT_CORE", 0, 0),
+    ):
         resource.setrlimit(getattr(resource, name), (soft, hard))
 
 
@@ -105,8 +133,7 @@ def run_program(spec: dict) -> None:
         os.setuid(uid)
     check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "pdeathsig")  # setuid cleared it
     landlock(spec["dir"])
-    os.execve(spec["python"], [spec["python"], "-I", "-S", "-B", spec["program"], *spec["argv"]],
-              spec["env"])
+    os.execve(spec["python"], [spec["python"], "-I", "-S", "-B", spec["program"], *spec["argv"]], spec["env"])
 
 
 def main() -> None:
@@ -137,8 +164,9 @@ def main() -> None:
         os._exit(125)
     _, wait_status = os.waitpid(pid, 0)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    report(status_fd, returncode=os.waitstatus_to_exitcode(wait_status),
-           cpu_s=usage.ru_utime + usage.ru_stime)
+    report(
+        status_fd, returncode=os.waitstatus_to_exitcode(wait_status), cpu_s=usage.ru_utime + usage.ru_stime
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Both sides are parsed as LaTeX inside \\boxed{...}, so a gold answer may be a pl
 number ("-4", "3037") or LaTeX ("\\frac{1}{2}", "x^2+1"), and the response's answer
 may be written either way ("0.5", "1/2", "\\frac12" all equal "\\frac{1}{2}").
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -7,11 +7,12 @@ line, ignoring trailing whitespace). The program is the last ```python fenced
 block of the response, or the whole response. The args are the sandbox `Limits`
 of one run; all the runs of one sample share the pool's `timeout_s`.
 """
+
 from __future__ import annotations
 
 from rlpost.rewards.answers import code_block
 from rlpost.rewards.base import Problem, SampleReward, Task
-from rlpost.rewards.sandbox import Limits, check_available, run_python
+from rlpost.rewards.scoring.sandbox import Limits, check_available, run_python
 
 
 def normalise_output(text: str) -> list[str]:
