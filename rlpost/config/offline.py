@@ -18,12 +18,18 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, create_model, field_serializer, model_validator
+from pydantic import Field, SerializeAsAny, create_model, field_serializer, field_validator, model_validator
 
-from rlpost.algorithms import algorithm_class
-from rlpost.algorithms.base import Algorithm, PairLoss, TokenLoss
+from rlpost.algorithms.base import AlgoConfig, Algorithm, PairLoss, TokenLoss
 from rlpost.config.load import read_config, validate_config
-from rlpost.config.sections import LearnerConfig, ModelConfig, RayConfig, Section, TrackingConfig
+from rlpost.config.sections import (
+    LearnerConfig,
+    ModelConfig,
+    RayConfig,
+    Section,
+    TrackingConfig,
+    algorithm_section,
+)
 from rlpost.errors import ConfigError
 
 
@@ -80,7 +86,16 @@ class OfflineConfig(Section):
             raise ValueError("mode 'inprocess' runs one learner; set learner.num_learners=1 or mode=ray")
         return self
 
-    loss: ClassVar[type[Algorithm]]  # the algorithm whose Config is the `algorithm` section
+    # the kind of algorithm the job runs, and the one it runs when `algorithm.name` is not set
+    kind: ClassVar[type[Algorithm]]
+    default_algorithm: ClassVar[str]
+    # the chosen algorithm's Config with its `name` (`algorithm_section`)
+    algorithm: SerializeAsAny[AlgoConfig] = Field(None, validate_default=True)
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _typed_algorithm(cls, value):
+        return algorithm_section({} if value is None else value, cls.kind, cls.default_algorithm)
 
     # config.yaml holds the algorithm keys the config set, as `algorithm_spec` hands them
     # to the learners (tests/config/test_offline_config.py pins this form). Every default
@@ -90,24 +105,20 @@ class OfflineConfig(Section):
         return algorithm.model_dump(mode="json", exclude_unset=True)
 
     def algorithm_spec(self) -> tuple[str, dict]:
-        """(registry name, params) of the loss, as the learners build it."""
-        return self.loss.name, self.algorithm.model_dump(exclude_unset=True)
-
-
-SFT = algorithm_class("sft", TokenLoss)
-PREFERENCE = algorithm_class("preference", PairLoss)
+        """(name, params) of the loss, as the learners build it."""
+        return self.algorithm.name, self.algorithm.model_dump(exclude_unset=True, exclude={"name"})
 
 
 class SFTJobConfig(OfflineConfig):
     name: str = "sft"
-    loss = SFT
-    algorithm: SFT.Config = Field(default_factory=SFT.Config)
+    kind = TokenLoss
+    default_algorithm = "sft"
 
 
 class DPOJobConfig(OfflineConfig):
     name: str = "dpo"
-    loss = PREFERENCE
-    algorithm: PREFERENCE.Config = Field(default_factory=PREFERENCE.Config)
+    kind = PairLoss
+    default_algorithm = "preference"
 
 
 JOBS: dict[str, type[OfflineConfig]] = {"sft": SFTJobConfig, "dpo": DPOJobConfig}

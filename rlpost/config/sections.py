@@ -159,15 +159,15 @@ def algorithm_section_class(name: str, kind: type[Algorithm]) -> type[AlgoConfig
     return AlgorithmSection
 
 
-def algorithm_section(value: Any, kind: type[Algorithm]) -> AlgoConfig:
-    """A job's `algorithm` section from its mapping (`name` picks the algorithm, grpo when
-    absent; the other keys are its Config's), or the section itself."""
+def algorithm_section(value: Any, kind: type[Algorithm], default: str = DEFAULT_ALGORITHM) -> AlgoConfig:
+    """A job's `algorithm` section from its mapping (`name` picks the algorithm, `default`
+    when absent; the other keys are its Config's), or the section itself."""
     if isinstance(value, AlgoConfig) and isinstance(getattr(value, "name", None), str):
         if type(value) is algorithm_section_class(value.name, kind):
             return value
     if not isinstance(value, dict):
         raise ConfigError(f"key 'algorithm' must be a mapping of keys (got {value!r})")
-    name = value.get("name", DEFAULT_ALGORITHM)
+    name = value.get("name", default)
     if not isinstance(name, str):
         raise ConfigError(f"key 'algorithm.name' must be a name or pkg.module:Class (got {name!r})")
     return algorithm_section_class(name, kind).model_validate(value)

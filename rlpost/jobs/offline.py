@@ -353,15 +353,17 @@ class DPOTrainer(OfflineTrainer):
         """The token view (`rlpost.tracking.token_view`) of the first held-out pairs, or training
         pairs when none are held out, for the losses that weigh tokens: cDPO's critical
         weights from the data, SparsePO's m^u of the final model from the learners."""
-        algorithm = self.cfg.algorithm
+        algorithm = self.algorithm
         pairs = (self.eval_rows or self.train_rows)[: self.view_pairs]
-        if algorithm.loss == "cdpo":
+        if algorithm.critical_weights:
             weight_name, weights = "critical weight w_t", [p.rejected_weights for p in pairs]
-        elif algorithm.loss == "sparsepo":
+        elif algorithm.activation_masks or algorithm.learned_masks:
             masks = {}
             for rank in self.learners.call("rejected_masks", per_rank=[(p,) for p in self.shard(pairs)]):
                 masks.update(rank)
-            weight_name = f"SparsePO mask m^u ({algorithm.masks})"
+            kind = "learned" if algorithm.learned_masks else "activation"
+            kind = getattr(self.cfg.algorithm, "masks", kind)
+            weight_name = f"SparsePO mask m^u ({kind})"
             weights = [masks[i].tolist() for i in range(len(pairs))]
         else:
             return  # every token weighs 1

@@ -171,3 +171,41 @@ def test_section_is_typed_on_assignment_and_construction():
     cfg.algorithm = {"name": "gspo"}
     assert cfg.algorithm.clip_eps_high == 4e-4
     assert TrainConfig().algorithm == TrainConfig(algorithm={"name": "grpo"}).algorithm
+
+
+@pytest.mark.parametrize(
+    "job, name, message",
+    [
+        (
+            "dpo",
+            "grpo",
+            "key 'algorithm.name': grpo is a policy-gradient algorithm; `rlpost dpo` runs pair losses",
+        ),
+        (
+            "sft",
+            "preference",
+            "key 'algorithm.name': preference is a pair loss; `rlpost sft` runs token losses",
+        ),
+        (
+            "sft",
+            "grpo",
+            "key 'algorithm.name': grpo is a policy-gradient algorithm; `rlpost sft` runs token losses",
+        ),
+    ],
+)
+def test_offline_jobs_refuse_another_kind_of_algorithm(pairs, job, name, message):
+    config = ROOT / "tests" / "configs" / f"{job}_tiny.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_offline_config(job, config, [f"data.path={pairs}", f"algorithm.name={name}"])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "job, path", [("dpo", "rlpost.algorithms.preference:Preference"), ("sft", "rlpost.algorithms.sft:SFT")]
+)
+def test_offline_jobs_take_an_algorithm_by_import_path(pairs, job, path):
+    config = ROOT / "tests" / "configs" / f"{job}_tiny.yaml"
+    default = load_offline_config(job, config, [f"data.path={pairs}"])
+    by_path = load_offline_config(job, config, [f"data.path={pairs}", f"algorithm.name={path}"])
+    assert by_path.algorithm_spec() == (path, default.algorithm_spec()[1])
+    assert default.algorithm_spec()[0] == {"dpo": "preference", "sft": "sft"}[job]

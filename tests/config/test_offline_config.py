@@ -64,7 +64,7 @@ def test_config_yaml_round_trip(tmp_path, pairs):
         (["ray.placement=colocated"], "unknown key 'ray.placement'"),
         (["algorithm.alpha=0.3"], "algorithm.alpha is set but algorithm.loss is 'dpo'"),
         (["algorithm.loss=ipo"], "key 'algorithm.loss': Input should be 'dpo', 'tdpo1'"),
-        (["algorithm.name=dpo"], "unknown key 'algorithm.name'"),
+        (["algorithm.name=dpo"], "key 'algorithm.name': unknown algorithm 'dpo'; known: preference"),
         (["learner.num_learners=2"], "mode 'inprocess' runs one learner"),
         (["data.eval_fraction=1"], "key 'data.eval_fraction': Input should be less than 1"),
         (["model.kind=hf", "model.path=/no/model"], "key 'model.path': directory not found"),
