@@ -60,10 +60,16 @@ def _format_error(source: str, err: ValidationError) -> str:
     return f"{source}: {where}{msg} (got {got!r})"
 
 
+def config_source(path: str | os.PathLike | None, overrides: list[str] = ()) -> str:
+    """How errors name a config: its file (or <defaults>), marked when overrides apply."""
+    source = str(path) if path is not None else "<defaults>"
+    return source + " (with overrides)" if overrides else source
+
+
 def read_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple[dict, str]:
     """The YAML tree of `path` (empty when None) with the overrides applied, and the source
     to name in errors."""
-    source = str(path) if path is not None else "<defaults>"
+    source = config_source(path)
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -80,9 +86,7 @@ def read_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
     for text in overrides:
         key, value = parse_override(text)
         apply_override(tree, key, value)
-    if overrides:
-        source += " (with overrides)"
-    return tree, source
+    return tree, config_source(path, overrides)
 
 
 def validate_config(schema: type[M], tree: dict, source: str) -> M:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from rlpost.config.cdpo import CDPOConfig, read_cdpo_config
-from rlpost.config.load import read_train_config
+from rlpost.config.load import config_source, read_train_config
 from rlpost.config.offline import OfflineConfig, read_offline_config
 from rlpost.config.rl import TrainConfig
 from rlpost.errors import ConfigError
@@ -20,27 +20,22 @@ from rlpost.model.lora import check_model_config
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
     """The RL config, validated, its names and paths checked; nothing is loaded yet."""
     cfg = read_train_config(path, overrides)
-    check_model_and_resume(cfg, _source(path, overrides))
+    check_model_and_resume(cfg, config_source(path, overrides))
     return cfg
 
 
 def load_offline_config(job: str, path: str | os.PathLike | None, overrides: list[str] = ()) -> OfflineConfig:
     """The config of `rlpost <job>` (sft or dpo), validated, its paths checked."""
     cfg = read_offline_config(job, path, overrides)
-    check_model_and_resume(cfg, _source(path, overrides))
+    check_model_and_resume(cfg, config_source(path, overrides))
     return cfg
 
 
 def load_cdpo_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> CDPOConfig:
     """The cDPO pipeline's config, every stage's config validated, its paths checked."""
     cfg = read_cdpo_config(path, overrides)
-    check_model_and_resume(cfg, _source(path, overrides))
+    check_model_and_resume(cfg, config_source(path, overrides))
     return cfg
-
-
-def _source(path, overrides) -> str:
-    source = str(path) if path is not None else "<defaults>"
-    return source + " (with overrides)" if overrides else source
 
 
 def check_model_and_resume(cfg, source: str) -> None:

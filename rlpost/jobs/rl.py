@@ -157,7 +157,6 @@ class Trainer(Session):
             entropy = logprob_pass(
                 self.learners, self.algorithm, samples, self.split, self.sampling_rule, batch_metrics
             )
-            self.sampling_rule = self.algorithm.sampling_rule(entropy)
             set_token_mask(self.algorithm, samples, entropy, step, cfg.rollout.mask_truncated, batch_metrics)
             if needs.position_divergence:
                 set_position_weights(self.learners, self.algorithm, samples, batch_metrics)
@@ -172,7 +171,8 @@ class Trainer(Session):
                 self.learners, self.algorithm, batches, self.split, needs.reference
             )
             entropy = torch.cat([entropies[id(s)] for s in samples])
-            self.sampling_rule = self.algorithm.sampling_rule(entropy)
+        # the rule of the next rollout batch, from this batch's old-policy entropies
+        self.sampling_rule = self.algorithm.sampling_rule(entropy)
         step_update = MetricSums()
         for merged in update:
             for k, v in merged.result().items():
