@@ -9,9 +9,23 @@ from typing import Any, ClassVar
 
 @dataclass
 class Problem:
-    prompt: str
+    """One prompt and what its rewards check it against.
+
+    `prompt` is a problem's text (shown as a user message, or as plain text) or a
+    conversation, a list of {"role", "content"} messages (a prompt read from a file).
+    `source` names where it comes from (a file row's `data_source`, or the task's name):
+    rewards route by it and metrics are split by it. A row read from a file keeps the
+    row's whole record in `meta["fields"]`."""
+
+    prompt: str | list[dict[str, str]]
     answer: str
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The fields of the file row this problem was read from ({} for a generated one)."""
+        return self.meta.get("fields", {})
 
 
 class Task:

@@ -1,4 +1,4 @@
-"""The `reward:` config section: weighted reward components and the scoring pool.
+r"""The `reward:` config section: weighted reward components and the scoring pool.
 
 ```yaml
 reward:
@@ -6,13 +6,23 @@ reward:
     - {name: math, weight: 1.0}
     - {name: format, weight: 0.2, args: {pattern: "<think>.*?</think>\\s*<answer>.*?</answer>"}}
     - {name: overlong, weight: 1.0, args: {max_length: 1024, buffer: 256}}
+  sources:                 # optional: per data source (`Problem.source`), its own components
+    apps:                  # rows whose source is "apps" are scored by these alone
+      - {name: code, args: {wall_s: 4}}
+      - {name: overlong, weight: 1.0, args: {max_length: 1024, buffer: 256}}
+    my_data:
+      - {name: function, args: {path: "my_rewards:judge", kwargs: {strict: true}}}
   num_workers: 4
   timeout_s: 10
 ```
 
-A sample's reward is the weighted sum of its component values; each value is
-also reported on its own (`reward/<label or name>`). The default is the task's
-own verifier with weight 1.
+A sample's reward is the weighted sum of the component values of its route: the list
+under `sources` named by its problem's source, else `components` (the default route,
+whose default is the task's own verifier with weight 1). Each value is also reported on
+its own (`reward/<label or name>`, the mean over the samples whose route has it). A key
+(label or name) means one component: a key used in two routes must be configured the
+same in both. Each route's *verifier*, which says whether a sample is correct (value 1),
+is its component keyed `task`, else its first per-sample component.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from rlpost.rewards.base import SampleReward
 from rlpost.rewards.components import COMPONENTS, validate_args
 from rlpost.rewards.scoring.sandbox import Limits
 
@@ -101,9 +112,28 @@ class ComponentConfig(_Section):
         return args
 
 
+def same_component(a: ComponentConfig, b: ComponentConfig) -> bool:
+    """Whether two configs of one key score alike (args compared as validated, so that
+    a default spelled out equals the default left out)."""
+    if (a.name, a.weight) != (b.name, b.weight):
+        return False
+    return a.args == b.args or validate_args(a.name, a.args) == validate_args(b.name, b.args)
+
+
+def first_verifier(route: list[ComponentConfig]) -> str | None:
+    """The key of a route's verifier: its `task` component, else its first per-sample
+    component (None when it has only length components)."""
+    sample = [c.key for c in route if issubclass(COMPONENTS[c.name], SampleReward)]
+    return "task" if "task" in sample else next(iter(sample), None)
+
+
 class RewardConfig(_Section):
     components: list[ComponentConfig] = Field(
         default_factory=lambda: [ComponentConfig(name="task")], min_length=1
+    )
+    sources: dict[str, list[ComponentConfig]] = Field(
+        default_factory=dict,
+        description="per data source, the components that score its samples instead of `components`",
     )
     num_workers: int = Field(2, gt=0, description="scoring processes (Ray actors in Ray mode)")
     timeout_s: float = Field(10.0, gt=0, description="per component call on one sample")
@@ -119,26 +149,69 @@ class RewardConfig(_Section):
         description="CPUs each Ray scoring actor reserves (0: none, so it never waits for the others)",
     )
 
+    def route(self, source: str) -> list[ComponentConfig]:
+        """The components that score a sample from `source`."""
+        return self.sources.get(source, self.components)
+
+    def verifier(self, source: str) -> str:
+        """The key of the component that says whether a sample from `source` is correct."""
+        key = first_verifier(self.route(source))
+        if key is None:
+            raise ValueError(
+                f"the reward components of source {source!r} are all length components; "
+                f"none of them can say whether a response is correct"
+            )
+        return key
+
+    def all_components(self) -> list[ComponentConfig]:
+        """Every route's components, each key once, the default route's first."""
+        union: dict[str, ComponentConfig] = {}
+        for route in (self.components, *self.sources.values()):
+            for c in route:
+                union.setdefault(c.key, c)
+        return list(union.values())
+
     @model_validator(mode="after")
     def _check(self) -> RewardConfig:
-        keys = [c.key for c in self.components]
-        for i, key in enumerate(keys):
-            if key in keys[:i]:
+        routes = {"reward.components": self.components}
+        routes.update({f"reward.sources.{source}": route for source, route in self.sources.items()})
+        first_use: dict[str, tuple[str, ComponentConfig]] = {}
+        for path, route in routes.items():
+            if not route:
+                raise ValueError(f"{path}: no components; list at least one, or leave the source out")
+            self._check_route(path, route)
+            for i, c in enumerate(route):
+                where, seen = first_use.setdefault(c.key, (f"{path}.{i}", c))
+                if not same_component(seen, c):
+                    raise ValueError(
+                        f"{path}.{i}: {c.key!r} is configured differently in {where}; one key is "
+                        f"one component in every route: give one a different label"
+                    )
+            # with sources, each route's samples get an accuracy: it needs a verifier
+            if self.sources and first_verifier(route) is None:
                 raise ValueError(
-                    f"reward.components.{i}: a second component named {key!r}; give one a different label"
+                    f"{path}: only length components; add a per-sample component (e.g. task, "
+                    f"math, code) to say whether a response is correct"
                 )
-            if key in RESERVED_KEYS:
+        return self
+
+    def _check_route(self, path: str, route: list[ComponentConfig]) -> None:
+        keys = [c.key for c in route]
+        for i, c in enumerate(route):
+            if c.key in keys[:i]:
                 raise ValueError(
-                    f"reward.components.{i}: {key!r} is taken by the trainer's "
-                    f"reward/{key} metric; choose another label"
+                    f"{path}.{i}: a second component named {c.key!r}; give one a different label"
                 )
-        for i, c in enumerate(self.components):
+            if c.key in RESERVED_KEYS:
+                raise ValueError(
+                    f"{path}.{i}: {c.key!r} is taken by the trainer's "
+                    f"reward/{c.key} metric; choose another label"
+                )
             if c.name == "code":
                 wall = TypeAdapter(Limits).validate_python(c.args).wall_s
                 if wall >= self.timeout_s:
                     raise ValueError(
-                        f"reward.components.{i}.args.wall_s ({wall}) must be below "
+                        f"{path}.{i}.args.wall_s ({wall}) must be below "
                         f"reward.timeout_s ({self.timeout_s}), which bounds all "
                         f"the test runs of one sample"
                     )
-        return self

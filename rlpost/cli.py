@@ -2,7 +2,8 @@
 
 `rlpost train CONFIG [key.sub=value ...]`, `rlpost sweep SWEEP [key.sub=value ...]`,
 `rlpost report SWEEP_DIR`, `rlpost sft CONFIG [key.sub=value ...]`,
-`rlpost dpo CONFIG [key.sub=value ...]`, `rlpost cdpo CONFIG [key.sub=value ...]`"""
+`rlpost dpo CONFIG [key.sub=value ...]`, `rlpost cdpo CONFIG [key.sub=value ...]`,
+`rlpost eval CONFIG model.path=DIR [key.sub=value ...]`"""
 
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         p_job.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
     job("train", "run a training job from a YAML config")
+    job(
+        "eval",
+        "evaluate a model directory (model.path=DIR) on the config's eval sets: greedy "
+        "accuracy, mean@k, pass@k, maj@k per source",
+    )
     p_sweep = sub.add_parser(
         "sweep",
         help="run a sweep file's runs one after another "
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             return offline_command(args.command, args.config, args.overrides)
         if args.command == "cdpo":
             return cdpo_command(args.config, args.overrides)
+        if args.command == "eval":
+            return eval_command(args.config, args.overrides)
         cfg = load_train_config(args.config, args.overrides)
         quiet_libraries()
         from rlpost.jobs.rl import train
@@ -118,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlpost: error: {e}", file=sys.stderr)
         return 2
 
-    print(f"accuracy after warm-up (before RL): {result.accuracy_before:.3f}")
-    print(f"accuracy after RL:                  {result.accuracy_after:.3f}")
+    if result.accuracy_after is None:
+        print("no evaluation: set data.eval_files to evaluate before, during and after RL")
+    else:
+        print(f"accuracy after warm-up (before RL): {result.accuracy_before:.3f}")
+        print(f"accuracy after RL:                  {result.accuracy_after:.3f}")
     print(f"run directory: {result.run_dir}")
     return 0
 
@@ -148,6 +159,20 @@ def offline_command(job: str, config: str, overrides: list[str]) -> int:
         print(f"held-out nll: {before['eval/nll']:.4f} -> {after['eval/nll']:.4f}")
     final = result.run_dir / "final_model"
     print(f"final model: {final} (start from it: model.kind=hf model.path={final})")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def eval_command(config: str, overrides: list[str]) -> int:
+    cfg = load_config(config, overrides)
+    if cfg.from_files and cfg.data.eval_files is None:
+        raise ConfigError(f"{config}: key 'data.eval_files': rlpost eval needs the sets to evaluate")
+    quiet_libraries()
+    from rlpost.jobs.eval import run_eval
+
+    result = run_eval(cfg)
+    print(f"eval/accuracy_greedy: {result.metrics['eval/accuracy_greedy']:.3f}")
+    print(f"completions: {result.run_dir / 'eval' / 'generations.jsonl'}")
     print(f"run directory: {result.run_dir}")
     return 0
 

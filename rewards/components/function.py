@@ -1,8 +1,23 @@
-"""A reward function of yours, by import path 'package.module:function'."""
+"""A reward function of yours, by import path 'package.module:function'.
+
+It is called as `fn(response, problem, **kwargs)`, where the keyword arguments are
+the fields of the file row the problem was read from (`problem.fields`), as TRL passes
+dataset columns to its reward functions, and then the config's `kwargs`, which win over
+a field of the same name. It receives only the fields its signature takes: those it
+names as parameters, or all of them when it has `**kwargs`; so `fn(response, problem)`
+receives none, and a field named like its first two parameters never replaces the
+response or the problem.
+
+```python
+def judge(response, problem, difficulty=None, strict=False, **_):
+    ...  # difficulty: a column of the row; strict: from the config's kwargs
+```
+"""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +40,22 @@ def import_function(path: str) -> Callable:
     return fn
 
 
+def accepted_fields(fn: Callable) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A filter keeping the fields `fn` can take by keyword after (response, problem)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (some builtins): pass none
+        return lambda fields: {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    taken = {p.name for p in positional[:2]}  # they bind the response and the problem
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return lambda fields: {k: v for k, v in fields.items() if isinstance(k, str) and k not in taken}
+    names = {
+        p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in taken
+    }
+    return lambda fields: {k: v for k, v in fields.items() if k in names}
+
+
 class UserFunction(SampleReward):
     """A function of yours, `fn(response, problem, **kwargs) -> float`, by import path.
     It must be importable in the workers too (installed, or on PYTHONPATH)."""
@@ -43,6 +74,7 @@ class UserFunction(SampleReward):
     def __init__(self, args: Args, task: Task):
         super().__init__(args, task)
         self.fn = import_function(args.path)
+        self.fields = accepted_fields(self.fn)
 
     def __call__(self, response: str, problem: Problem) -> float:
-        return self.fn(response, problem, **self.args.kwargs)
+        return self.fn(response, problem, **{**self.fields(problem.fields), **self.args.kwargs})

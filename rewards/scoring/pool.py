@@ -13,6 +13,12 @@ separate process can be stopped in the middle of a pure-Python loop, and the
 round trip through a warm worker costs ~2 ms for 256 arithmetic samples
 (measured, see bench/rewards.py). Length components (length, overlong) are the
 exception: arithmetic on integers, computed here for the whole batch.
+
+With `reward.sources`, each sample is scored by its route's components alone (its
+problem's source's list, else `reward.components`): every worker builds the union of
+the routes' components, and each chunk item carries the indices of those that apply,
+so the others are never called. A component off a sample's route is NaN in
+`RewardResult.components` and not in its total; `correct` is its route's verifier == 1.
 """
 
 from __future__ import annotations
@@ -21,23 +27,40 @@ import collections
 import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlpost.rewards.base import LengthReward, Problem, SampleReward, Task
 from rlpost.rewards.components import COMPONENTS, validate_args
-from rlpost.rewards.config import ComponentConfig, RewardConfig
-from rlpost.rewards.scoring.worker import MAX_CHUNK, RAISED, TIMED_OUT, Chunk, ScoringProcess
+from rlpost.rewards.config import ComponentConfig, RewardConfig, first_verifier
+from rlpost.rewards.scoring.worker import MAX_CHUNK, RAISED, TIMED_OUT, Chunk, Item, ScoringProcess
 
 EXAMPLE_CHARS = 300
 CHUNKS_PER_WORKER = 4
 
 
+def mean_of(values: list[float]) -> float | None:
+    """The mean of the values that apply (not NaN); None when none does."""
+    applied = [v for v in values if not math.isnan(v)]
+    return sum(applied) / len(applied) if applied else None
+
+
 @dataclass
 class RewardResult:
-    totals: list[float]  # per sample: the weighted sum of its components
-    components: dict[str, list[float]]  # per component key: its unweighted value per sample
+    totals: list[float]  # per sample: the weighted sum of its route's components
+    components: dict[str, list[float]]  # per key: its unweighted value per sample, NaN off its routes
     failures: dict[str, int]  # "raised", "timed_out": component calls that scored 0 for it
     example: str | None  # one failure: component, error, start of the response
+    sources: list[str] = field(default_factory=list)  # per sample: its problem's source
+    correct: list[bool] = field(default_factory=list)  # per sample: its route's verifier gave 1
+
+    def __post_init__(self):
+        # Built without them (a test's stub scorer): one source "", and the "task"
+        # component, the default verifier, says what is correct.
+        n = len(self.totals)
+        if not self.sources:
+            self.sources = [""] * n
+        if not self.correct:
+            self.correct = [v == 1 for v in self.components.get("task", [math.nan] * n)]
 
     def __add__(self, other: RewardResult) -> RewardResult:
         """The results of two batches as one (e.g. the generation rounds of a step)."""
@@ -46,13 +69,51 @@ class RewardResult:
             {k: v + other.components[k] for k, v in self.components.items()},
             {k: n + other.failures[k] for k, n in self.failures.items()},
             self.example if self.example is not None else other.example,
+            self.sources + other.sources,
+            self.correct + other.correct,
         )
 
-    def metrics(self) -> dict[str, float]:
-        """Batch means per component, and failure counts, as reward/* metrics."""
-        out = {f"reward/{key}": sum(v) / len(v) for key, v in self.components.items() if v}
+    def metrics(self, per_source: bool = False) -> dict[str, float]:
+        """reward/<key>: a component's mean over the samples whose route has it;
+        reward/failures/<kind>: failure counts. With `per_source` also, per source,
+        reward/<source>/<key>, reward/<source>/mean (of the totals) and accuracy/<source>
+        (the fraction correct), and accuracy/all."""
+        out = {f"reward/{key}": m for key, v in self.components.items() if (m := mean_of(v)) is not None}
         out.update({f"reward/failures/{kind}": float(n) for kind, n in self.failures.items()})
+        if per_source:
+            out.update(self.source_metrics())
         return out
+
+    def source_metrics(self) -> dict[str, float]:
+        rows: dict[str, list[int]] = {}
+        for i, source in enumerate(self.sources):
+            rows.setdefault(source, []).append(i)
+        out = {}
+        for source, idx in sorted(rows.items()):
+            for key, v in self.components.items():
+                if (m := mean_of([v[i] for i in idx])) is not None:
+                    out[f"reward/{source}/{key}"] = m
+            out[f"reward/{source}/mean"] = sum(self.totals[i] for i in idx) / len(idx)
+            out[f"accuracy/{source}"] = sum(self.correct[i] for i in idx) / len(idx)
+        if self.correct:
+            out["accuracy/all"] = sum(self.correct) / len(self.correct)
+        return out
+
+
+@dataclass(frozen=True)
+class Route:
+    """The components that score the samples of one source (or of the default route)."""
+
+    components: list[ComponentConfig]
+    keys: frozenset[str]
+    sample: frozenset[int]  # indices into the pool's per-sample components
+    verifier: str | None  # the key whose value 1 means correct
+
+    @classmethod
+    def of(cls, components: list[ComponentConfig], sample: list[ComponentConfig]) -> Route:
+        keys = frozenset(c.key for c in components)
+        used = frozenset(i for i, c in enumerate(sample) if c.key in keys)
+        return cls(components, keys, used, first_verifier(components))
 
 
 class RewardActor:
@@ -68,7 +129,7 @@ class RewardActor:
     def ready(self) -> None:
         self.proc.wait_ready()
 
-    def score(self, items: list[tuple[str, Problem]]) -> Chunk:
+    def score(self, items: list[Item]) -> Chunk:
         return self.proc.score(items)
 
     def close(self) -> None:
@@ -79,7 +140,7 @@ class _RayScorer:
     def __init__(self, actor):
         self.actor = actor
 
-    def score(self, items: list[tuple[str, Problem]]) -> Chunk:
+    def score(self, items: list[Item]) -> Chunk:
         import ray
 
         return ray.get(self.actor.score.remote(items))
@@ -97,12 +158,15 @@ class _RayScorer:
 class RewardPool:
     def __init__(self, cfg: RewardConfig, task: Task, use_ray: bool = False):
         self.cfg = cfg
-        self.sample = [c for c in cfg.components if issubclass(COMPONENTS[c.name], SampleReward)]
+        self.union = cfg.all_components()  # each worker builds them all, once
+        self.sample = [c for c in self.union if issubclass(COMPONENTS[c.name], SampleReward)]
         self.length: list[tuple[ComponentConfig, LengthReward]] = [
             (c, COMPONENTS[c.name](validate_args(c.name, c.args)))
-            for c in cfg.components
+            for c in self.union
             if issubclass(COMPONENTS[c.name], LengthReward)
         ]
+        self.default = Route.of(cfg.components, self.sample)
+        self.routes = {source: Route.of(route, self.sample) for source, route in cfg.sources.items()}
         self.scorers: list = []
         self.threads = ThreadPoolExecutor(cfg.num_workers, "rlpost-reward")
         if not self.sample:
@@ -126,14 +190,17 @@ class RewardPool:
     def score(
         self, responses: list[str], problems: list[Problem], lengths: list[int] | None = None
     ) -> RewardResult:
-        """Score responses[i] against problems[i]. `lengths` are the responses' lengths
-        for the length components (the trainer passes token counts; default: characters)."""
+        """Score responses[i] against problems[i] with the components of its problem's
+        route. `lengths` are the responses' lengths for the length components (the
+        trainer passes token counts; default: characters)."""
         assert len(responses) == len(problems)
         n = len(responses)
+        routes = [self.routes.get(p.source, self.default) for p in problems]
         values: dict[str, list[float]] = {}
         failures = {"raised": 0, "timed_out": 0}
         example = None
-        chunks = self.run_chunks(list(zip(responses, problems))) if self.sample and n else []
+        items = [(r, p, route.sample) for r, p, route in zip(responses, problems, routes)]
+        chunks = self.run_chunks(items) if self.sample and n else []
         for start, chunk in chunks:
             for status in chunk.status:
                 failures["raised"] += status.count(RAISED)
@@ -148,12 +215,16 @@ class RewardPool:
             values[comp.key] = [row[c] for _, chunk in chunks for row in chunk.values]
         sizes = lengths if lengths is not None else [len(r) for r in responses]
         for comp, fn in self.length:
-            values[comp.key] = [float(v) for v in fn(sizes)] if n else []
-        components = {c.key: values[c.key] for c in self.cfg.components}
-        totals = [math.fsum(c.weight * components[c.key][i] for c in self.cfg.components) for i in range(n)]
-        return RewardResult(totals, components, failures, example)
+            computed = [float(v) for v in fn(sizes)] if n else []
+            values[comp.key] = [v if comp.key in r.keys else math.nan for v, r in zip(computed, routes)]
+        components = {c.key: values[c.key] for c in self.union}
+        totals = [
+            math.fsum(c.weight * components[c.key][i] for c in r.components) for i, r in enumerate(routes)
+        ]
+        correct = [r.verifier is not None and components[r.verifier][i] == 1 for i, r in enumerate(routes)]
+        return RewardResult(totals, components, failures, example, [p.source for p in problems], correct)
 
-    def run_chunks(self, items: list[tuple[str, Problem]]) -> list[tuple[int, Chunk]]:
+    def run_chunks(self, items: list[Item]) -> list[tuple[int, Chunk]]:
         """(start index, result) per chunk, in order; each worker takes chunks until none
         are left."""
         size = min(MAX_CHUNK, max(1, -(-len(items) // (len(self.scorers) * CHUNKS_PER_WORKER))))

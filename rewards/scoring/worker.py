@@ -6,8 +6,12 @@ rewards run in a child process that can be killed. The child reports progress
 and results through shared memory rather than one message per sample: a result
 costs a few array writes, the call one message each way, and what a killed
 child had finished survives it. Per (sample, component) cell, `status` is
-PENDING (0), OK, RAISED or TIMED_OUT; a restarted child skips the cells already
-settled, so a chunk resumes where its predecessor stopped.
+PENDING (0), OK, RAISED, TIMED_OUT or SKIPPED; a restarted child skips the cells
+already settled, so a chunk resumes where its predecessor stopped.
+
+Each item of a chunk names the components that apply to its sample (its route's): the
+others' cells are settled as SKIPPED (value NaN) before the child sees the chunk, so
+the child, which calls only PENDING cells, never calls them.
 """
 
 from __future__ import annotations
@@ -20,19 +24,24 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from rlpost.rewards.base import Problem, Task
 
-PENDING, OK, RAISED, TIMED_OUT = 0, 1, 2, 3
+PENDING, OK, RAISED, TIMED_OUT, SKIPPED = 0, 1, 2, 3, 4
 MAX_CHUNK = 1024  # samples per call (the shared arrays' capacity)
 START_TIMEOUT_S = 300.0  # imports (reasoning-gym, math-verify) on a loaded machine
+
+# (response, problem, indices of the components that apply to it)
+Item = tuple[str, Problem, Collection[int]]
 
 
 @dataclass
 class Chunk:
     """The outcome of one chunk: values[i][c] and status[i][c] per sample i and
-    per-sample component c; `error` is one failure as (c, i, text), if any."""
+    per-sample component c (NaN and SKIPPED where c does not apply to sample i);
+    `error` is one failure as (c, i, text), if any."""
 
     values: list[list[float]]
     status: list[list[int]]
@@ -145,15 +154,23 @@ class ScoringProcess:
             raise RuntimeError(f"reward worker failed to start: {detail}")
         self.ready = True
 
-    def score(self, items: list[tuple[str, Problem]]) -> Chunk:
+    def score(self, items: list[Item]) -> Chunk:
+        """Scores each (response, problem, components) item with the given components
+        (indices into this process's components) alone."""
         assert len(items) <= MAX_CHUNK
         n, k = len(items), self.k
-        self.status[: n * k] = bytes(n * k)
+        rows: dict = {}  # one status row per route: items of a route share their `used`
+        self.status[: n * k] = b"".join(
+            rows.get(id(used))
+            or rows.setdefault(id(used), bytes(PENDING if c in used else SKIPPED for c in range(k)))
+            for _, _, used in items
+        )
+        pairs = [(response, problem) for response, problem, _ in items]
         error = None
         while True:
             self.wait_ready()
             try:
-                self.conn.send(items)
+                self.conn.send(pairs)
                 outcome, detail = self.wait()
             except (BrokenPipeError, ConnectionResetError):
                 outcome, detail = "died", self.running_cell()
@@ -175,9 +192,12 @@ class ScoringProcess:
             if detail is None:
                 break
         status = [list(self.status[i * k : (i + 1) * k]) for i in range(n)]
-        # a failed cell scores 0 whatever its slot held from an earlier chunk
+        # a failed cell scores 0 whatever its slot held from an earlier chunk; an unused one is NaN
         values = [
-            [v if s == OK else 0.0 for v, s in zip(self.values[i * k : (i + 1) * k], row)]
+            [
+                v if s == OK else math.nan if s == SKIPPED else 0.0
+                for v, s in zip(self.values[i * k : (i + 1) * k], row)
+            ]
             for i, row in enumerate(status)
         ]
         return Chunk(values, status, error)

@@ -90,6 +90,11 @@ class CDPOConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _no_rl_keys(self) -> CDPOConfig:
+        if self.from_files:
+            raise ValueError(
+                "data.train_files: rlpost cdpo samples from a task's problems (task.name); "
+                "prompts from files are for rlpost train and rlpost eval"
+            )
         # RL-only keys would be silently ignored: refuse any that differs from its default
         for key in ("steps", "eval_every", "save_every"):
             if getattr(self, key) != TrainConfig.model_fields[key].default:

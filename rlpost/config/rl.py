@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from rlpost.algorithms.base import AlgoConfig, PolicyGradient
+from rlpost.config.data import DataConfig, EvalConfig
 from rlpost.config.placement import placement_problem
 from rlpost.config.sections import (
     LearnerConfig,
@@ -21,6 +22,9 @@ from rlpost.config.sections import (
 )
 from rlpost.rewards.config import RewardConfig
 
+# The default reward of prompts read from files: math-verify on the row's answer.
+FILE_DATA_REWARD = "math"
+
 
 class TrainConfig(Section):
     name: str = "run"
@@ -33,6 +37,8 @@ class TrainConfig(Section):
     resume: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -50,6 +56,55 @@ class TrainConfig(Section):
     def _typed_algorithm(cls, value):
         return algorithm_section(value, PolicyGradient)
 
+    @property
+    def from_files(self) -> bool:
+        """Whether the training prompts are read from `data.train_files` (else the task's)."""
+        return self.data.train_files is not None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_data_reward(cls, tree):
+        """Prompts from files have no task verifier: their default reward is math-verify."""
+        data = tree.get("data") if isinstance(tree, dict) else None
+        files = data.get("train_files") if isinstance(data, dict) else getattr(data, "train_files", None)
+        if files is not None:
+            reward = tree.get("reward")
+            if reward is None or (isinstance(reward, dict) and "components" not in reward):
+                tree = {**tree, "reward": {**(reward or {}), "components": [{"name": FILE_DATA_REWARD}]}}
+        return tree
+
+    @model_validator(mode="after")
+    def _check_data(self) -> TrainConfig:
+        if not self.from_files:
+            if self.data.eval_files is not None:
+                raise ValueError(
+                    "data.eval_files needs data.train_files (the task's prompts are evaluated "
+                    "on its own held-out draw)"
+                )
+            return self
+        # a saved config.yaml holds every default: only a key that differs is a second choice
+        for key in ("name", "args", "train_size", "eval_size"):
+            if getattr(self.task, key) != TaskConfig.model_fields[key].get_default(call_default_factory=True):
+                raise ValueError(
+                    f"task.{key} and data.train_files both say where prompts come from; keep one "
+                    f"(task.chat_template and task.system_prompt apply to files too)"
+                )
+        if any(c.name == "task" for c in self.reward.all_components()):
+            raise ValueError(
+                "reward: rows read from files have no task verifier (a 'task' component); "
+                "name a reward component such as math, code or function"
+            )
+        if self.warmup.steps:
+            raise ValueError("warmup.steps: the supervised warm-up needs a task's demonstrations, not files")
+        rc = self.rollout
+        limit = self.data.max_prompt_length
+        if rc.engine == "vllm" and limit is not None and limit + rc.max_new_tokens > rc.vllm.max_model_len:
+            raise ValueError(
+                f"data.max_prompt_length ({limit}) + rollout.max_new_tokens ({rc.max_new_tokens}) "
+                f"must fit rollout.vllm.max_model_len ({rc.vllm.max_model_len})"
+            )
+        return self
+
     @model_validator(mode="after")
     def _check_batch_shape(self) -> TrainConfig:
         rollout_seqs = self.rollout.prompts_per_step * self.rollout.n
@@ -66,7 +121,7 @@ class TrainConfig(Section):
         lc = self.learner
         if self.mode == "inprocess" and lc.num_learners > 1:
             raise ValueError("mode 'inprocess' runs one learner; set learner.num_learners=1 or mode=ray")
-        if self.rollout.overlong_buffer and any(c.name == "overlong" for c in self.reward.components):
+        if self.rollout.overlong_buffer and any(c.name == "overlong" for c in self.reward.all_components()):
             raise ValueError(
                 "rollout.overlong_buffer and a reward component 'overlong' both shape "
                 "overlong responses; keep one"

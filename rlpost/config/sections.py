@@ -20,6 +20,10 @@ def _yaml_switch(value: Any) -> Any:
 OnOff = BeforeValidator(_yaml_switch)  # for choices that include "on" or "off"
 
 
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -36,6 +40,15 @@ class ModelConfig(Section):
     num_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(256, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_means_hf(cls, tree):
+        # `model.path=DIR` names a Hugging Face directory whatever kind the file chose
+        # (`rlpost eval CONFIG model.path=runs/.../final_model` on a smollm2 config)
+        if isinstance(tree, dict) and tree.get("path"):
+            tree = {**tree, "kind": "hf"}
+        return tree
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -89,6 +102,17 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(8, gt=0)
+    stop: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(
+        default_factory=list,
+        description="stop strings (one, or a list): a response ends at the token with which "
+        "its decoded text (special tokens skipped; the prompt not included) first contains one "
+        "of them, that token kept like EOS; such a response is not truncated",
+    )
+    stop_token_ids: list[int] = Field(
+        default_factory=list,
+        description="token ids that end a response as EOS does (kept in it), besides the "
+        "EOS id(s) of the model's generation config",
+    )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     # DAPO pieces (docs/algorithms.md section 1), for every RL algorithm
     dynamic_sampling: bool = Field(
@@ -109,6 +133,25 @@ class RolloutConfig(Section):
     def overlong_limit(self) -> int:
         """L_max of the overlong reward shaping."""
         return self.overlong_max_length or self.max_new_tokens
+
+    @model_validator(mode="after")
+    def _check_stops(self) -> RolloutConfig:
+        if "" in self.stop:
+            raise ValueError("rollout.stop must not contain an empty string (it would match every response)")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"rollout.stop_token_ids must be token ids >= 0 (got {self.stop_token_ids})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_context(self) -> RolloutConfig:
+        if self.engine == "vllm" and self.max_new_tokens >= self.vllm.max_model_len:
+            # vLLM holds prompt + response in one context of max_model_len tokens
+            raise ValueError(
+                f"rollout.max_new_tokens ({self.max_new_tokens}) must be less than "
+                f"rollout.vllm.max_model_len ({self.vllm.max_model_len}), which holds the prompt "
+                f"tokens too; raise rollout.vllm.max_model_len"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_overlong(self) -> RolloutConfig:

@@ -27,7 +27,7 @@ tokens in the tokenization of the whole sequence, so prompt ids + response ids a
 that tokenization. Where the prompt's own tokenization is not a prefix of it (tokens merged
 across the boundary, or a template that renders a prompt alone differently), the split
 moves back to where they diverge, for chosen and rejected alike, as TRL does, and the row
-is listed in `PreferenceDataReport.boundary_moved` (kept: the model then trains on a prompt
+is listed in the report's `boundary_moved` (kept: the model then trains on a prompt
 that ends slightly differently from the one it is given at inference).
 
 Rows are numbered from 0, as rlpost/data/rows.py reads them. A bad row is skipped with its
@@ -38,11 +38,11 @@ loading with an error naming the file and the row; no later row is read.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlpost.data.rows import BadRow, PreferenceDataError, read_rows
+from rlpost.data.rows import BadRow, DataReport, PreferenceDataError, read_rows
 
 REASONS = {
     "invalid_json": "the line is not valid JSON",
@@ -70,37 +70,6 @@ class SFTExample:
     row: int
     prompt_ids: list[int]
     completion_ids: list[int]
-
-
-@dataclass
-class PreferenceDataReport:
-    path: str
-    rows: int = 0
-    unit: str = "pairs"  # what a kept row is, in the summary
-    skipped: dict[str, list[int]] = field(default_factory=dict)  # reason -> rows
-    first: dict[str, str] = field(default_factory=dict)  # reason -> "row N: detail" of its first row
-    boundary_moved: list[int] = field(default_factory=list)  # kept; see the module docstring
-
-    @property
-    def kept(self) -> int:
-        return self.rows - sum(len(rows) for rows in self.skipped.values())
-
-    def summary(self, first: int = 5) -> str:
-        def rows(ids: list[int]) -> str:
-            shown = ", ".join(map(str, ids[:first])) + (", ..." if len(ids) > first else "")
-            return f"row{'s' if len(ids) > 1 else ''} {shown}"
-
-        line = f"{self.path}: {self.rows} rows, {self.kept} {self.unit} kept"
-        if self.skipped:
-            line += f", {self.rows - self.kept} skipped: " + "; ".join(
-                f"{reason} {len(ids)} ({rows(ids)})" for reason, ids in self.skipped.items()
-            )
-        if self.boundary_moved:
-            line += (
-                f"; prompt/response boundary moved in {len(self.boundary_moved)} "
-                f"({rows(self.boundary_moved)})"
-            )
-        return line
 
 
 # ----- checking a row --------------------------------------------------------------------
@@ -276,10 +245,10 @@ def _check_lengths(prompt_ids: list[int], responses: list[list[int]], max_length
         raise BadRow("too_long", f"{longest} tokens > max_length {max_length}")
 
 
-def _load(path: Path, split: str | None, strict: bool, unit: str, make) -> tuple[list, PreferenceDataReport]:
+def _load(path: Path, split: str | None, strict: bool, unit: str, make) -> tuple[list, DataReport]:
     """`make(row, record) -> (item, boundary moved)` over the rows, raising BadRow for a bad
     one: skipped and reported, or under `strict` the error naming the file and the row."""
-    report = PreferenceDataReport(str(path), unit=unit)
+    report = DataReport(str(path), unit=unit)
     items = []
     for row, record in enumerate(read_rows(path, split)):
         report.rows += 1
@@ -290,14 +259,12 @@ def _load(path: Path, split: str | None, strict: bool, unit: str, make) -> tuple
         except BadRow as bad:
             if strict:
                 raise PreferenceDataError(f"{path}: row {row}: {bad.reason}: {bad.detail}") from None
-            report.skipped.setdefault(bad.reason, []).append(row)
-            report.first.setdefault(bad.reason, f"row {row}: {bad.detail}")
+            report.skip(row, bad)
             continue
         if moved:
             report.boundary_moved.append(row)
         items.append(item)
-    report.skipped = {r: report.skipped[r] for r in REASONS if r in report.skipped}
-    report.first = {r: report.first[r] for r in report.skipped}
+    report.order(REASONS)
     return items, report
 
 
@@ -308,7 +275,7 @@ def load_preference_pairs(
     strict: bool = False,
     split: str | None = None,
     rejected_weights: bool = False,
-) -> tuple[list[PreferencePair], PreferenceDataReport]:
+) -> tuple[list[PreferencePair], DataReport]:
     """Tokenized pairs of the valid rows of `path`, and the report of the rows skipped.
 
     `max_length`: a pair whose prompt + chosen or prompt + rejected has more tokens is
@@ -329,7 +296,7 @@ def load_preference_pairs(
 
 def load_sft_examples(
     path: str | Path, tokenizer, max_length: int | None = None, strict: bool = False, split: str | None = None
-) -> tuple[list[SFTExample], PreferenceDataReport]:
+) -> tuple[list[SFTExample], DataReport]:
     """Tokenized prompt / completion examples of the valid rows of `path`, and the report of
     the rows skipped; the arguments are those of `load_preference_pairs`."""
     path = Path(path)

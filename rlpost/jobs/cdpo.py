@@ -298,7 +298,7 @@ class Pipeline:
         out = {}
         for name, path in models.items():
             with self.rollout(Path(path)):
-                out[name] = self.session.evaluate()
+                out[name] = self.session.evaluate(name)
             self.tracker.print_line(
                 f"[cdpo] evaluate {name}: greedy {out[name]['eval/accuracy_greedy']:.3f}, "
                 f"sampled {out[name]['eval/accuracy_sampled']:.3f}"

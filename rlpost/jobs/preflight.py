@@ -11,6 +11,7 @@ from rlpost.config.cdpo import CDPOConfig, read_cdpo_config
 from rlpost.config.load import config_source, read_train_config
 from rlpost.config.offline import OfflineConfig, read_offline_config
 from rlpost.config.rl import TrainConfig
+from rlpost.data.prompt_files import resolve_files
 from rlpost.errors import ConfigError
 from rlpost.model import fused_kernels
 from rlpost.model.load import smollm2_gguf
@@ -20,7 +21,9 @@ from rlpost.model.lora import check_model_config
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
     """The RL config, validated, its names and paths checked; nothing is loaded yet."""
     cfg = read_train_config(path, overrides)
-    check_model_and_resume(cfg, config_source(path, overrides))
+    source = config_source(path, overrides)
+    check_model_and_resume(cfg, source)
+    check_data_files(cfg, source)
     return cfg
 
 
@@ -36,6 +39,30 @@ def load_cdpo_config(path: str | os.PathLike | None, overrides: list[str] = ()) 
     cfg = read_cdpo_config(path, overrides)
     check_model_and_resume(cfg, config_source(path, overrides))
     return cfg
+
+
+def check_data_files(cfg: TrainConfig, source: str) -> None:
+    """Every file of `data.train_files` / `data.eval_files` exists (globs match one)."""
+    try:
+        if cfg.from_files:
+            resolve_files(cfg.data.train_files, "data.train_files")
+            eval_set_files(cfg.data.eval_files)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def eval_set_files(spec) -> dict[str, Path]:
+    """The eval sets of `data.eval_files`: one per file, named by its stem."""
+    sets: dict[str, Path] = {}
+    for path in resolve_files(spec, "data.eval_files") if spec is not None else []:
+        name = path.name.removesuffix(path.suffix) if path.is_file() else path.name
+        if name in sets:
+            raise ConfigError(
+                f"key 'data.eval_files': {sets[name]} and {path} would both be the eval set "
+                f"{name!r}; rename one"
+            )
+        sets[name] = path
+    return sets
 
 
 def check_model_and_resume(cfg, source: str) -> None:

@@ -35,7 +35,7 @@ from rlpost.jobs.run_dir import (
     save_checkpoint,
     save_final_model,
 )
-from rlpost.jobs.session import VERIFIER, Session
+from rlpost.jobs.session import Session
 from rlpost.jobs.update import (
     assign_advantages,
     logprob_pass,
@@ -55,8 +55,8 @@ from rlpost.workers.learner import LRSchedule
 @dataclass
 class Result:
     run_dir: Path
-    accuracy_before: float
-    accuracy_after: float
+    accuracy_before: float | None  # greedy, over every eval set; None: there is none
+    accuracy_after: float | None
 
 
 @dataclass
@@ -78,7 +78,8 @@ class Trainer(Session):
     def __init__(self, cfg: TrainConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
-        self.stream = EpochStream(len(self.train_problems), cfg.seed)
+        # over the training prompts: a task's now, files' once prepare has read them
+        self.stream = EpochStream(len(self.train_problems), cfg.seed) if self.train_problems else None
         # the algorithm's per-token temperature for the next rollout batch (HAPO), if any
         self.sampling_rule: SamplingRule | None = None
 
@@ -89,6 +90,7 @@ class Trainer(Session):
             Tracker(run_dir, cfg, resume_step=checkpoint[1]["step"] if checkpoint else None),
             warmup_dir=run_dir / "models" / "warmup",
         )
+        self.stream = self.stream or EpochStream(len(self.train_problems), cfg.seed)
         lc = cfg.learner
         optimizer_steps = (
             cfg.steps * lc.epochs * (cfg.rollout.prompts_per_step * cfg.rollout.n // lc.mini_batch_size)
@@ -106,22 +108,23 @@ class Trainer(Session):
             self.tracker.print_line(f"resumed {run_dir} after step {first - 1}")
         after = None
         if not checkpoint:
-            after = self.evaluate()
-            self.tracker.log(after, step=0)
+            after = self.evaluate("step_0")
+            if after:  # else no eval sets
+                self.tracker.log(after, step=0)
         for step in range(first, cfg.steps + 1):
             metrics = self.rl_step(step)
             metrics.update(overhead_metrics(metrics, self.compute_times()))
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                after = self.evaluate()
+                after = self.evaluate(f"step_{step}")
                 metrics.update(after)
             self.tracker.log(metrics, step=step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 self.save_checkpoint(step)
         if after is None:  # resumed a run whose steps were all done
-            after = self.evaluate()
+            after = self.evaluate(f"step_{cfg.steps}")
         save_final_model(run_dir, self.learners, self.tokenizer)
         self.shutdown()
-        return Result(run_dir, self.accuracy_at_step_0(), after["eval/accuracy_greedy"])
+        return Result(run_dir, self.accuracy_at_step_0(), after.get("eval/accuracy_greedy"))
 
     def rl_step(self, step: int) -> dict[str, float]:
         cfg, lc, needs = self.cfg, self.cfg.learner, self.algorithm.needs
@@ -286,11 +289,11 @@ class Trainer(Session):
         if self.tracker is not None:
             self.tracker.close()
 
-    def accuracy_at_step_0(self) -> float:
+    def accuracy_at_step_0(self) -> float | None:
         """Greedy accuracy before RL, from metrics.jsonl (it survives resumes)."""
         with open(self.run_dir / "metrics.jsonl") as f:
             rows = (json.loads(line) for line in f)
-            return next(r["eval/accuracy_greedy"] for r in rows if r["step"] == 0)
+            return next((r.get("eval/accuracy_greedy") for r in rows if r["step"] == 0), None)
 
 
 def step_metrics(
@@ -313,8 +316,6 @@ def step_metrics(
     out = {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item() if len(generated) > 1 else 0.0,
-        f"accuracy/{cfg.task.name}": sum(v == 1 for v in rollouts.rewards.components[VERIFIER])
-        / len(generated),
         "response_length/mean": lengths.mean().item(),
         "response_length/max": lengths.max().item(),
         "response_length/clipped_frac": sum(s.truncated for s in generated) / len(generated),
@@ -331,7 +332,10 @@ def step_metrics(
                 "logprob_gap/rollout_vs_learner_max": gap.max().item(),
             }
         )
-    out.update(rollouts.rewards.metrics())
+    result = rollouts.rewards
+    out.update(result.metrics(per_source=cfg.from_files))
+    if not cfg.from_files:  # one source, the task
+        out[f"accuracy/{cfg.task.name}"] = sum(result.correct) / len(generated)
     if rc.overlong_buffer:  # collect added the penalty to each pool reward
         out["overlong/penalty_mean"] = sum(
             s.reward - total for s, total in zip(generated, rollouts.rewards.totals)

@@ -1,33 +1,43 @@
-"""What every job on a task shares: problems, model, Ray, reward pool, warm-up and worker groups.
+"""What every job on prompts shares: problems, model, Ray, reward pool, warm-up and worker groups.
 
-Shared by `rlpost train` and `rlpost cdpo`: the task's training and held-out problems, the
-initial model and its tokenizer, Ray, the placement, the reward pool, the supervised warm-
-up, the worker groups, and generation, scoring and evaluation through them.
+Shared by `rlpost train`, `rlpost eval` and `rlpost cdpo`: the training prompts and the eval
+sets, the initial model and its tokenizer, Ray, the placement, the reward pool, the
+supervised warm-up, the worker groups, and generation, scoring and evaluation through them.
 
-The held-out problems are those of a separately seeded draw that are not training
-problems, so evaluation never scores a problem the policy trained on. Accuracy is
-always the task's own verifier (`with_verifier`), whatever the reward is made of.
+Prompts come from the task's generator or from files (`data.train_files`, read by
+rlpost/data/prompt_files.py once the tokenizer is up, before Ray starts). A task's eval set
+is a separately seeded draw without the training problems, so evaluation never scores a
+problem the policy trained on; the eval sets of files are `data.eval_files`. A sample is
+correct when its route's verifier scores it 1 (rewards/config.py): for a task, always the
+task's own verifier (`with_verifier`), whatever the reward is made of.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 from rlpost.algorithms import build_algorithm
 from rlpost.algorithms.base import SamplingRule
 from rlpost.config.sections import RayConfig
 from rlpost.data.batch import Sample
+from rlpost.data.prompt_files import PromptDataset, resolve_files
 from rlpost.data.prompts import encode_prompt
 from rlpost.data.stream import derive_seed
 from rlpost.errors import ConfigError
+from rlpost.jobs.evaluate import EvalSet, Evaluator
+from rlpost.jobs.preflight import eval_set_files
 from rlpost.jobs.update import Split, learner_split, train_minibatches
 from rlpost.model.load import load_tokenizer, materialise_initial_model
 from rlpost.rewards import Problem, build_task
 from rlpost.rewards.config import ComponentConfig, RewardConfig
 from rlpost.rewards.scoring.pool import RewardPool, RewardResult
+from rlpost.rewards.tasks.file_rows import FileRows
 from rlpost.tracking.tracker import Tracker
 from rlpost.workers.group import Placement, WorkerGroup
 from rlpost.workers.learner import LRSchedule, start_learner_group
@@ -35,6 +45,7 @@ from rlpost.workers.rollout import RolloutWorker
 from rlpost.workers.threads import set_threads
 
 VERIFIER = "task"  # key of the task's own score among the reward components
+PROMPT_MEMO = 4096  # prompts whose token ids are kept (a step's, with room)
 
 
 class Session:
@@ -44,18 +55,26 @@ class Session:
     def __init__(self, cfg, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.use_ray = cfg.mode == "ray"
-        self.task = build_task(cfg.task.name, cfg.task.args)
-        self.train_problems = self.task.problems(cfg.task.train_size, seed=cfg.seed)
-        seen = {p.prompt for p in self.train_problems}
-        held_out = self.task.problems(cfg.task.eval_size * 4, seed=derive_seed(cfg.seed, "eval"))
-        self.eval_problems = [p for p in held_out if p.prompt not in seen][: cfg.task.eval_size]
-        if not self.eval_problems:
-            raise ConfigError(
-                f"key 'task.train_size': the {len(seen)} distinct training problems "
-                f"include every problem the task generated for evaluation; lower "
-                f"task.train_size or make the task larger (task.args)"
-            )
-        self._prompt_ids: dict[str, list[int]] = {}
+        self.train_problems: Sequence[Problem] | None = None  # files: read once the tokenizer is up
+        self.eval_sets: list[EvalSet] = []
+        if cfg.from_files:
+            self.task = FileRows()
+        else:
+            self.task = build_task(cfg.task.name, cfg.task.args)
+            self.train_problems = self.task.problems(cfg.task.train_size, seed=cfg.seed)
+            seen = {p.prompt for p in self.train_problems}
+            held_out = self.task.problems(cfg.task.eval_size * 4, seed=derive_seed(cfg.seed, "eval"))
+            eval_problems = [p for p in held_out if p.prompt not in seen][: cfg.task.eval_size]
+            if not eval_problems:
+                raise ConfigError(
+                    f"key 'task.train_size': the {len(seen)} distinct training problems "
+                    f"include every problem the task generated for evaluation; lower "
+                    f"task.train_size or make the task larger (task.args)"
+                )
+            for p in (*self.train_problems, *eval_problems):
+                p.source = cfg.task.name
+            self.eval_sets = [EvalSet(cfg.task.name, eval_problems)]
+        self._prompt_ids: OrderedDict[str, list[int]] = OrderedDict()
         self.tokenizer = None
         self.tracker: Tracker | None = None
         self.placement: Placement | None = None
@@ -65,11 +84,12 @@ class Session:
         self.split: Split | None = None  # how the learners cut a batch: known once they are up
 
     # ----- start and stop ---------------------------------------------------------------
-    def prepare(self, tracker: Tracker, warmup_dir: Path) -> Path:
+    def prepare(self, tracker: Tracker, warmup_dir: Path | None, training: bool = True) -> Path:
         """Everything before the first learner of the job: the initial model and its
-        tokenizer, Ray, the placement, the reward pool, and the warm-up (skipped when
-        `warmup_dir` holds a finished one). `tracker` takes the session's lines (the job
-        that made it closes it). Returns the starting policy's directory."""
+        tokenizer, the prompt files (the training files only when `training`), Ray, the
+        placement, the reward pool, and the warm-up (skipped when `warmup_dir` holds a
+        finished one, or is None). `tracker` takes the session's lines (the job that made
+        it closes it). Returns the starting policy's directory."""
         cfg = self.cfg
         set_threads()
         initial = materialise_initial_model(
@@ -77,16 +97,34 @@ class Session:
         )
         self.tokenizer = load_tokenizer(initial)
         self.tracker = tracker
+        if cfg.from_files:  # bad rows are reported (or, strict, an error) before Ray starts
+            self.read_prompt_files(training)
         if self.use_ray:
             init_ray(cfg.ray, cfg.rollout.num_workers + cfg.learner.num_learners)
         # before the warm-up: its learners and the job's learners take the same slots
         self.placement = Placement(cfg, use_ray=self.use_ray)
-        self.rewards = RewardPool(with_verifier(cfg.reward), self.task, use_ray=self.use_ray)
-        if not cfg.warmup.steps:
+        reward = cfg.reward if cfg.from_files else with_verifier(cfg.reward)
+        self.rewards = RewardPool(reward, self.task, use_ray=self.use_ray)
+        if not cfg.warmup.steps or warmup_dir is None:
             return initial
         if not (warmup_dir / "tokenizer_config.json").is_file():  # written last
             self.warmup(initial, warmup_dir)
         return warmup_dir
+
+    def read_prompt_files(self, training: bool) -> None:
+        """The eval sets of `data` and (`training`) its training prompts, each file's
+        skipped rows reported."""
+        dc = self.cfg.data
+
+        def load(files: list[Path]) -> PromptDataset:
+            ds = PromptDataset.load(files, dc, self.tokenizer, self.cfg.task)
+            for report in ds.reports:
+                self.tracker.print_line(f"data: {report.summary()}")
+            return ds
+
+        if training:
+            self.train_problems = load(resolve_files(dc.train_files, "data.train_files"))
+        self.eval_sets = [EvalSet(name, load([path])) for name, path in eval_set_files(dc.eval_files).items()]
 
     def start_learners(
         self, model_dir: Path, algorithm: tuple[str, dict], schedule: LRSchedule
@@ -167,19 +205,29 @@ class Session:
         self.tokenizer.save_pretrained(out_dir)
 
     # ----- through the workers ---------------------------------------------------------
-    def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a prompt (memoised: every RL step encodes its prompts for the
-        engines and again for the samples; callers must not modify the list)."""
-        ids = self._prompt_ids.get(text)
+    def encode_prompt(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """Token ids of a prompt (memoised for the latest prompts: every RL step encodes
+        its prompts for the engines and again for the samples; callers must not modify
+        the list)."""
+        key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+        ids = self._prompt_ids.get(key)
         if ids is None:
-            ids = self._prompt_ids[text] = encode_prompt(self.tokenizer, text, self.cfg.task)
+            ids = self._prompt_ids[key] = encode_prompt(self.tokenizer, prompt, self.cfg.task)
+            if len(self._prompt_ids) > PROMPT_MEMO:
+                self._prompt_ids.popitem(last=False)
         return ids
 
     def generate(
-        self, problems: list[Problem], n: int, temperature: float, seed: int, rule: SamplingRule | None = None
+        self,
+        problems: list[Problem],
+        n: int,
+        temperature: float,
+        seed: int,
+        rule: SamplingRule | None = None,
+        top_p: float | None = None,
     ) -> list[list]:
         """`n` completions of each problem, the problems split evenly across the rollout
-        workers, each worker seeded by (seed, its rank)."""
+        workers, each worker seeded by (seed, its rank); `top_p` defaults to rollout's."""
         prompts = [self.encode_prompt(p.prompt) for p in problems]
         workers = len(self.rollout)
         per = -(-len(prompts) // workers)
@@ -188,7 +236,7 @@ class Session:
                 prompts[r * per : (r + 1) * per],
                 n,
                 temperature,
-                self.cfg.rollout.top_p,
+                top_p or self.cfg.rollout.top_p,
                 self.cfg.rollout.max_new_tokens,
                 derive_seed(seed, r),
                 rule,
@@ -197,25 +245,22 @@ class Session:
         ]
         return [c for part in self.rollout.call("generate", per_rank=chunks) for c in part]
 
+    def decode(self, responses: list[list[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+
     def score(self, responses: list[list[int]], problems: list[Problem]) -> RewardResult:
         """Rewards of responses (token ids) through the reward pool; responses of the
         round that raise or time out score 0 and are reported in the result."""
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        return self.rewards.score(texts, problems, lengths=[len(r) for r in responses])
+        return self.score_texts(self.decode(responses), [len(r) for r in responses], problems)
 
-    def evaluate(self) -> dict[str, float]:
-        """Greedy and sampled accuracy (the verifier's) on the held-out problems."""
-        problems = self.eval_problems
-        seed = derive_seed(self.cfg.seed, "eval-sample")
-        greedy = self.generate(problems, 1, 0.0, seed)
-        sampled = self.generate(problems, 1, self.cfg.rollout.temperature, seed)
-        self.compute_times()  # evaluation's generation counts in no RL step
+    def score_texts(self, texts: list[str], lengths: list[int], problems: list[Problem]) -> RewardResult:
+        return self.rewards.score(texts, problems, lengths=lengths)
 
-        def acc(groups):
-            correct = self.score([g[0].ids for g in groups], problems).components[VERIFIER]
-            return sum(correct) / len(problems)
-
-        return {"eval/accuracy_greedy": acc(greedy), "eval/accuracy_sampled": acc(sampled)}
+    def evaluate(self, label: str) -> dict[str, float]:
+        """Every eval set, greedy and sampled (rlpost/jobs/evaluate.py); the completions go
+        to run_dir/eval/<label>.jsonl."""
+        evaluator = Evaluator(self, self.eval_sets, self.cfg.eval, self.cfg.rollout, self.cfg.seed)
+        return evaluator.run(self.run_dir / "eval" / f"{label}.jsonl")
 
     def compute_times(self) -> dict[str, float]:
         """Seconds of generation, log-prob forward and update compute since the last

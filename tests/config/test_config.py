@@ -78,3 +78,40 @@ def test_batch_shape_checked():
         load_config(QUICKSTART, ["learner.mini_batch_size=100"])
     with pytest.raises(ConfigError, match="inprocess"):
         load_config(QUICKSTART, ["mode=inprocess", "learner.num_learners=2"])
+
+
+def test_stops_from_overrides():
+    rollout = load_config(QUICKSTART, ['rollout.stop=["9+", "="]', "rollout.stop_token_ids=[2, 13]"]).rollout
+    assert (rollout.stop, rollout.stop_token_ids) == (["9+", "="], [2, 13])
+    assert load_config(QUICKSTART, ["rollout.stop=</answer>"]).rollout.stop == ["</answer>"]
+    assert load_config(QUICKSTART).rollout.stop == [] and load_config(QUICKSTART).rollout.stop_token_ids == []
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (['rollout.stop=["9+", ""]'], "key 'rollout': rollout.stop must not contain an empty string"),
+        (["rollout.stop_token_ids=[2, -1]"], r"key 'rollout': rollout.stop_token_ids must be token ids >= 0"),
+        (["rollout.stop_token_ids=[eos]"], r"key 'rollout.stop_token_ids.0'"),
+        (
+            ["rollout.engine=vllm", "rollout.max_new_tokens=128"],
+            r"key 'rollout': rollout.max_new_tokens \(128\) must be less than "
+            r"rollout.vllm.max_model_len \(128\), which holds the prompt tokens too",
+        ),
+        (
+            ["rollout.engine=vllm", "rollout.max_new_tokens=4096", "rollout.vllm.max_model_len=4000"],
+            r"rollout.max_new_tokens \(4096\) must be less than rollout.vllm.max_model_len \(4000\)",
+        ),
+    ],
+)
+def test_rollout_stop_and_length_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICKSTART, overrides)
+
+
+def test_long_responses_fit():
+    # the vLLM context must hold prompt + response; the HF engine has no such limit
+    long = ["rollout.max_new_tokens=4096"]
+    assert load_config(QUICKSTART, long).rollout.max_new_tokens == 4096
+    cfg = load_config(QUICKSTART, [*long, "rollout.engine=vllm", "rollout.vllm.max_model_len=8192"])
+    assert (cfg.rollout.max_new_tokens, cfg.rollout.vllm.max_model_len) == (4096, 8192)

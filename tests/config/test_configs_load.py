@@ -3,6 +3,8 @@ family differs from its baseline only where it says."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from rlpost.algorithms import build_algorithm
 from rlpost.jobs.preflight import load_cdpo_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+MAKE_DATA = CONFIGS.parent / "docs" / "own_data" / "make_data.py"
 # training configs; configs/sweeps/ holds sweep files (tests/test_sweep.py loads those)
 ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if "sweeps" not in p.relative_to(CONFIGS).parts)
 
@@ -39,11 +42,21 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.relative_to(CONFIGS).as_posix())
-def test_config_loads_and_builds_its_algorithm(path):
-    if "cdpo" in yaml.safe_load(path.read_text()):  # an `rlpost cdpo` pipeline
+def test_config_loads_and_builds_its_algorithm(path, tmp_path):
+    tree = yaml.safe_load(path.read_text())
+    if "cdpo" in tree:  # an `rlpost cdpo` pipeline
         load_cdpo_config(path)  # builds and validates each of its stages' configs
         return
-    cfg = load_config(path)
+    overrides = []
+    if "data" in tree:  # its files are made by the script its header names
+        subprocess.run(
+            [sys.executable, str(MAKE_DATA), tmp_path, "--train", "20", "--test", "10"], check=True
+        )
+        overrides = [
+            f"data.train_files={tmp_path / 'train.jsonl'}",
+            f"data.eval_files={tmp_path / 'test.jsonl'}",
+        ]
+    cfg = load_config(path, overrides)
     build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
 
 

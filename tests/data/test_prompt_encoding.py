@@ -77,3 +77,28 @@ def test_offline_records_tokenize_as_the_rollout_prompts(tmp_path, template, sys
     (pair,), _ = load_preference_pairs(path, tok, strict=True)
     assert pair.prompt_ids == encode_prompt(tok, "1+2=", task)
     assert tok.decode(pair.rejected_ids).startswith("4")
+
+
+def test_a_conversation_gets_the_system_prompt_only_without_its_own():
+    tok, task = tokenizer(TEMPLATE), TaskConfig(system_prompt="Add.")
+    talk = [{"role": "user", "content": "1+2="}]
+    assert encode_prompt(tok, talk, task) == encode_prompt(tok, "1+2=", task)
+    own = [{"role": "system", "content": "Sum."}, *talk]
+    assert tok.decode(encode_prompt(tok, own, task)) == "<s>system:Sum.</s><s>user:1+2=</s><s>assistant:"
+    assert tok.decode(encode_prompt(tok, talk, TaskConfig())) == "<s>user:1+2=</s><s>assistant:"
+    with pytest.raises(ConfigError, match="the tokenizer has no chat template"):
+        encode_prompt(tokenizer(), talk, TaskConfig())
+    with pytest.raises(ConfigError, match="task.chat_template is off"):
+        encode_prompt(tok, talk, TaskConfig(chat_template="off"))
+
+
+@pytest.mark.parametrize("template", [None, TEMPLATE])
+def test_prompt_lengths_are_the_encoded_lengths(template):
+    from rlpost.data.prompts import prompt_lengths
+
+    tok, task = tokenizer(template), TaskConfig(system_prompt="Add.")
+    prompts = ["1+2=", "", "a longer problem: 12*34="]
+    if template:
+        prompts.insert(1, [{"role": "system", "content": "S"}, {"role": "user", "content": "x"}])
+    assert prompt_lengths(tok, prompts, task) == [len(encode_prompt(tok, p, task)) for p in prompts]
+    assert prompt_lengths(tok, [], task) == []

@@ -46,6 +46,19 @@ def engine(model_dir):
     eng.close()
 
 
+def test_response_must_fit_the_models_positions(model_dir):
+    """The config checks rollout.vllm.max_model_len; a model with fewer positions (128
+    here) lowers the engine's context, and the engine says so before starting."""
+    pytest.importorskip("vllm")
+    from rlpost.config.sections import RolloutConfig, VLLMConfig
+    from rlpost.engines.vllm_engine import VLLMEngine
+    from rlpost.errors import ConfigError
+
+    cfg = RolloutConfig(engine="vllm", max_new_tokens=200, vllm=VLLMConfig(max_model_len=4096))
+    with pytest.raises(ConfigError, match=r"'rollout.max_new_tokens': 200 leaves no room .* 128 positions"):
+        VLLMEngine(str(model_dir), cfg)
+
+
 def hf_logprobs(model, seq: list[int], temperature: float = 1.0) -> torch.Tensor:
     """log p(seq[t] | seq[:t]) for t = 1..len-1, plain torch."""
     with torch.no_grad():
@@ -195,3 +208,46 @@ def test_weight_sync_round_trip(engine, model_dir, monkeypatch):
     d_restored = max((torch.tensor(a) - torch.tensor(b)).abs().max().item() for a, b in zip(restored, before))
     print(f"max |logprob diff| after restoring the initial weights: {d_restored:.2e}")
     assert d_restored < ATOL
+
+
+def test_stops(engine, model_dir, monkeypatch):
+    """Stop token ids and stop strings on the successor model (tests/engines/successor.py),
+    whose ids are known: the same completions as HFEngine's (test_hf_engine.py). The engine
+    is shared, so the stops the config would give it are set on it here."""
+    import math
+
+    from rlpost.config.sections import RolloutConfig
+    from rlpost.engines.vllm_engine import stop_params
+    from rlpost.model.load import load_model
+    from tests.engines.successor import ids, successor_state_dict, tok
+
+    cfg = RolloutConfig(stop=["9+", "45"], stop_token_ids=[tok("=")])
+    monkeypatch.setattr(engine, "stops", stop_params(cfg))
+    original = load_model(model_dir).state_dict()
+    engine.update_weights(successor_state_dict(original))
+    try:
+        prompts = [[1, tok(ch)] for ch in "68953+"]
+        expected = [
+            (ids("789+"), False),  # cut after the token completing "9+"
+            (ids("9+"), False),
+            (ids("+="), False),  # "9+" beginning in the prompt does not stop it
+            (ids("6789"), True),
+            (ids("45"), False),
+            (ids("="), False),  # a stop token id
+        ]
+        for t in (0.0, 1.0):
+            out = engine.generate(prompts, n=2, temperature=t, top_p=1.0, max_new_tokens=4, seed=1)
+            for comps, (want, truncated) in zip(out, expected):
+                for c in comps:
+                    assert (c.ids, c.truncated) == (want, truncated), t
+                    assert max(map(abs, c.logprobs)) < 1e-5 and len(c.logprobs) == len(c.ids)
+        # rows of one request end at different steps (after 2: 3 or +, a coin toss);
+        # the log-probs line up with the ids
+        monkeypatch.setattr(engine, "stops", stop_params(RolloutConfig(stop=["+"])))
+        (comps,) = engine.generate([[1, tok("1")]], 16, 1.0, 1.0, max_new_tokens=12, seed=2)
+        assert {tuple(c.ids) for c in comps} == {tuple(ids("2+")), tuple(ids("23456789+"))}
+        for c in comps:
+            assert not c.truncated
+            assert c.logprobs == pytest.approx([0.0, math.log(0.5)] + [0.0] * (len(c.ids) - 2), abs=1e-4)
+    finally:
+        engine.update_weights(original)

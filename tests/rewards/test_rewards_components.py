@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -122,6 +124,34 @@ def test_task_score_component_is_the_task_verifier():
     assert score(p.answer, p) == 1.0 and score(p.answer + "0", p) == 0.0
 
 
+def named_fields(response: str, problem: Problem, difficulty: float, scale: float = 1.0) -> float:
+    return difficulty * scale
+
+
+def any_fields(response, problem, **kwargs) -> float:
+    """Encodes what it received: a digit per keyword, in name order (1 per field)."""
+    assert problem.answer == "42" and response == "r"  # never replaced by a field
+    return float("".join(str(int(kwargs[k])) for k in sorted(kwargs)) or "0")
+
+
+def test_user_function_receives_the_row_fields_it_takes():
+    row = {"difficulty": 3.0, "scale": 2.0, "other": "x", "response": "field", "problem": "field"}
+    problem = Problem("", "42", {"fields": row})
+    named = "tests.rewards.test_rewards_components:named_fields"
+    assert component("function", path=named)("r", problem) == 6.0  # 3 * 2: fields it names
+    assert component("function", path=named, kwargs={"scale": 5})("r", problem) == 15.0  # kwargs win
+    with pytest.raises(TypeError, match="difficulty"):  # no such field: the call says so
+        component("function", path=named)("r", Problem("", "42"))
+    # **kwargs takes every field but the two that would replace its arguments
+    anything = "tests.rewards.test_rewards_components:any_fields"
+    row = {"a": 1, "b": 2, "response": 9, "problem": 9}
+    assert component("function", path=anything)("r", Problem("", "42", {"fields": row})) == 12.0
+    fn = component("function", path=anything, kwargs={"b": 7, "c": 0})
+    assert fn("r", Problem("", "42", {"fields": row})) == 170.0
+    # without fields or kwargs: fn(response, problem), as before
+    assert component("function", path=anything)("r", Problem("", "42")) == 0.0
+
+
 def test_user_function_with_kwargs():
     fn = component("function", path="tests.rewards.test_rewards_pool:length_or_raise", kwargs={"limit": 2})
     assert fn("abcdef", Problem("", "")) == 2.0
@@ -169,3 +199,44 @@ def test_code_argv_and_missing_tests(code_reward):
     assert code_reward("import sys\nprint('-'.join(sys.argv[1:]))", argv) == 1.0
     with pytest.raises(ValueError, match="no meta"):
         code_reward("print(1)", Problem("", ""))
+
+
+ADD = "a, b = map(int, input().split())\nprint(a + b)"
+
+
+@pytest.mark.parametrize(
+    "tests",
+    [
+        [
+            {"input": "1 2\n", "output": "3\n"},
+            {"input": "5 7", "output": "12"},
+            {"input": "2 2", "output": "5"},
+        ],
+        # verl / PRIME: parallel lists, an fn_name ignored, an output as a list of lines
+        {"inputs": ["1 2\n", "5 7", "2 2"], "outputs": ["3\n", ["12"], "5"], "fn_name": None},
+    ],
+)
+def test_code_tests_from_a_json_answer(code_reward, tests):
+    problem = Problem("", json.dumps(tests))
+    assert code_reward(ADD, problem) == pytest.approx(2 / 3)  # the third test expects 5
+    assert code_reward("print(3)", problem) == pytest.approx(1 / 3)
+    # meta['tests'] comes first
+    assert (
+        code_reward(ADD, Problem("", json.dumps(tests), {"tests": [{"input": "2 2", "output": "4"}]})) == 1.0
+    )
+
+
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        ("3", "is JSON but not tests: expected a list"),
+        ('{"inputs": ["1"]}', "is JSON but not tests"),
+        ('{"inputs": ["1"], "outputs": []}', "lists 'inputs' and 'outputs' of equal length"),
+        ("[]", "tests are an empty list"),
+        ('[{"input": "1"}]', "a test without an 'output'"),
+        ('[{"input": {"x": 1}, "output": "1"}]', "a test's input must be text"),
+    ],
+)
+def test_code_tests_that_cannot_be_read_say_why(code_reward, answer, message):
+    with pytest.raises(ValueError, match=message):
+        code_reward("print(1)", Problem("", answer))
