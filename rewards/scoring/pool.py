@@ -35,6 +35,9 @@ from rlpost.rewards.config import ComponentConfig, RewardConfig, first_verifier
 from rlpost.rewards.scoring.worker import MAX_CHUNK, RAISED, TIMED_OUT, Chunk, Item, ScoringProcess
 
 EXAMPLE_CHARS = 300
+# Sources whose per-source metrics would overwrite others': accuracy/all is the overall
+# accuracy, and reward/failures/* the failure counts.
+RESERVED_SOURCES = ("all", "failures")
 CHUNKS_PER_WORKER = 4
 
 

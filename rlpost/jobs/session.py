@@ -28,6 +28,7 @@ from rlpost.config.sections import RayConfig
 from rlpost.data.batch import Sample
 from rlpost.data.prompt_files import PromptDataset, resolve_files
 from rlpost.data.prompts import encode_prompt
+from rlpost.data.rows import PreferenceDataError
 from rlpost.data.stream import derive_seed
 from rlpost.errors import ConfigError
 from rlpost.jobs.evaluate import EvalSet, Evaluator
@@ -36,7 +37,7 @@ from rlpost.jobs.update import Split, learner_split, train_minibatches
 from rlpost.model.load import load_tokenizer, materialise_initial_model
 from rlpost.rewards import Problem, build_task
 from rlpost.rewards.config import ComponentConfig, RewardConfig
-from rlpost.rewards.scoring.pool import RewardPool, RewardResult
+from rlpost.rewards.scoring.pool import RESERVED_SOURCES, RewardPool, RewardResult
 from rlpost.rewards.tasks.file_rows import FileRows
 from rlpost.tracking.tracker import Tracker
 from rlpost.workers.group import Placement, WorkerGroup
@@ -120,6 +121,13 @@ class Session:
             ds = PromptDataset.load(files, dc, self.tokenizer, self.cfg.task)
             for report in ds.reports:
                 self.tracker.print_line(f"data: {report.summary()}")
+            taken = sorted(set(ds.sources) & set(RESERVED_SOURCES))
+            if taken:
+                raise PreferenceDataError(
+                    f"{', '.join(map(str, files))}: source {taken[0]!r} would overwrite the metrics "
+                    f"named after it (accuracy/all, reward/failures/*); rename it, or set "
+                    f"data.default_source for rows without one"
+                )
             return ds
 
         if training:

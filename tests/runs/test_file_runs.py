@@ -163,6 +163,13 @@ def test_bad_rows_are_reported_before_the_run_starts(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"{train}: row 1: missing_field" in proc.stderr
 
+    train.write_text('{"prompt": "1+1=", "reward_model": {"ground_truth": "2"}, "data_source": "all"}\n')
+    proc = cli(
+        "train", files_config(tmp_path), f"data.train_files={train}", f"output_dir={tmp_path}", timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"{train}: source 'all' would overwrite the metrics named after it" in proc.stderr
+
 
 @pytest.mark.slow
 def test_ray_run_on_files_then_eval_with_vllm(tmp_path):
