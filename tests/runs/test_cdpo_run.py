@@ -1,6 +1,7 @@
 """`rlpost cdpo` end to end through the CLI, at a size a CI machine runs in a few minutes:
 every stage's artifact, the pairs' weights one per trained token, the token-weight view,
 and reruns on the run directory that skip finished stages and redo changed ones."""
+
 from __future__ import annotations
 
 import json
@@ -15,35 +16,60 @@ from tests.run_helpers import ROOT, only_run_dir
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["mode=inprocess", "task.args.digits=1", "task.train_size=256", "task.eval_size=32",
-         "warmup.steps=150", "warmup.batch_size=32", "rollout.prompts_per_step=32",
-         "cdpo.problems=64", "cdpo.contrast.batch_size=4", "cdpo.contrast.steps=3",
-         "cdpo.dpo.batch_size=4", "cdpo.dpo.steps=3"]
+SMALL = [
+    "mode=inprocess",
+    "task.args.digits=1",
+    "task.train_size=256",
+    "task.eval_size=32",
+    "warmup.steps=150",
+    "warmup.batch_size=32",
+    "rollout.prompts_per_step=32",
+    "cdpo.problems=64",
+    "cdpo.contrast.batch_size=4",
+    "cdpo.contrast.steps=3",
+    "cdpo.dpo.batch_size=4",
+    "cdpo.dpo.steps=3",
+]
 
 
 def cdpo(*overrides: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "rlpost.cli", "cdpo",
-                           str(ROOT / "configs" / "cdpo_quickstart.yaml"), *overrides],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlpost.cli",
+            "cdpo",
+            str(ROOT / "configs" / "cdpo_quickstart.yaml"),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 def ran(out: str) -> list[str]:
-    return [line.split()[1].rstrip(":") for line in out.splitlines()
-            if line.startswith("[cdpo] ") and line.endswith(")") and ": started (" in line]
+    return [
+        line.split()[1].rstrip(":")
+        for line in out.splitlines()
+        if line.startswith("[cdpo] ") and line.endswith(")") and ": started (" in line
+    ]
 
 
 def test_pipeline_then_reruns(tmp_path):
     out = cdpo(*SMALL, f"output_dir={tmp_path}")
     run = only_run_dir(tmp_path)
-    assert ran(out) == ["start", "sample", "positive", "negative", "weights", "dpo", "baseline",
-                        "evaluate"]
+    assert ran(out) == ["start", "sample", "positive", "negative", "weights", "dpo", "baseline", "evaluate"]
     results = json.loads((run / "results.json").read_text())
     assert set(results["accuracy"]) == {"start", "cdpo", "dpo"}
     sample = results["sample"]
     assert sample["trajectories"] == 64 * 8 and 0 < sample["correct_fraction"] < 1 and sample["pairs"] > 0
-    rows = [json.loads(line) for line in (run / "stages" / "sample" / "samples.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (run / "stages" / "sample" / "samples.jsonl").read_text().splitlines()
+    ]
     empty = sum(not r["response"].strip() for r in rows)
     assert sample["empty_responses"] == empty
     negatives = (run / "stages" / "sample" / "negatives.jsonl").read_text().splitlines()

@@ -1,6 +1,7 @@
 """One short in-process run with dynamic sampling, overlong shaping, truncation masking,
 D3S and balanced aggregation; then a resume from its middle checkpoint, which must
 repeat the last step exactly (the prompt stream position is part of the checkpoint)."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,18 @@ import pytest
 
 from tests.run_helpers import read_metrics, run_train
 
-OVERRIDES = ("steps=3", "save_every=2", "eval_every=0", "rollout.dynamic_sampling=true",
-             "rollout.max_extra_rounds=2", "rollout.overlong_buffer=1", "rollout.mask_truncated=true",
-             "algorithm.selection=d3s", "algorithm.d3s.schedule_steps=2", "algorithm.loss_agg=balanced")
+OVERRIDES = (
+    "steps=3",
+    "save_every=2",
+    "eval_every=0",
+    "rollout.dynamic_sampling=true",
+    "rollout.max_extra_rounds=2",
+    "rollout.overlong_buffer=1",
+    "rollout.mask_truncated=true",
+    "algorithm.selection=d3s",
+    "algorithm.d3s.schedule_steps=2",
+    "algorithm.loss_agg=balanced",
+)
 
 
 def test_dapo_and_d3s_run_and_resume_exactly(tmp_path):

@@ -1,6 +1,7 @@
 """`rlpost sft` then `rlpost dpo` end to end through the CLI on a tiny model: the run
 directory, the bad-row report, an RL config starting from the SFT model, resume, and the
 same metrics on 2 Ray learners as on 1 in-process learner."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,16 @@ def write_data(tmp_path):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         wrong = str(a + b + rng.choice((-1, 1)))
         sft_rows.append(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}))
-        pair_rows.append(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": wrong,
-                                     "rejected_weights": [1.0] * len(wrong) + [0.1]}))
+        pair_rows.append(
+            json.dumps(
+                {
+                    "prompt": f"{a}+{b}=",
+                    "chosen": str(a + b),
+                    "rejected": wrong,
+                    "rejected_weights": [1.0] * len(wrong) + [0.1],
+                }
+            )
+        )
     pair_rows += [json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "2"}), "{oops"]
     sft.write_text("\n".join(sft_rows) + "\n")
     pairs.write_text("\n".join(pair_rows) + "\n")
@@ -38,8 +47,13 @@ def write_data(tmp_path):
 
 def run_job(job: str, out_dir, *overrides, config=None) -> tuple[str, object]:
     config = config or CONFIGS / f"{job}_tiny.yaml"
-    proc = subprocess.run([sys.executable, "-m", "rlpost.cli", job, str(config), f"output_dir={out_dir}",
-                           *overrides], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlpost.cli", job, str(config), f"output_dir={out_dir}", *overrides],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, only_run_dir(out_dir)
 
@@ -69,12 +83,22 @@ def test_sft_then_dpo_from_its_model(tmp_path):
     rl_run = run_train(tmp_path / "rl", "model.kind=hf", f"model.path={final}", "steps=1", "warmup.steps=0")
     assert sorted(read_metrics(rl_run)) == [0, 1]
 
-    out, dpo_run = run_job("dpo", tmp_path / "dpo", f"data.path={pair_data}", "model.kind=hf",
-                           f"model.path={final}", "algorithm.loss=cdpo")
-    assert out.splitlines()[0] == (f"data: {pair_data}: 42 rows, 40 pairs kept, 2 skipped: "
-                                   f"invalid_json 1 (row 41); identical 1 (row 40); 32 train, 8 held out")
+    out, dpo_run = run_job(
+        "dpo",
+        tmp_path / "dpo",
+        f"data.path={pair_data}",
+        "model.kind=hf",
+        f"model.path={final}",
+        "algorithm.loss=cdpo",
+    )
+    assert out.splitlines()[0] == (
+        f"data: {pair_data}: 42 rows, 40 pairs kept, 2 skipped: "
+        f"invalid_json 1 (row 41); identical 1 (row 40); 32 train, 8 held out"
+    )
     assert json.loads((dpo_run / "data_report.json").read_text())["skipped"] == {
-        "invalid_json": [41], "identical": [40]}
+        "invalid_json": [41],
+        "identical": [40],
+    }
     assert_run_directory(dpo_run, steps=8)
     metrics = read_metrics(dpo_run)
     assert metrics[0]["eval/rewards/accuracy"] == 0.0  # policy == reference: no margin yet

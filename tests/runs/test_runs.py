@@ -1,4 +1,5 @@
 """Whole training jobs through the CLI: in-process vs Ray, checkpoint resume, run directory."""
+
 from __future__ import annotations
 
 import json
@@ -70,9 +71,13 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     full = read_metrics(run_train(tmp_path / "full", "steps=6", "save_every=2"))
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(out, "steps=6", "save_every=2"), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        train_cmd(out, "steps=6", "save_every=2"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if list(out.glob("*/checkpoints/step_2/trainer_state.json")):
@@ -119,10 +124,19 @@ def test_tw_grpo_trains_in_process(tmp_path):
 
 def test_a_reward_that_raises_scores_zero_and_the_run_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # where reward_fixtures lives
-    proc = subprocess.run(train_cmd(tmp_path, "steps=2", "eval_every=0",
-                                    "reward.components=[{name: task}, {name: function, weight: 0.5, "
-                                    "args: {path: 'reward_fixtures:fails_on_odd_length'}}]"),
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        train_cmd(
+            tmp_path,
+            "steps=2",
+            "eval_every=0",
+            "reward.components=[{name: task}, {name: function, weight: 0.5, "
+            "args: {path: 'reward_fixtures:fails_on_odd_length'}}]",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(only_run_dir(tmp_path))
     for step in (1, 2):
