@@ -62,7 +62,7 @@ class Evaluator:
         if not self.sets:  # prompts from files and no data.eval_files
             return {}
         by_group: dict[tuple[str, str], list[dict[str, float]]] = {}
-        greedy_hits = sampled_hits = problems_seen = samples_seen = 0
+        per_chunk = max(1, CHUNK_COMPLETIONS // (1 + cfg.n))
         if generations is not None:
             generations.parent.mkdir(parents=True, exist_ok=True)
         out = open(generations, "w", encoding="utf-8") if generations else None  # noqa: SIM115
@@ -70,7 +70,6 @@ class Evaluator:
             for s, eval_set in enumerate(self.sets):
                 problems = eval_set.problems
                 count = min(len(problems), cfg.max_problems or len(problems))
-                per_chunk = max(1, CHUNK_COMPLETIONS // (1 + cfg.n))
                 print_line(
                     f"eval {eval_set.name}: {count} problems, a greedy and {cfg.n} sampled completions each"
                 )
@@ -93,10 +92,6 @@ class Evaluator:
                         by_group.setdefault((eval_set.name, problem.source), []).append(metrics)
                         if out is not None:
                             write_completions(out, eval_set.name, problem, greedy, i, sampled, row, answers)
-                    greedy_hits += sum(greedy.correct)
-                    sampled_hits += sum(sampled.correct)
-                    problems_seen += len(chunk)
-                    samples_seen += len(sampled.correct)
                     done = min(start + per_chunk, count)
                     print_line(
                         f"eval {eval_set.name}: {done}/{count} problems | {time.perf_counter() - t0:.0f}s"
@@ -111,9 +106,11 @@ class Evaluator:
             print_line(line)
         if generations is not None:
             generations.with_suffix(".txt").write_text(text + "\n")
+        # every problem has n samples, so the mean of its mean@n is the mean over samples
+        rows = [row for group in by_group.values() for row in group]
         metrics = {
-            "eval/accuracy_greedy": greedy_hits / max(problems_seen, 1),
-            "eval/accuracy_sampled": sampled_hits / max(samples_seen, 1),
+            "eval/accuracy_greedy": sum(r["greedy"] for r in rows) / len(rows),
+            "eval/accuracy_sampled": sum(r[f"mean@{cfg.n}"] for r in rows) / len(rows),
         }
         for (set_name, source), values in table.items():
             for key, value in values.items():
@@ -132,10 +129,11 @@ class Evaluator:
 
     def score(self, completions: list, problems: list[Problem]) -> _Scored:
         texts = self.session.decode([c.ids for c in completions])
-        result = self.session.score_texts(texts, [len(c.ids) for c in completions], problems)
+        tokens = [len(c.ids) for c in completions]
+        result = self.session.score_texts(texts, tokens, problems)
         return _Scored(
             texts,
-            [len(c.ids) for c in completions],
+            tokens,
             [c.truncated for c in completions],
             result.totals,
             result.correct,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -78,8 +79,6 @@ class Trainer(Session):
     def __init__(self, cfg: TrainConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
-        # over the training prompts: a task's now, files' once prepare has read them
-        self.stream = EpochStream(len(self.train_problems), cfg.seed) if self.train_problems else None
         # the algorithm's per-token temperature for the next rollout batch (HAPO), if any
         self.sampling_rule: SamplingRule | None = None
 
@@ -90,7 +89,6 @@ class Trainer(Session):
             Tracker(run_dir, cfg, resume_step=checkpoint[1]["step"] if checkpoint else None),
             warmup_dir=run_dir / "models" / "warmup",
         )
-        self.stream = self.stream or EpochStream(len(self.train_problems), cfg.seed)
         lc = cfg.learner
         optimizer_steps = (
             cfg.steps * lc.epochs * (cfg.rollout.prompts_per_step * cfg.rollout.n // lc.mini_batch_size)
@@ -254,6 +252,12 @@ class Trainer(Session):
             for s in group:
                 s.group = g
         return out
+
+    @cached_property
+    def stream(self) -> EpochStream:
+        """The order of the training prompts, made when first read: files' prompts are
+        there only once `prepare` has read them."""
+        return EpochStream(len(self.train_problems), self.cfg.seed)
 
     def take_prompts(self, count: int) -> list[Problem]:
         """The next `count` problems of the stream of seeded epoch orders."""
