@@ -40,10 +40,15 @@ def _without(model: type[Section], name: str, *dropped: str) -> type[Section]:
 
 
 # `learner.mini_batch_size` and `learner.epochs` cut a rollout batch: offline jobs use the
-# top-level `batch_size` and `epochs`. `ray.placement` and `ray.gpus_per_rollout_worker`
-# place rollout workers, which offline jobs do not have.
-OfflineLearnerConfig = _without(LearnerConfig, "OfflineLearnerConfig", "mini_batch_size", "epochs")
-OfflineRayConfig = _without(RayConfig, "OfflineRayConfig", "placement", "gpus_per_rollout_worker")
+# top-level `batch_size` and `epochs`. `ray.placement`, `ray.gpus_per_rollout_worker` and
+# `ray.rollout_resources` place rollout workers, which offline jobs do not have, and
+# `learner.offload_optimizer` frees memory for them.
+OfflineLearnerConfig = _without(
+    LearnerConfig, "OfflineLearnerConfig", "mini_batch_size", "epochs", "offload_optimizer"
+)
+OfflineRayConfig = _without(
+    RayConfig, "OfflineRayConfig", "placement", "gpus_per_rollout_worker", "rollout_resources"
+)
 
 
 class DataConfig(Section):

@@ -13,6 +13,11 @@ def placement_problem(cfg: TrainConfig) -> str | None:
     rc, lc, ro = cfg.ray, cfg.learner, cfg.rollout
     tp = ro.vllm.tensor_parallel_size if ro.engine == "vllm" else 1
     if rc.placement == "separate":
+        if ro.weight_sync.transport == "ipc":
+            return (
+                "rollout.weight_sync.transport=ipc hands each engine handles to the memory of "
+                "the learner it shares a device with: set ray.placement=colocated"
+            )
         if tp > 1 and rc.gpus_per_rollout_worker != tp:
             return (
                 f"ray.gpus_per_rollout_worker ({rc.gpus_per_rollout_worker:g}) must equal "
@@ -29,6 +34,11 @@ def placement_problem(cfg: TrainConfig) -> str | None:
         return (
             "ray.gpus_per_rollout_worker is for ray.placement=separate; colocated rollout "
             "workers share the learners' GPUs (set it to 0)"
+        )
+    if rc.rollout_resources:
+        return (
+            "ray.rollout_resources is for ray.placement=separate; colocated rollout workers "
+            "share the learners' bundles, which ray.learner_resources places"
         )
     if tp > 1:
         return (

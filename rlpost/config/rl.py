@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from rlpost.algorithms.base import AlgoConfig, PolicyGradient
+from rlpost.config.colocation import check_colocation
 from rlpost.config.data import DataConfig, EvalConfig
 from rlpost.config.placement import placement_problem
 from rlpost.config.sections import (
@@ -138,4 +139,9 @@ class TrainConfig(Section):
         problem = placement_problem(self)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _check_colocation(self) -> TrainConfig:
+        check_colocation(self)
         return self

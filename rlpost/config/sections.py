@@ -92,6 +92,39 @@ class VLLMConfig(Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     tensor_parallel_size: int = Field(1, gt=0)
     enforce_eager: bool = True
+    sleep_level: int = Field(
+        0,
+        ge=0,
+        le=2,
+        description="vLLM sleep mode around each update, for engines that share GPUs with "
+        "learners (rlpost/jobs/colocation.py): 1 moves the weights to CPU memory and drops the "
+        "KV cache, 2 drops both (each sync pushes every weight); 0: off",
+    )
+
+
+class WeightSyncConfig(Section):
+    """How weights reach the rollout engines after an update (rlpost/engines/weight_sync.py)."""
+
+    transport: Literal["auto", "broadcast", "ipc"] = Field(
+        "auto",
+        description="broadcast: the learners' rank 0 broadcasts each bucket to every engine "
+        "(NCCL on GPUs, gloo on CPUs); ipc: learner r hands its colocated engine r handles to "
+        "its memory (CUDA IPC; shared memory on CPUs), needs ray.placement=colocated; "
+        "auto: ipc when colocated, else broadcast",
+    )
+    bucket_mb: float = Field(
+        256,
+        gt=0,
+        description="MiB per bucket (a larger tensor travels alone); the sender and each "
+        "transformers engine keep a buffer of the largest bucket from the first sync on",
+    )
+    timeout_s: float = Field(600, gt=0, description="seconds a transfer-group collective may wait")
+    max_logprob_gap: float | None = Field(
+        1.0,
+        gt=0,
+        description="stop the run when logprob_gap/rollout_vs_learner_mean exceeds it (nats per "
+        "token): the engines then sample from other weights than the learners score; None: off",
+    )
 
 
 class RolloutConfig(Section):
@@ -114,6 +147,7 @@ class RolloutConfig(Section):
         "EOS id(s) of the model's generation config",
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     # DAPO pieces (docs/algorithms.md section 1), for every RL algorithm
     dynamic_sampling: bool = Field(
         False,
@@ -262,6 +296,31 @@ class LearnerConfig(Section):
     lora: LoraConfig | None = Field(
         None, description="train a LoRA adapter instead of the full weights; None: full fine-tuning"
     )
+    offload_optimizer: bool = Field(
+        False,
+        description="move DeepSpeed's optimizer state and fp32 master weights to CPU memory "
+        "after each update and back before the next (ZeRO-1/2; rlpost/workers/offload.py)",
+    )
+
+
+RAY_OWN_RESOURCES = ("cpu", "gpu", "memory", "object_store_memory")  # lower case
+
+
+def _custom_only(resources: Any) -> Any:
+    own = [n for n in resources if str(n).lower() in RAY_OWN_RESOURCES] if isinstance(resources, dict) else []
+    if own:
+        # a bundle's CPU and GPUs come from the gpus_per_* keys; a lower-case "gpu",
+        # a custom resource to Ray, would wait forever for a node that offers it
+        raise ValueError(
+            f"{own[0]!r} is one of Ray's own resources (a bundle's CPU and GPUs come from "
+            f"ray.gpus_per_learner / ray.gpus_per_rollout_worker); name custom resources "
+            f"that nodes offer (ray start --resources)"
+        )
+    return resources
+
+
+# on the type, not a RayConfig validator: the offline jobs' copy of the key keeps it
+CustomResources = Annotated[dict[str, Annotated[float, Field(gt=0)]], BeforeValidator(_custom_only)]
 
 
 class RayConfig(Section):
@@ -284,6 +343,17 @@ class RayConfig(Section):
         ge=0,
         description="separate: GPUs each rollout worker holds; a vLLM engine "
         "needs rollout.vllm.tensor_parallel_size of them",
+    )
+    learner_resources: CustomResources = Field(
+        default_factory=dict,
+        description="custom Ray resources each learner bundle asks for besides its CPU and "
+        "GPUs, e.g. {train_node: 1}: learners go only to nodes started with them "
+        "(ray start --resources); colocated: the bundle its rollout worker shares",
+    )
+    rollout_resources: CustomResources = Field(
+        default_factory=dict,
+        description="separate: custom Ray resources each rollout worker bundle asks for, "
+        "as ray.learner_resources, e.g. {inference_node: 1}",
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 from transformers import (
     LogitsProcessor,
@@ -15,6 +17,7 @@ from transformers import (
 
 from rlpost.algorithms.base import SamplingRule
 from rlpost.engines.base import Completion
+from rlpost.engines.weight_sync import Receiver, SyncPlan, TensorSpec, WeightSyncError, local_buckets, unpack
 from rlpost.model.load import load_model, load_tokenizer
 
 
@@ -102,6 +105,9 @@ class HFEngine:
         self.stop_strings = list(cfg.stop) if cfg else []
         # decoded as vLLM's detokenizer does (special tokens skipped) before matching
         self.tokenizer = load_tokenizer(model_dir) if self.stop_strings else None
+        self._params = self.model.state_dict(keep_vars=True)  # tied names share a tensor
+        self.receiver: Receiver | None = None  # opened by open_weights
+        self.weight_version = 0
 
     @torch.no_grad()
     def generate(
@@ -189,8 +195,43 @@ class HFEngine:
             lo, hi = (lo, mid) if stopped(mid) else (mid, hi)
         return hi
 
+    # ----- weights (rlpost/engines/weight_sync.py) -------------------------------------
+    def weight_ranks(self) -> int:
+        """Processes of this engine in a transfer group: this one."""
+        return 1
+
+    def open_weights(
+        self, plan: list, address: str, port: int, rank: int, world_size: int, timeout_s: float, ipc: bool
+    ):
+        # the loader copies into the parameters: one receive buffer serves every bucket
+        self.receiver = Receiver(
+            SyncPlan.from_list(plan), torch.device(self.device), self._load, "hf engine", load_keeps=False
+        )
+        self.receiver.connect(address, port, rank, world_size, timeout_s, ipc)
+
+    def receive_weights(self) -> int:
+        self.weight_version = self.receiver.receive()
+        return self.weight_version
+
+    def load_weights(
+        self, version: int, buckets: Iterable[tuple[Sequence[TensorSpec], torch.Tensor]]
+    ) -> None:
+        """Buckets handed over in this process (the in-process mode's transport)."""
+        for specs, buf in buckets:
+            self._load(unpack(specs, buf.to(self.device)))
+        self.weight_version = version
+
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state_dict, strict=True)
+        """Load a whole state dict (tests and benchmarks; a run syncs through buckets)."""
+        self.load_weights(self.weight_version, local_buckets(state_dict, str(self.model.dtype)[6:]))
+
+    @torch.no_grad()
+    def _load(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        params = self._params
+        for name, tensor in tensors:
+            if name not in params:
+                raise WeightSyncError(f"hf engine: the learner sent {name!r}, which this model does not have")
+            params[name].copy_(tensor)
 
     @torch.no_grad()
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
@@ -202,4 +243,5 @@ class HFEngine:
         return out
 
     def close(self) -> None:
-        pass
+        if self.receiver is not None:
+            self.receiver.close()

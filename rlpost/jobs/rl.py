@@ -29,6 +29,7 @@ from rlpost.algorithms.dapo import informative_groups, overlong_penalty
 from rlpost.config.rl import TrainConfig
 from rlpost.data.batch import Sample
 from rlpost.data.stream import EpochStream, derive_seed
+from rlpost.jobs.colocation import Colocation
 from rlpost.jobs.run_dir import (
     latest_checkpoint,
     load_checkpoint,
@@ -46,6 +47,7 @@ from rlpost.jobs.update import (
     set_token_mask,
     train_minibatches,
 )
+from rlpost.jobs.weights import WeightSync
 from rlpost.rewards import Problem
 from rlpost.rewards.scoring.pool import RewardResult
 from rlpost.tracking.metrics import MetricSums
@@ -99,6 +101,7 @@ class Trainer(Session):
             LRSchedule(lc.lr, lc.lr_warmup_steps, lc.lr_schedule, total_steps=optimizer_steps),
         )
         self.start_rollout(start_model)
+        self.weights = WeightSync(cfg, self.learners, self.rollout, self.use_ray)
         first = 1
         if checkpoint:
             self.load_checkpoint(*checkpoint)
@@ -116,6 +119,7 @@ class Trainer(Session):
                 after = self.evaluate(f"step_{step}")
                 metrics.update(after)
             self.tracker.log(metrics, step=step)
+            self.weights.check_gap(metrics, step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 self.save_checkpoint(step)
         if after is None:  # resumed a run whose steps were all done
@@ -131,6 +135,9 @@ class Trainer(Session):
         batch_metrics: dict[str, float] = {}
         if not rollouts.groups:  # dynamic sampling kept nothing: no update this step
             return step_metrics(cfg, rollouts, [], None, MetricSums(), times, batch_metrics)
+        # engines and learners sharing GPUs take turns with the memory until the sync is done
+        colocation = Colocation(cfg, self.learners, self.rollout)
+        colocation.before_update()
 
         t = time.perf_counter()
         batch = [s for g in rollouts.groups for s in g]
@@ -179,10 +186,12 @@ class Trainer(Session):
             for k, v in merged.result().items():
                 step_update.add_mean(k, v)
         times["update"] = time.perf_counter() - t
+        colocation.after_update()
 
         t = time.perf_counter()
         self.sync_weights()
         times["weight_sync"] = time.perf_counter() - t
+        colocation.after_sync(times)
         return step_metrics(cfg, rollouts, samples, entropy, step_update, times, batch_metrics)
 
     def collect(self, step: int, times: dict[str, float]) -> Rollouts:
@@ -264,8 +273,7 @@ class Trainer(Session):
         return [self.train_problems[i] for i in self.stream.take(count)]
 
     def sync_weights(self) -> None:
-        weights = self.learners.call("put_weights" if self.use_ray else "export_weights")[0]
-        self.rollout.call("update_weights", weights)
+        self.weights.sync()
 
     # ----- checkpoints: the stream's position and the sampling rule ---------------------------
     def save_checkpoint(self, step: int) -> None:

@@ -34,6 +34,7 @@ from rlpost.errors import ConfigError
 from rlpost.jobs.evaluate import EvalSet, Evaluator
 from rlpost.jobs.preflight import eval_set_files
 from rlpost.jobs.update import Split, learner_split, train_minibatches
+from rlpost.jobs.weights import WeightSync
 from rlpost.model.load import load_tokenizer, materialise_initial_model
 from rlpost.rewards import Problem, build_task
 from rlpost.rewards.config import ComponentConfig, RewardConfig
@@ -83,6 +84,7 @@ class Session:
         self.rollout: WorkerGroup | None = None
         self.learners: WorkerGroup | None = None  # the job's own (the warm-up's are its own)
         self.split: Split | None = None  # how the learners cut a batch: known once they are up
+        self.weights: WeightSync | None = None  # the RL job's syncs into the rollout workers
 
     # ----- start and stop ---------------------------------------------------------------
     def prepare(self, tracker: Tracker, warmup_dir: Path | None, training: bool = True) -> Path:
@@ -251,7 +253,10 @@ class Session:
             )
             for r in range(workers)
         ]
-        return [c for part in self.rollout.call("generate", per_rank=chunks) for c in part]
+        completions = [c for part in self.rollout.call("generate", per_rank=chunks) for c in part]
+        if self.weights is not None:
+            self.weights.check_rollouts(completions)
+        return completions
 
     def decode(self, responses: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -294,14 +299,24 @@ def with_verifier(reward: RewardConfig) -> RewardConfig:
 
 def init_ray(rc: RayConfig, workers: int) -> None:
     """Join the cluster at `rc.address`, or start a local one with a CPU per worker (at
-    least as many as the machine has)."""
+    least as many as the machine has); then check it offers the custom resources of `rc`."""
     import ray
 
-    if ray.is_initialized():
-        return
-    if rc.address:
-        ray.init(address=rc.address)
-        return
-    ray.init(
-        num_cpus=rc.num_cpus or max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True
-    )
+    if not ray.is_initialized():
+        if rc.address:
+            ray.init(address=rc.address)
+        else:
+            ray.init(
+                num_cpus=rc.num_cpus or max(workers, os.cpu_count() or 1),
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+    offered = ray.cluster_resources()
+    for key in ("learner_resources", "rollout_resources"):  # offline jobs have no rollout's
+        for name in getattr(rc, key, {}):
+            if name not in offered:
+                # else the placement group would wait for such a node forever, without a word
+                raise ConfigError(
+                    f"key 'ray.{key}': no node of the Ray cluster offers the resource {name!r} "
+                    f"(start the nodes meant for it with ray start --resources='{{\"{name}\": N}}')"
+                )

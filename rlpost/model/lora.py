@@ -5,7 +5,7 @@ PolicyModel calls the same model object as in full fine-tuning; the PeftModel th
 `add_lora` returns is the handle for what peft adds: switching the adapter off (the
 base model, i.e. the frozen initial weights, serves as the reference model) and saving
 the adapter alone. Rollout engines and saved models get the merged weights
-W + (alpha / r) B A under the base model's own parameter names (`merged_state_dict`).
+W + (alpha / r) B A under the base model's own parameter names (rlpost/model/export.py).
 """
 
 from __future__ import annotations
@@ -82,26 +82,3 @@ def add_lora(lm: nn.Module, lora: LoraConfig, seed: int):
     with torch.random.fork_rng(devices=[]):  # the model is still on the CPU here
         torch.manual_seed(seed)
         return peft.get_peft_model(lm, config)
-
-
-@torch.no_grad()
-def merged_state_dict(lm: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapted model's weights as the plain model's state dict on the CPU: each adapted
-    layer's weight is W + (alpha / r) B A (peft's `get_delta_weight`), under the name the
-    base model gives it; the adapter's own tensors are left out. The module is not touched
-    (merging in place and unmerging would not restore W bit for bit)."""
-    from peft.tuners.lora import LoraLayer
-
-    merged = {}
-    for name, module in lm.named_modules():
-        if isinstance(module, LoraLayer):
-            weight = module.get_base_layer().weight
-            for adapter in module.active_adapters:
-                weight = weight + module.get_delta_weight(adapter)
-            merged[f"{name}.base_layer.weight"] = weight
-    out = {}
-    for key, value in lm.state_dict().items():
-        if ".lora_" in key:
-            continue
-        out[key.replace(".base_layer.", ".")] = merged.get(key, value).detach().to("cpu", copy=True)
-    return out

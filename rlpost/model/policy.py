@@ -19,7 +19,7 @@ from rlpost.config.sections import LearnerConfig
 from rlpost.model.attention import use_varlen_attention, varlen_available
 from rlpost.model.fused_kernels import use_fused_kernels
 from rlpost.model.load import load_model
-from rlpost.model.lora import add_lora, merged_state_dict
+from rlpost.model.lora import add_lora
 from rlpost.model.token_ops import Temperature, chunked_logprobs, chunked_token_kl
 
 
@@ -152,12 +152,3 @@ def load_reference(
     ref = PolicyModel(lm, lc.logprob_chunk_size)
     ref.to(device).eval().requires_grad_(False)
     return ref
-
-
-def export_state_dict(lm: nn.Module, adapter) -> dict[str, torch.Tensor]:
-    """`lm`'s full HF-named state dict on the CPU (its parameters must be whole). With LoRA
-    (`adapter` not None): the merged weights under the base model's names
-    (`lora.merged_state_dict`), what the rollout engines and a plain model load."""
-    if adapter is not None:
-        return merged_state_dict(lm)
-    return {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}

@@ -13,6 +13,10 @@ workers, from `cfg.ray` (README "Clusters"):
 - colocated: one placement group with one bundle per learner rank; learner r
   and rollout worker r each ask for half of its GPU, so both see the same GPU
   (how its memory is split is vLLM's `gpu_memory_utilization`).
+
+A role's bundles also ask for its custom resources (`ray.learner_resources`,
+`ray.rollout_resources`), which only the nodes started with them offer: that is
+how a role is pinned to a kind of node.
 """
 
 from __future__ import annotations
@@ -61,17 +65,20 @@ class Placement:
         if rc.placement == "colocated":
             gpu = rc.gpus_per_learner
             # a CPU per worker, as in the separate placement (the local cluster has that many)
-            pg = self._group([_bundle(1 + (rank < workers), gpu) for rank in range(learners)])
+            pg = self._group(
+                [_bundle(1 + (rank < workers), gpu, rc.learner_resources) for rank in range(learners)]
+            )
             self._slots = {
                 "learner": Slots(pg, list(range(learners)), 1, gpu / 2),
                 "rollout": Slots(pg, list(range(workers)), 1, gpu / 2),
             }
         else:
-            for role, n, gpu in (
-                ("learner", learners, rc.gpus_per_learner),
-                ("rollout", workers, rc.gpus_per_rollout_worker),
+            for role, n, gpu, custom in (
+                ("learner", learners, rc.gpus_per_learner, rc.learner_resources),
+                ("rollout", workers, rc.gpus_per_rollout_worker, rc.rollout_resources),
             ):
-                self._slots[role] = Slots(self._group([_bundle(1, gpu)] * n), list(range(n)), 1, gpu)
+                pg = self._group([_bundle(1, gpu, custom)] * n)
+                self._slots[role] = Slots(pg, list(range(n)), 1, gpu)
 
     def _group(self, bundles: list[dict]) -> Any:
         import ray
@@ -93,13 +100,26 @@ class Placement:
         self.groups, self._slots = [], {}
 
 
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+def gather(refs: list) -> list:
+    """The results of Ray calls, in order. The first call that fails raises at once: the
+    others may be waiting for it in a collective and would never return."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)
+
+
+def _bundle(cpus: float, gpus: float, custom: dict[str, float] | None = None) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(custom or {})}
 
 
 class WorkerGroup:
     """`slots` places the workers in a run's `Placement`; without it the group makes
-    a placement group of its own (one bundle per worker) and removes it at shutdown."""
+    a placement group of its own (one bundle per worker, with the custom `resources`)
+    and removes it at shutdown."""
 
     def __init__(
         self,
@@ -111,6 +131,7 @@ class WorkerGroup:
         num_gpus: float = 0.0,
         env: dict[str, str] | None = None,
         slots: Slots | None = None,
+        resources: dict[str, float] | None = None,
     ):
         self.use_ray = use_ray
         self.workers: list[Any]
@@ -123,7 +144,7 @@ class WorkerGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if slots is None:
-            self.pg = placement_group([_bundle(num_cpus, num_gpus)] * num_workers, strategy="PACK")
+            self.pg = placement_group([_bundle(num_cpus, num_gpus, resources)] * num_workers, strategy="PACK")
             ray.get(self.pg.ready())
             slots = Slots(self.pg, list(range(num_workers)), num_cpus, num_gpus)
         if len(slots.bundles) < num_workers:
@@ -147,12 +168,16 @@ class WorkerGroup:
 
     def call(self, method: str, *args, per_rank: list[tuple] | None = None, **kwargs) -> list:
         """Run `method` on all workers; `per_rank[i]` are worker i's positional args."""
-        arg_lists = per_rank if per_rank is not None else [args] * len(self.workers)
         if not self.use_ray:
+            arg_lists = per_rank if per_rank is not None else [args] * len(self.workers)
             return [getattr(w, method)(*a, **kwargs) for w, a in zip(self.workers, arg_lists)]
-        import ray
+        return gather(self.submit(method, *args, per_rank=per_rank, **kwargs))
 
-        return ray.get([getattr(w, method).remote(*a, **kwargs) for w, a in zip(self.workers, arg_lists)])
+    def submit(self, method: str, *args, per_rank: list[tuple] | None = None, **kwargs) -> list:
+        """`call` without waiting, in the Ray mode: the results' references, for calls that
+        must run while another group's do (a collective that spans both groups)."""
+        arg_lists = per_rank if per_rank is not None else [args] * len(self.workers)
+        return [getattr(w, method).remote(*a, **kwargs) for w, a in zip(self.workers, arg_lists)]
 
     def shutdown(self) -> None:
         if self.use_ray:

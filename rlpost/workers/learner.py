@@ -216,6 +216,7 @@ def start_learner_group(
         num_cpus=1,
         num_gpus=cfg.ray.gpus_per_learner,
         slots=slots,
+        resources=cfg.ray.learner_resources,
     )
     address, port = group.call("rendezvous")[0]
     group.call("setup", address, port)

@@ -23,12 +23,16 @@ from rlpost.config.offline import OfflineConfig
 from rlpost.config.rl import TrainConfig
 from rlpost.config.sections import LearnerConfig
 from rlpost.data.batch import Sample
+from rlpost.engines.weight_sync import TransferGroup
 from rlpost.model.attention import packed_kwargs
-from rlpost.model.policy import PolicyModel, export_state_dict, load_policy, load_reference
+from rlpost.model.export import export_state_dict
+from rlpost.model.policy import PolicyModel, load_policy, load_reference
 from rlpost.tracking.metrics import MetricSums
 from rlpost.workers.clock import ComputeClock
 from rlpost.workers.group import free_port
+from rlpost.workers.offload import offload_optimizer_state, reload_optimizer_state
 from rlpost.workers.threads import set_threads
+from rlpost.workers.weight_sender import WeightSender
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,8 @@ class PolicyRank:
         # sampled from the policy, and its losses are defined at temperature 1
         self.temperature = cfg.rollout.temperature if isinstance(cfg, TrainConfig) else 1.0
         self.algorithm = build_algorithm(*algorithm)
+        self.sender: WeightSender | None = None  # made by weight_plan
+        self.transfer: TransferGroup | None = None  # rank 0's, opened by connect_weights
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port on it (the caller uses rank 0's)."""
@@ -239,16 +245,44 @@ class PolicyRank:
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """The LM's `export_state_dict` on rank 0, None elsewhere."""
         with self._whole_lm():
-            return export_state_dict(self.engine.module.lm, self.adapter) if self.rank == 0 else None
+            lm = self.engine.module.lm
+            return export_state_dict(lm, self.adapter is not None) if self.rank == 0 else None
 
-    def put_weights(self):
-        """`export_weights` put in Ray's object store from this process: the reference goes
-        to the rollout workers and the weights never pass through the controller (one
-        serialisation, not two)."""
-        import ray
+    # ----- weight sync (rlpost/engines/weight_sync.py) -------------------------------------
+    def weight_plan(self, wire_dtype: str, bucket_bytes: int) -> list:
+        """The `SyncPlan` (plain data) of this LM's weights for engines in `wire_dtype`."""
+        self.sender = WeightSender(
+            self.engine.module.lm,
+            self.adapter is not None,
+            self.cfg.learner.zero_stage == 3,
+            wire_dtype,
+            bucket_bytes,
+        )
+        return self.sender.plan.to_list()
 
-        weights = self.export_weights()
-        return ray.put(weights) if weights is not None else None
+    def connect_weights(
+        self, address: str | None, port: int, world_size: int, timeout_s: float, ipc: bool
+    ) -> None:
+        """Open a transfer group as its sender (rank 0); a rank given no `address` sends to
+        no engine (it takes part in the syncs' gathers only)."""
+        if address is not None:
+            self.transfer = TransferGroup(address, port, 0, world_size, self.device, timeout_s, ipc)
+
+    @property
+    def weight_version(self) -> int:
+        """Optimizer steps taken: the version of the weights a sync sends (a checkpoint keeps it)."""
+        return int(self.engine.global_steps)
+
+    def send_weights(self) -> int:
+        """One sync over the transfer group (every rank: ZeRO-3 gathers each bucket with a
+        collective). Returns the version sent."""
+        version = self.weight_version
+        self.sender.send(version, self.transfer, self.device)
+        return version
+
+    def packed_buckets(self):
+        """`WeightSender.packed` on this rank, for a transport in this process."""
+        return self.sender.packed(self.device, self.rank == 0)
 
     def save_pretrained(self, out_dir: str) -> None:
         """A plain HF model directory; with LoRA, the merged model and the adapter alone in
@@ -278,7 +312,22 @@ class PolicyRank:
     def ping(self) -> int:
         return self.rank
 
+    def offload_optimizer(self) -> None:
+        """The optimizer state to CPU memory until `reload_optimizer` (learner.offload_optimizer)."""
+        offload_optimizer_state(self.engine)
+
+    def reload_optimizer(self) -> None:
+        reload_optimizer_state(self.engine)
+
     def shutdown(self) -> None:
         # The process group stays: DeepSpeed caches groups made from it, and the
         # next learner in this process (in-process mode) joins the same one.
-        self.engine = self.ref = None
+        if self.transfer is not None:
+            self.transfer.close()
+        self.engine = self.ref = self.transfer = None
+
+    def node_id(self) -> str | None:
+        """The Ray node this rank runs on (None in-process): placement tests ask."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

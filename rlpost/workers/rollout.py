@@ -38,7 +38,26 @@ class RolloutWorker:
         rule: SamplingRule | None = None,
     ) -> list[list[Completion]]:
         with self.clock("generate"):
-            return self.engine.generate(prompts, n, temperature, top_p, max_new_tokens, seed, rule)
+            groups = self.engine.generate(prompts, n, temperature, top_p, max_new_tokens, seed, rule)
+        for group in groups:
+            for c in group:
+                c.weight_version = self.engine.weight_version
+        return groups
+
+    # ----- weights: the engine's half of rlpost/engines/weight_sync.py --------------------
+    def weight_ranks(self) -> int:
+        return self.engine.weight_ranks()
+
+    def open_weights(
+        self, plan: list, address: str, port: int, rank: int, world_size: int, timeout_s: float, ipc: bool
+    ):
+        self.engine.open_weights(plan, address, port, rank, world_size, timeout_s, ipc)
+
+    def receive_weights(self) -> int:
+        return self.engine.receive_weights()
+
+    def load_weights(self, version: int, buckets) -> None:
+        self.engine.load_weights(version, buckets)
 
     def update_weights(self, state_dict) -> None:
         self.engine.update_weights(state_dict)
@@ -54,3 +73,16 @@ class RolloutWorker:
 
     def shutdown(self) -> None:
         self.engine.close()
+
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (None in-process): placement tests ask."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+    def sleep(self, level: int) -> None:
+        """The engine's GPU memory freed at vLLM sleep `level` (rlpost/jobs/colocation.py)."""
+        self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        return self.engine.wake_up(tags)

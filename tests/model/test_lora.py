@@ -20,7 +20,7 @@ from rlpost.workers.rollout import RolloutWorker
 from tests.run_helpers import ROOT, read_metrics, run_train
 from tests.runs.test_offline_runs import CONFIGS, run_job, write_data
 from tests.runs.test_runs import assert_same_metrics
-from tests.workers.test_weight_sync import fixed_samples
+from tests.workers.test_weight_transfer import fixed_samples
 
 GRPO_KL = ("grpo", {"kl_coef": 0.1})  # an RL loss that needs the reference model
 LORA_PARAMS = 2 * 3 * 4 * (64 + 128)  # layers x MLP projections x r x (in + out): A and B

@@ -107,7 +107,14 @@ def test_file_run_reports_every_source_and_resumes_mid_epoch(tmp_path):
     resumed = read_metrics(short)
     assert sorted(resumed) == sorted(full)
     for step in sorted(full):
-        assert resumed[step] == pytest.approx(full[step]), step
+        # the log-prob gaps are float noise (~1e-7): equal to 1e-6, not in their last digits
+        # (one loaded CI-like run differed by 3e-8 at step 5)
+        gaps = {k for k in full[step] if k.startswith("logprob_gap/")}
+        for k in gaps:
+            assert resumed[step][k] == pytest.approx(full[step][k], abs=1e-6), (step, k)
+        assert {k: v for k, v in resumed[step].items() if k not in gaps} == pytest.approx(
+            {k: v for k, v in full[step].items() if k not in gaps}
+        ), step
 
     model = short / "final_model"
     proc = cli(

@@ -10,9 +10,10 @@ import time
 import pytest
 
 from rlpost.errors import ConfigError
-from rlpost.jobs.preflight import load_config
+from rlpost.jobs.preflight import load_config, load_offline_config
+from rlpost.jobs.session import init_ray
 from rlpost.workers.group import Placement, WorkerGroup
-from tests.run_helpers import TINY
+from tests.run_helpers import ROOT, TINY
 
 # README "Clusters": a 1-node 8-GPU and a 4-node (32-GPU) layout, each way
 LAYOUTS = {
@@ -83,12 +84,61 @@ def test_readme_layouts_validate(layout):
             "(1); each rollout worker shares the GPU of one learner rank",
         ),
         (["ray.placement=nearby"], "key 'ray.placement': Input should be 'separate' or 'colocated'"),
+        (
+            ["ray.rollout_resources={gpu: 1}"],
+            "key 'ray.rollout_resources': 'gpu' is one of Ray's own resources (a bundle's CPU and "
+            "GPUs come from ray.gpus_per_learner / ray.gpus_per_rollout_worker); name custom "
+            "resources that nodes offer (ray start --resources)",
+        ),
+        (
+            ["ray.learner_resources={train_node: 0}"],
+            "key 'ray.learner_resources.train_node': Input should be greater than 0 (got 0)",
+        ),
+        (
+            ["ray.placement=colocated", "ray.rollout_resources={inference_node: 1}"],
+            "ray.rollout_resources is for ray.placement=separate; colocated rollout workers "
+            "share the learners' bundles, which ray.learner_resources places",
+        ),
     ],
 )
 def test_impossible_placements_are_config_errors(overrides, error):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, RAY + overrides)
     assert str(e.value).startswith(f"{TINY} (with overrides): {error}")
+
+
+@pytest.mark.parametrize("placement", ["separate", "colocated"])
+def test_custom_resources_go_into_their_roles_bundles(monkeypatch, placement):
+    monkeypatch.setattr(Placement, "_group", lambda self, bundles: bundles)  # the "group": its bundles
+    overrides = ["learner.num_learners=2", "ray.learner_resources={train_node: 1, big_memory: 0.5}"]
+    if placement == "separate":
+        overrides.append("ray.rollout_resources={inference_node: 2}")
+    placed = Placement(load_config(TINY, RAY + overrides + [f"ray.placement={placement}"]), use_ray=True)
+    learner = {"train_node": 1, "big_memory": 0.5}
+    if placement == "separate":
+        assert placed.slots("learner").pg == [{"CPU": 1, **learner}] * 2
+        assert placed.slots("rollout").pg == [{"CPU": 1, "inference_node": 2}]
+    else:  # rank 0's bundle holds its rollout worker's CPU too
+        assert placed.slots("learner").pg == [{"CPU": 2, **learner}, {"CPU": 1, **learner}]
+        assert placed.slots("rollout").pg is placed.slots("learner").pg
+
+
+def test_offline_jobs_pin_learners_only(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
+    sft = ROOT / "tests" / "configs" / "sft_tiny.yaml"
+    cfg = load_offline_config("sft", sft, [f"data.path={pairs}", "ray.learner_resources={train_node: 1}"])
+    assert cfg.ray.learner_resources == {"train_node": 1}
+    for override, error in [
+        (
+            "ray.learner_resources={CPU: 1}",
+            "key 'ray.learner_resources': 'CPU' is one of Ray's own resources",
+        ),
+        ("ray.rollout_resources={inference_node: 1}", "unknown key 'ray.rollout_resources'"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_offline_config("sft", sft, [f"data.path={pairs}", override])
+        assert str(e.value).startswith(f"{sft} (with overrides): {error}")
 
 
 class Probe:
@@ -132,7 +182,9 @@ def test_workers_get_their_gpus_on_a_ray_cluster():
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     # 4 GPUs declared to Ray (none is used): Ray's bookkeeping is what is tested
-    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=8, num_gpus=4, resources={"train_node": 1}, include_dashboard=False, log_to_driver=False
+    )
     try:
         learners, rollout = placed_gpus(
             load_config(
@@ -168,5 +220,19 @@ def test_workers_get_their_gpus_on_a_ray_cluster():
         while ray.available_resources().get("GPU") != 4 and time.time() < deadline:
             time.sleep(0.2)
         assert ray.available_resources().get("GPU") == 4  # every group released
+
+        with pytest.raises(ConfigError) as e:  # not a placement group that waits forever
+            init_ray(load_config(TINY, RAY + ["ray.rollout_resources={inference_node: 1}"]).ray, 1)
+        assert str(e.value) == (
+            "key 'ray.rollout_resources': no node of the Ray cluster offers the resource "
+            "'inference_node' (start the nodes meant for it with ray start "
+            "--resources='{\"inference_node\": N}')"
+        )
+        # a group without a Placement (an offline job's learners) asks for them too
+        group = WorkerGroup(Probe, 1, lambda r: {"rank": r}, True, resources={"train_node": 1})
+        try:
+            assert ray.util.placement_group_table(group.pg)["bundles"] == {0: {"CPU": 1, "train_node": 1}}
+        finally:
+            group.shutdown()
     finally:
         ray.shutdown()
