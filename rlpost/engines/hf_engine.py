@@ -17,7 +17,15 @@ from transformers import (
 
 from rlpost.algorithms.base import SamplingRule
 from rlpost.engines.base import Completion
-from rlpost.engines.weight_sync import Receiver, SyncPlan, TensorSpec, WeightSyncError, local_buckets, unpack
+from rlpost.engines.weight_sync import (
+    Receiver,
+    SyncPlan,
+    TensorSpec,
+    WeightSyncError,
+    dtype_name,
+    local_buckets,
+    unpack,
+)
 from rlpost.model.load import load_model, load_tokenizer
 
 
@@ -223,7 +231,7 @@ class HFEngine:
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a whole state dict (tests and benchmarks; a run syncs through buckets)."""
-        self.load_weights(self.weight_version, local_buckets(state_dict, str(self.model.dtype)[6:]))
+        self.load_weights(self.weight_version, local_buckets(state_dict, dtype_name(self.model.dtype)))
 
     @torch.no_grad()
     def _load(self, tensors: list[tuple[str, torch.Tensor]]) -> None:

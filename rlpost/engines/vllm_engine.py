@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from rlpost.engines.base import Completion
-from rlpost.engines.weight_sync import TensorSpec, WeightSyncError, local_buckets
+from rlpost.engines.weight_sync import TensorSpec, WeightSyncError, bucket_to_list, dtype_name, local_buckets
 from rlpost.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ class VLLMEngine:
         crosses into vLLM's workers as the bytes of an RPC."""
         self._update(
             dict(
-                specs=[[s.name, list(s.shape), s.dtype] for s in specs],
+                specs=bucket_to_list(specs),
                 data=buf.numpy().tobytes(),
                 version=version,
             )
@@ -273,7 +273,7 @@ class VLLMEngine:
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a whole state dict (tests and benchmarks; a run syncs through buckets)."""
-        wire = self.dtype if self.dtype != "auto" else str(next(iter(state_dict.values())).dtype)[6:]
+        wire = self.dtype if self.dtype != "auto" else dtype_name(next(iter(state_dict.values())).dtype)
         self.load_weights(self.weight_version, local_buckets(state_dict, wire))
 
     def _update(self, infos: Iterable[dict]) -> None:

@@ -27,7 +27,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from rlpost.engines.weight_sync import Receiver, SyncPlan, unpack
+from rlpost.engines.weight_sync import Receiver, SyncPlan, bucket_from_list, unpack
 
 BACKEND = "rlpost"
 
@@ -87,7 +87,7 @@ class RlpostWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         if update_info.data is None:
             self.receiver.receive()
             return
-        (bucket,) = SyncPlan.from_list([update_info.specs]).buckets
+        bucket = bucket_from_list(update_info.specs)
         buf = torch.frombuffer(bytearray(update_info.data), dtype=torch.uint8).to(self.device)
         self._load(unpack(bucket, buf))
         self.receiver.version = update_info.version

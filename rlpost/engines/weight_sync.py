@@ -93,16 +93,30 @@ class SyncPlan:
 
     def to_list(self) -> list:
         """A plain-data form for an RPC (`from_list` reads it back)."""
-        return [[[s.name, list(s.shape), s.dtype] for s in b] for b in self.buckets]
+        return [bucket_to_list(b) for b in self.buckets]
 
     @classmethod
     def from_list(cls, data: list) -> SyncPlan:
-        return cls(tuple(tuple(TensorSpec(n, tuple(shape), dt) for n, shape, dt in b) for b in data))
+        return cls(tuple(bucket_from_list(b) for b in data))
 
     def digest(self) -> int:
         """A 62-bit fingerprint: sender and receiver check they cut the stream alike."""
         raw = hashlib.sha256(json.dumps(self.to_list()).encode()).digest()
         return int.from_bytes(raw[:8], "little") >> 2
+
+
+def bucket_to_list(bucket: Sequence[TensorSpec]) -> list:
+    """One bucket's specs as plain data (a bucket handed over in an RPC carries them)."""
+    return [[s.name, list(s.shape), s.dtype] for s in bucket]
+
+
+def bucket_from_list(data: list) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name, tuple(shape), dtype) for name, shape, dtype in data)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A TensorSpec's dtype: "float32" for torch.float32."""
+    return str(dtype).removeprefix("torch.")
 
 
 def pack(bucket: Sequence[TensorSpec], tensors: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
