@@ -25,6 +25,7 @@ from rlpost.algorithms.base import (
 from rlpost.algorithms.grpo import GRPO
 from rlpost.algorithms.gspo import GSPO
 from rlpost.algorithms.hapo import HAPO
+from rlpost.algorithms.off_policy import Correction, behaviour_weights
 from rlpost.algorithms.pairs import PairSums
 from rlpost.algorithms.preference import Preference, chunked_critical_weights
 from rlpost.algorithms.sft import SFT
@@ -107,11 +108,13 @@ def sampling_rule_from_dict(d: dict) -> SamplingRule:
 
 
 # chunked_critical_weights: cDPO's contrastive estimation, which the runtime's contrast role runs
-# before any algorithm object exists
+# before any algorithm object exists; Correction and behaviour_weights: the learner's off-policy
+# weights, a runtime setting (TrainConfig.off_policy), not an algorithm's
 __all__ = [
     "ALGORITHMS",
     "AlgoConfig",
     "Algorithm",
+    "Correction",
     "MiniBatchView",
     "Needs",
     "PairLoss",
@@ -121,6 +124,7 @@ __all__ = [
     "TokenLoss",
     "TokenTensors",
     "algorithm_class",
+    "behaviour_weights",
     "build_algorithm",
     "build_algorithm_config",
     "chunked_critical_weights",

@@ -6,6 +6,8 @@
 - naive: full logits, an fp32 log_softmax, gather, entropy from the full distribution.
 - rlpost: `rlpost.model.token_ops.chunked_logprobs` (chunks of the output head,
   recomputed in the backward pass; peak [chunk x vocab]).
+- triton: rlpost's fused Triton kernel, `rlpost.model.triton_logprob.triton_logprobs`
+  (`learner.logprob_kernel: triton`; no [tokens x vocab] tensor at all), GPU only.
 - trl: TRL's `ChunkedLogProbFunction` (its fused LM head), when trl is installed.
 
 The backward pass goes through the log-probs (entropy is a metric, as in the
@@ -39,7 +41,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=896 if on_gpu else 256)
     ap.add_argument("--chunk", type=int, default=1024, help="rlpost's tokens per chunk")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--arms", default="naive,rlpost,trl")
+    ap.add_argument("--arms", default="naive,rlpost,triton,trl")
     args = ap.parse_args()
     set_cpu_threads()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -59,6 +61,16 @@ def main() -> None:
         head = torch.nn.Linear(args.hidden, args.vocab, bias=False, device=device, dtype=dtype)
         head.weight = torch.nn.Parameter(weight.detach().clone())
         arms["rlpost"] = lambda: chunked_logprobs(hidden, head, targets, args.chunk)
+    if "triton" in args.arms:
+        if not on_gpu:
+            print("triton: rlpost's fused kernel runs on CUDA only: skipping its arm")
+        else:
+            try:
+                from rlpost.model.triton_logprob import triton_logprobs
+            except ImportError:
+                print("triton not installed: skipping its arm")
+            else:
+                arms["triton"] = lambda: triton_logprobs(hidden, weight, None, targets, 1.0)
     if "trl" in args.arms:
         try:
             from trl.kernels import ChunkedLogProbFunction

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from rlpost.algorithms.base import AlgoConfig, PolicyGradient
+from rlpost.config.asynchrony import OffPolicyConfig
 from rlpost.config.colocation import check_colocation
 from rlpost.config.data import DataConfig, EvalConfig
 from rlpost.config.placement import placement_problem
@@ -43,6 +44,7 @@ class TrainConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    off_policy: OffPolicyConfig = Field(default_factory=OffPolicyConfig)
     # the chosen algorithm's Config with its `name` (`algorithm_section`); serialised as
     # that class, so config.yaml holds every default
     algorithm: SerializeAsAny[AlgoConfig] = Field(
@@ -139,6 +141,26 @@ class TrainConfig(Section):
         problem = placement_problem(self)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _check_staleness(self) -> TrainConfig:
+        rc = self.rollout
+        if rc.staleness and (rc.vllm.sleep_level or self.learner.offload_optimizer):
+            key = "rollout.vllm.sleep_level" if rc.vllm.sleep_level else "learner.offload_optimizer"
+            raise ValueError(
+                f"rollout.staleness {rc.staleness} lets the engines generate during the update, "
+                f"but {key} makes the engines and learners take turns with the memory; keep one"
+            )
+        if rc.async_mode == "streaming" and not rc.staleness:
+            raise ValueError("rollout.async_mode 'streaming' needs rollout.staleness >= 1")
+        most = (rc.staleness + 1) * rc.prompts_per_step
+        if rc.stream.chunk_prompts is not None and rc.stream.chunk_prompts > most:
+            raise ValueError(
+                f"rollout.stream.chunk_prompts ({rc.stream.chunk_prompts}) must be at most "
+                f"(rollout.staleness + 1) * rollout.prompts_per_step ({most}): a chunk is what the "
+                f"engines may run ahead of the learners"
+            )
         return self
 
     @model_validator(mode="after")

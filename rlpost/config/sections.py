@@ -5,10 +5,12 @@ from __future__ import annotations
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BeforeValidator, Field, model_serializer, model_validator
 
 from rlpost.algorithms import algorithm_class
 from rlpost.algorithms.base import AlgoConfig, Algorithm
+from rlpost.config.asynchrony import StreamConfig
+from rlpost.config.base import Section
 from rlpost.errors import ConfigError
 
 
@@ -22,10 +24,6 @@ OnOff = BeforeValidator(_yaml_switch)  # for choices that include "on" or "off"
 
 def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(Section):
@@ -148,6 +146,19 @@ class RolloutConfig(Section):
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    staleness: int = Field(
+        0,
+        ge=0,
+        description="k: batches may be generated with weights up to k RL steps old, so the "
+        'engines generate while the learners train; 0: synchronous (README "Asynchronous training")',
+    )
+    async_mode: Literal["deterministic", "streaming"] = Field(
+        "deterministic",
+        description="with staleness k > 0. deterministic: batch t is generated with the weights "
+        "step t-k trained from, reproducible and resumable exactly; streaming: engines generate "
+        "continuously and the learners take groups whose lag is at most k",
+    )
+    stream: StreamConfig = Field(default_factory=StreamConfig)
     # DAPO pieces (docs/algorithms.md section 1), for every RL algorithm
     dynamic_sampling: bool = Field(
         False,
@@ -287,6 +298,11 @@ class LearnerConfig(Section):
     )
     epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     logprob_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the output head")
+    logprob_kernel: Literal["chunked", "triton"] = Field(
+        "chunked",
+        description="the output head's log-probs and entropies: chunked (PyTorch, any device) or "
+        "triton (rlpost's fused Triton kernel, CUDA; exact in tests, its GPU speed not yet measured)",
+    )
     gradient_checkpointing: bool = False
     fused_kernels: Annotated[Literal["auto", "liger", "off"], OnOff] = Field(
         "auto",

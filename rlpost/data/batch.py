@@ -36,6 +36,9 @@ class Sample:
     reward: float = 0.0
     truncated: bool = False
     rollout_logp: list[float] = field(default_factory=list)
+    # the version of the weights that sampled it (the engine's Completion.weight_version:
+    # the learners' optimizer steps then); the controller's, not sent to the learners
+    weight_version: int = 0
     advantages: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
@@ -207,6 +210,11 @@ def collate(samples: list[Sample], pad_id: int, packed: bool = False) -> dict:
         values = [getattr(s, name) for s in samples]
         if all(v is not None for v in values):
             out[name] = torch.cat(values).to(torch.float64 if name == "weights" else torch.float32)
+    # the engine's log-probs (pi_b of the off-policy corrections), only where every sample
+    # has one per response token: samples scored by no engine (tests, offline data) have none
+    if all(len(s.rollout_logp) == s.num_tokens for s in samples):
+        flat = np.fromiter(chain.from_iterable(s.rollout_logp for s in samples), np.float32, len(seq_index))
+        out["rollout_logp"] = torch.from_numpy(flat)
     return out
 
 

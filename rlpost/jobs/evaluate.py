@@ -99,7 +99,7 @@ class Evaluator:
         finally:
             if out is not None:
                 out.close()
-        self.session.compute_times()  # evaluation's generation counts in no RL step
+        self.session.worker_compute_times()  # evaluation's generation counts in no RL step
         table = {group: aggregate(rows) for group, rows in by_group.items()}
         text = format_table(table)
         for line in text.splitlines():

@@ -10,14 +10,15 @@ take the same ones. Prompts are read from one seeded stream whose position is
 checkpointed (dynamic sampling reads a varying number of prompts per step).
 What the job shares with `rlpost cdpo` (model, Ray, worker groups, generation,
 scoring, evaluation) is its `Session`; the controller's side of an update is in
-update.py.
+update.py; where each step's rollouts come from (sent ahead with rollout.staleness, or
+streamed) is pipeline.py or streaming.py.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -25,11 +26,11 @@ import torch
 
 from rlpost.algorithms import build_algorithm, sampling_rule_from_dict
 from rlpost.algorithms.base import SamplingRule
-from rlpost.algorithms.dapo import informative_groups, overlong_penalty
 from rlpost.config.rl import TrainConfig
 from rlpost.data.batch import Sample
-from rlpost.data.stream import EpochStream, derive_seed
+from rlpost.data.stream import EpochStream
 from rlpost.jobs.colocation import Colocation
+from rlpost.jobs.pipeline import GenerationPipeline, Rollouts, lag_metrics
 from rlpost.jobs.run_dir import (
     latest_checkpoint,
     load_checkpoint,
@@ -38,6 +39,7 @@ from rlpost.jobs.run_dir import (
     save_final_model,
 )
 from rlpost.jobs.session import Session
+from rlpost.jobs.streaming import Streaming
 from rlpost.jobs.update import (
     assign_advantages,
     logprob_pass,
@@ -49,8 +51,8 @@ from rlpost.jobs.update import (
 )
 from rlpost.jobs.weights import WeightSync
 from rlpost.rewards import Problem
-from rlpost.rewards.scoring.pool import RewardResult
 from rlpost.tracking.metrics import MetricSums
+from rlpost.tracking.step_times import time_metrics
 from rlpost.tracking.tracker import Tracker
 from rlpost.workers.learner import LRSchedule
 
@@ -62,18 +64,6 @@ class Result:
     accuracy_after: float | None
 
 
-@dataclass
-class Rollouts:
-    """What one RL step generated: the groups it trains on and, for metrics, every
-    scored sample of every generation round."""
-
-    groups: list[list[Sample]] = field(default_factory=list)  # rollout.n samples each
-    generated: list[Sample] = field(default_factory=list)
-    rewards: RewardResult | None = None  # of every generated sample, before overlong shaping
-    rounds: int = 0
-    dropped_groups: int = 0  # by dynamic sampling
-
-
 class Trainer(Session):
     """The RL job: a session on the task, plus the algorithm, the prompt stream and the
     sampling rule, the controller state a checkpoint carries."""
@@ -83,6 +73,13 @@ class Trainer(Session):
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
         # the algorithm's per-token temperature for the next rollout batch (HAPO), if any
         self.sampling_rule: SamplingRule | None = None
+        rc = cfg.rollout
+        # where each step's rollouts come from: sent ahead (k >= 0 steps), or streamed
+        self.generation = (
+            Streaming(self)
+            if rc.staleness and rc.async_mode == "streaming"
+            else GenerationPipeline(self, rc.staleness, cfg.steps)
+        )
 
     def run(self) -> Result:
         cfg, run_dir = self.cfg, self.run_dir
@@ -107,6 +104,8 @@ class Trainer(Session):
             self.load_checkpoint(*checkpoint)
             first = checkpoint[1]["step"] + 1
             self.tracker.print_line(f"resumed {run_dir} after step {first - 1}")
+        if self.streaming is not None:
+            self.streaming.start()
         after = None
         if not checkpoint:
             after = self.evaluate("step_0")
@@ -114,7 +113,7 @@ class Trainer(Session):
                 self.tracker.log(after, step=0)
         for step in range(first, cfg.steps + 1):
             metrics = self.rl_step(step)
-            metrics.update(overhead_metrics(metrics, self.compute_times()))
+            metrics.update(time_metrics(metrics, self.worker_compute_times(), cfg.rollout.staleness))
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 after = self.evaluate(f"step_{step}")
                 metrics.update(after)
@@ -159,11 +158,11 @@ class Trainer(Session):
             needs.old_policy_entropy
             or needs.position_divergence
             or lc.epochs > 1
-            or self.sampling_rule is not None
+            or rollouts.rule is not None
         ):
             # the controller needs the old policy's entropies before the update
             entropy = logprob_pass(
-                self.learners, self.algorithm, samples, self.split, self.sampling_rule, batch_metrics
+                self.learners, self.algorithm, samples, self.split, rollouts.rule, batch_metrics
             )
             set_token_mask(self.algorithm, samples, entropy, step, cfg.rollout.mask_truncated, batch_metrics)
             if needs.position_divergence:
@@ -189,78 +188,14 @@ class Trainer(Session):
         colocation.after_update()
 
         t = time.perf_counter()
-        self.sync_weights()
+        self.sync_weights(step)
         times["weight_sync"] = time.perf_counter() - t
         colocation.after_sync(times)
         return step_metrics(cfg, rollouts, samples, entropy, step_update, times, batch_metrics)
 
     def collect(self, step: int, times: dict[str, float]) -> Rollouts:
-        """Generate and score this step's groups. With dynamic sampling, groups whose
-        rewards are all equal are dropped and further rounds of prompts_per_step
-        prompts are generated, at most max_extra_rounds, until prompts_per_step
-        groups are kept; surplus groups are discarded and a short batch trains as
-        it is."""
-        cfg, rc = self.cfg, self.cfg.rollout
-        out = Rollouts()
-        for extra in range(1 + (rc.max_extra_rounds if rc.dynamic_sampling else 0)):
-            t = time.perf_counter()
-            problems = self.take_prompts(rc.prompts_per_step)
-            # the first round keeps the seed of a run without dynamic sampling
-            seed = derive_seed(cfg.seed, "rollout", step, *(("round", extra) if extra else ()))
-            completions = self.generate(problems, rc.n, rc.temperature, seed, self.sampling_rule)
-            times["rollout"] += time.perf_counter() - t
-
-            t = time.perf_counter()
-            groups = [
-                [
-                    Sample(
-                        prompt_ids=self.encode_prompt(p.prompt),
-                        response_ids=c.ids,
-                        truncated=c.truncated,
-                        rollout_logp=c.logprobs,
-                    )
-                    for c in group
-                ]
-                for p, group in zip(problems, completions)
-            ]
-            scored = [s for g in groups for s in g]
-            result = self.score(
-                [s.response_ids for s in scored], [p for p, g in zip(problems, groups) for _ in g]
-            )
-            for s, reward in zip(scored, result.totals):
-                s.reward = reward
-            if result.example is not None:
-                self.tracker.print_line(
-                    f"step {step}: {sum(result.failures.values())} reward "
-                    f"call(s) failed and scored 0, e.g. {result.example}"
-                )
-            out.generated += scored
-            out.rewards = result if out.rewards is None else out.rewards + result
-            if rc.overlong_buffer:
-                lengths = torch.tensor([s.num_tokens for s in scored])
-                penalties = overlong_penalty(lengths, rc.overlong_limit, rc.overlong_buffer)
-                for s, penalty in zip(scored, penalties.tolist()):
-                    s.reward += penalty
-            out.rounds += 1
-            if rc.dynamic_sampling:
-                informative = informative_groups(torch.tensor([[s.reward for s in g] for g in groups]))
-                out.dropped_groups += len(groups) - int(informative.sum())
-                groups = [g for g, keep in zip(groups, informative.tolist()) if keep]
-            out.groups += groups
-            times["reward"] += time.perf_counter() - t
-            if len(out.groups) >= rc.prompts_per_step:
-                break
-        if len(out.groups) < rc.prompts_per_step:
-            self.tracker.print_line(
-                f"step {step}: dynamic sampling kept {len(out.groups)} of "
-                f"{rc.prompts_per_step} groups after {out.rounds - 1} extra "
-                f"rounds; training on those"
-            )
-        out.groups = out.groups[: rc.prompts_per_step]
-        for g, group in enumerate(out.groups):
-            for s in group:
-                s.group = g
-        return out
+        """Generate (or take what was generated) and score this step's groups."""
+        return self.generation.collect(step, times)
 
     @cached_property
     def stream(self) -> EpochStream:
@@ -272,12 +207,15 @@ class Trainer(Session):
         """The next `count` problems of the stream of seeded epoch orders."""
         return [self.train_problems[i] for i in self.stream.take(count)]
 
-    def sync_weights(self) -> None:
-        self.weights.sync()
+    def sync_weights(self, step: int) -> None:
+        """The learners' weights after `step` into the rollout workers."""
+        self.generation.sync(step)
 
-    # ----- checkpoints: the stream's position and the sampling rule ---------------------------
+    # ----- checkpoints: the stream's position, the sampling rule, the batches sent ahead -------
     def save_checkpoint(self, step: int) -> None:
         rule = self.sampling_rule
+        if self.streaming is not None:  # the stream's position holds still while it is written
+            self.streaming.feeder.pause()
         save_checkpoint(
             self.run_dir,
             self.learners,
@@ -285,8 +223,13 @@ class Trainer(Session):
             {
                 "data_position": self.stream.position,
                 "sampling_rule": rule.to_dict() if rule is not None else None,
+                # the steps of the weights that sampled the batches sent ahead (their lags)
+                "weight_steps": self.weights.recent_steps(self.cfg.rollout.staleness + 2),
             },
+            self.generation.save,
         )
+        if self.streaming is not None:
+            self.streaming.feeder.resume()
         self.tracker.plot()
 
     def load_checkpoint(self, tag: str, state: dict) -> None:
@@ -294,9 +237,25 @@ class Trainer(Session):
         self.stream.position = state["data_position"]
         rule = state.get("sampling_rule")  # absent in checkpoints before HAPO sampling
         self.sampling_rule = sampling_rule_from_dict(rule) if rule is not None else None
-        self.sync_weights()
+        self.weights.steps.update({int(v): s for v, s in state.get("weight_steps", {}).items()})
+        self.sync_weights(state["step"])
+        tag_dir = self.run_dir / "checkpoints" / tag
+        self.generation.load(tag_dir, state["step"])
+
+    @property
+    def streaming(self) -> Streaming | None:
+        return self.generation if isinstance(self.generation, Streaming) else None
+
+    def worker_compute_times(self) -> dict[str, list[dict[str, float]]]:
+        if self.streaming is None:
+            return super().worker_compute_times()
+        # the rollout workers are asked through the feeder, which is never behind a generation
+        learners = self.learners.call("take_compute_times")
+        return {"rollout": self.streaming.feeder.take_busy(), "learner": learners}
 
     def shutdown(self) -> None:
+        if self.streaming is not None:
+            self.streaming.stop()
         super().shutdown()
         if self.tracker is not None:
             self.tracker.close()
@@ -352,26 +311,16 @@ def step_metrics(
         out["overlong/penalty_mean"] = sum(
             s.reward - total for s, total in zip(generated, rollouts.rewards.totals)
         ) / len(generated)
+    if rc.staleness:
+        out.update(lag_metrics(rollouts, rc.staleness))
     if rc.dynamic_sampling:
-        out["dynamic_sampling/dropped_group_frac"] = rollouts.dropped_groups / (
-            rollouts.rounds * rc.prompts_per_step
-        )
-        out["dynamic_sampling/extra_rounds"] = rollouts.rounds - 1
+        out["dynamic_sampling/dropped_group_frac"] = rollouts.dropped_groups / rollouts.scored_groups
+        if not (rc.staleness and rc.async_mode == "streaming"):  # streaming has no rounds
+            out["dynamic_sampling/extra_rounds"] = rollouts.rounds - 1
         out["dynamic_sampling/kept_groups"] = len(rollouts.groups)
     out.update(batch_metrics)
     out.update({f"time/{k}": v for k, v in times.items()})
     out.update(update.result())
-    return out
-
-
-def overhead_metrics(metrics: dict[str, float], compute: dict[str, float]) -> dict[str, float]:
-    """The workers' compute seconds in an RL step, and the framework overhead: what
-    the step's wall time spent beyond that compute, the reward phase and the weight
-    sync (none when dynamic sampling dropped every group)."""
-    out = {f"time/compute/{name}": compute.get(name, 0.0) for name in ("generate", "logprob", "update")}
-    step = metrics["time/step"]
-    overhead = step - sum(out.values()) - metrics["time/reward"] - metrics.get("time/weight_sync", 0.0)
-    out.update({"time/framework_overhead": overhead, "time/framework_overhead_frac": overhead / step})
     return out
 
 

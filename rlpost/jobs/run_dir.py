@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,11 +45,15 @@ def prepare_run_dir(cfg) -> Path:
     return run_dir
 
 
-def save_checkpoint(run_dir: Path, learners, step: int, state: dict) -> None:
-    """Checkpoint `step_<step>`: the learners' part, then the controller's (`state`, the
-    step and the RNG states)."""
+def save_checkpoint(
+    run_dir: Path, learners, step: int, state: dict, write_files: Callable[[Path], None] | None = None
+) -> None:
+    """Checkpoint `step_<step>`: the learners' part, the job's own files (`write_files` of
+    the checkpoint's directory), then the controller's (`state`, the step and the RNG states)."""
     tag_dir = run_dir / "checkpoints" / f"step_{step}"
     learners.call("save_checkpoint", str(tag_dir.parent), tag_dir.name)
+    if write_files is not None:
+        write_files(tag_dir)
     state = {
         "step": step,
         **state,

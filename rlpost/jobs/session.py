@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -41,7 +42,7 @@ from rlpost.rewards.config import ComponentConfig, RewardConfig
 from rlpost.rewards.scoring.pool import RESERVED_SOURCES, RewardPool, RewardResult
 from rlpost.rewards.tasks.file_rows import FileRows
 from rlpost.tracking.tracker import Tracker
-from rlpost.workers.group import Placement, WorkerGroup
+from rlpost.workers.group import Placement, WorkerGroup, gather
 from rlpost.workers.learner import LRSchedule, start_learner_group
 from rlpost.workers.rollout import RolloutWorker
 from rlpost.workers.threads import set_threads
@@ -77,6 +78,7 @@ class Session:
                 p.source = cfg.task.name
             self.eval_sets = [EvalSet(cfg.task.name, eval_problems)]
         self._prompt_ids: OrderedDict[str, list[int]] = OrderedDict()
+        self._encode_lock = threading.Lock()
         self.tokenizer = None
         self.tracker: Tracker | None = None
         self.placement: Placement | None = None
@@ -218,16 +220,22 @@ class Session:
     def encode_prompt(self, prompt: str | list[dict[str, str]]) -> list[int]:
         """Token ids of a prompt (memoised for the latest prompts: every RL step encodes
         its prompts for the engines and again for the samples; callers must not modify
-        the list)."""
+        the list). Streaming's feeder thread encodes too: a fast tokenizer is not to be
+        used from two threads at once."""
         key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-        ids = self._prompt_ids.get(key)
-        if ids is None:
-            ids = self._prompt_ids[key] = encode_prompt(self.tokenizer, prompt, self.cfg.task)
-            if len(self._prompt_ids) > PROMPT_MEMO:
-                self._prompt_ids.popitem(last=False)
+        with self._encode_lock:
+            ids = self._prompt_ids.get(key)
+            if ids is None:
+                ids = self._prompt_ids[key] = encode_prompt(self.tokenizer, prompt, self.cfg.task)
+                if len(self._prompt_ids) > PROMPT_MEMO:
+                    self._prompt_ids.popitem(last=False)
         return ids
 
-    def generate(
+    def generate(self, *args, **kwargs) -> list[list]:
+        """`submit_generation`'s completions, waited for and checked."""
+        return self.collect_generation(self.submit_generation(*args, **kwargs))
+
+    def submit_generation(
         self,
         problems: list[Problem],
         n: int,
@@ -235,27 +243,31 @@ class Session:
         seed: int,
         rule: SamplingRule | None = None,
         top_p: float | None = None,
-    ) -> list[list]:
+    ) -> list:
         """`n` completions of each problem, the problems split evenly across the rollout
-        workers, each worker seeded by (seed, its rank); `top_p` defaults to rollout's."""
+        workers, each seeded by (seed, its rank); `top_p` defaults to rollout's. Returned
+        without waiting on Ray: a reference per worker (in-process, its completions), for
+        `collect_generation`."""
         prompts = [self.encode_prompt(p.prompt) for p in problems]
-        workers = len(self.rollout)
-        per = -(-len(prompts) // workers)
+        per = -(-len(prompts) // len(self.rollout))
+        rc = self.cfg.rollout
         chunks = [
-            (
-                prompts[r * per : (r + 1) * per],
-                n,
-                temperature,
-                top_p or self.cfg.rollout.top_p,
-                self.cfg.rollout.max_new_tokens,
-                derive_seed(seed, r),
-                rule,
-            )
-            for r in range(workers)
+            (prompts[r * per : (r + 1) * per], n, temperature, top_p or rc.top_p)
+            + (rc.max_new_tokens, derive_seed(seed, r), rule)
+            for r in range(len(self.rollout))
         ]
-        completions = [c for part in self.rollout.call("generate", per_rank=chunks) for c in part]
+        if self.use_ray:
+            return self.rollout.submit("generate", per_rank=chunks)
+        return self.rollout.call("generate", per_rank=chunks)
+
+    def collect_generation(self, parts: list, version: int | None = None) -> list[list]:
+        """The completions of a `submit_generation`, in the problems' order, checked to be
+        sampled with weight `version` (None: the latest sync's)."""
+        refs = [p for p in parts if not isinstance(p, list)]
+        results = iter(gather(refs) if refs else ())
+        completions = [c for part in parts for c in (part if isinstance(part, list) else next(results))]
         if self.weights is not None:
-            self.weights.check_rollouts(completions)
+            self.weights.check_rollouts(completions, version)
         return completions
 
     def decode(self, responses: list[list[int]]) -> list[str]:
@@ -275,15 +287,10 @@ class Session:
         evaluator = Evaluator(self, self.eval_sets, self.cfg.eval, self.cfg.rollout, self.cfg.seed)
         return evaluator.run(self.run_dir / "eval" / f"{label}.jsonl")
 
-    def compute_times(self) -> dict[str, float]:
-        """Seconds of generation, log-prob forward and update compute since the last
-        call, each from the slowest worker: a group's workers run in parallel."""
-        out: dict[str, float] = {}
-        for group in (self.rollout, self.learners):
-            for seconds in group.call("take_compute_times") if group is not None else ():
-                for name, value in seconds.items():
-                    out[name] = max(out.get(name, 0.0), value)
-        return out
+    def worker_compute_times(self) -> dict[str, list[dict[str, float]]]:
+        """Each worker's compute seconds by kind since the last call, per role."""
+        groups = {"rollout": self.rollout, "learner": self.learners}
+        return {role: group.call("take_compute_times") for role, group in groups.items() if group is not None}
 
 
 def with_verifier(reward: RewardConfig) -> RewardConfig:

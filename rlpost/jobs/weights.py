@@ -11,7 +11,8 @@ must report the version the learners sent. In the in-process mode the buckets ar
 from the learner to each engine in this process.
 
 Two checks guard every rollout: each completion carries the version of the weights that
-sampled it, which must be the latest sync's (`check_rollouts`), and the mean gap between
+sampled it, which must be the one it was sent to be sampled with, the latest sync's unless
+sent ahead (`check_rollouts`; streaming instead drops what lags too far), and the mean gap between
 the engines' and the learners' log-probs of the same tokens must stay below
 `rollout.weight_sync.max_logprob_gap` (`check_gap`), which catches weights that arrived
 but were loaded wrong.
@@ -33,6 +34,7 @@ class WeightSync:
         plan = learners.call("weight_plan", cfg.model.dtype, int(self.wc.bucket_mb * 2**20))[0]
         self.plan = SyncPlan.from_list(plan)
         self.version = 0  # learners and engines start from the same model
+        self.steps = {0: 0}  # weight version -> the RL step after which it was sent
         if use_ray:
             transport = self.wc.transport
             self._open(plan, transport == "ipc" or (transport == "auto" and cfg.ray.placement == "colocated"))
@@ -62,8 +64,9 @@ class WeightSync:
             + self.rollout.submit("open_weights", per_rank=receivers)
         )
 
-    def sync(self) -> int:
-        """The learners' current weights into every engine; returns their version."""
+    def sync(self, step: int | None = None) -> int:
+        """The learners' current weights (those after RL step `step`) into every engine;
+        returns their version."""
         if self.use_ray:
             sends = self.learners.submit("send_weights")
             results = gather(sends + self.rollout.submit("receive_weights"))
@@ -81,19 +84,39 @@ class WeightSync:
                 buckets = ((self.plan.buckets[i], buf) for i, buf in learner.packed_buckets())
                 worker.load_weights(sent, buckets)
         self.version = sent
+        if step is not None:
+            self.steps[sent] = step
         return sent
 
-    def check_rollouts(self, completions: list[list]) -> None:
-        """Every completion sampled with the latest weights, else a WeightSyncError."""
+    def lag(self, step: int, version: int) -> int | None:
+        """For a sample trained at `step`: the updates between weight `version`, which
+        sampled it, and the learners' (those after step - 1); None: a version older than
+        this process and its checkpoint know."""
+        sent_after = self.steps.get(version)
+        return None if sent_after is None else step - 1 - sent_after
+
+    def recent_steps(self, count: int) -> dict[int, int]:
+        """The latest `count` versions' steps (what a checkpoint keeps of `steps`)."""
+        return dict(sorted(self.steps.items())[-count:])
+
+    def check_rollouts(self, completions: list[list], version: int | None = None) -> None:
+        """Every completion sampled with weight `version` (None: the latest sync's), else a
+        WeightSyncError."""
+        expected = self.version if version is None else version
         versions = {c.weight_version for group in completions for c in group}
-        if versions - {self.version}:
+        if versions - {expected}:
             raise WeightSyncError(
-                f"rollouts came back sampled with weight version(s) {sorted(versions)}, but the "
-                f"learners' latest sync sent version {self.version}: an engine missed a sync"
+                f"rollouts came back sampled with weight version(s) {sorted(versions)}, but "
+                f"they were sent to be sampled with version {expected} (the latest sync sent "
+                f"{self.version}): an engine missed a sync, or loaded one too early"
             )
 
     def check_gap(self, metrics: dict[str, float], step: int) -> None:
+        """Only where every sample trained on was sampled with the learners' weights (lag
+        0): with rollout.staleness the gap also holds the updates since, which is no fault."""
         limit, gap = self.wc.max_logprob_gap, metrics.get(GAP)
+        if metrics.get("staleness/lag_max", 0) > 0:
+            return
         if limit is not None and gap is not None and gap > limit:
             raise WeightSyncError(
                 f"step {step}: {GAP} is {gap:.4g} nats per token, over "

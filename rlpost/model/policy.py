@@ -18,9 +18,10 @@ from rlpost.algorithms.base import SamplingRule
 from rlpost.config.sections import LearnerConfig
 from rlpost.model.attention import use_varlen_attention, varlen_available
 from rlpost.model.fused_kernels import use_fused_kernels
+from rlpost.model.head_kernels import head_logprobs, pick_logprob_kernel
 from rlpost.model.load import load_model
 from rlpost.model.lora import add_lora
-from rlpost.model.token_ops import Temperature, chunked_logprobs, chunked_token_kl
+from rlpost.model.token_ops import Temperature, chunked_token_kl
 
 
 class PolicyModel(nn.Module):
@@ -28,12 +29,16 @@ class PolicyModel(nn.Module):
 
     `masks`: SparsePO's learned mask networks when the algorithm trains them, a submodule
     so that DeepSpeed's optimizer, LR schedule, ZeRO partitioning, gradient clipping and
-    checkpoints cover them with the LM (`export_weights` leaves them out)."""
+    checkpoints cover them with the LM (`export_weights` leaves them out).
 
-    def __init__(self, lm: nn.Module, chunk_size: int):
+    `logprob_kernel`: what computes the log-probs and entropies from the final states,
+    "chunked" or "triton" (`learner.logprob_kernel`, rlpost/model/head_kernels.py)."""
+
+    def __init__(self, lm: nn.Module, chunk_size: int, logprob_kernel: str = "chunked"):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
+        self.logprob_kernel = logprob_kernel
         self.masks: nn.Module | None = None  # SparsePO's learned masks (PairLoss.mask_networks)
 
     def hidden_states(self, input_ids, pred_pos, **attention) -> torch.Tensor:
@@ -73,10 +78,11 @@ class PolicyModel(nn.Module):
         head = self.lm.get_output_embeddings()
         if reference is not None:
             return chunked_token_kl(hidden, head, *reference, targets, self.chunk_size, temperature)
-        logp, entropy = chunked_logprobs(hidden, head, targets, self.chunk_size, temperature)
+        kernel = self.logprob_kernel
+        logp, entropy = head_logprobs(hidden, head, targets, self.chunk_size, temperature, kernel)
         if rule is not None:
-            logp, _ = chunked_logprobs(
-                hidden, head, targets, self.chunk_size, temperature * rule.factor(entropy)
+            logp, _ = head_logprobs(
+                hidden, head, targets, self.chunk_size, temperature * rule.factor(entropy), kernel
             )
         return logp, entropy
 
@@ -88,7 +94,7 @@ class BaseModelView(PolicyModel):
     head is never adapted (`lora.check_targets`), so this is exactly the initial model."""
 
     def __init__(self, policy: PolicyModel, adapter):
-        super().__init__(policy.lm, policy.chunk_size)
+        super().__init__(policy.lm, policy.chunk_size, policy.logprob_kernel)
         self._disable_adapter = adapter.disable_adapter  # a method: no submodule registered
 
     @contextmanager
@@ -130,7 +136,9 @@ def load_policy(
         use_varlen_attention(lm)
     fused = use_fused_kernels(lc.fused_kernels, lm, device.type == "cuda")
     adapter = add_lora(lm, lc.lora, seed) if lc.lora is not None else None
-    return PolicyModel(lm, lc.logprob_chunk_size), adapter, packed, fused
+    # resolved here so that a triton the device cannot run fails at start, not mid-step
+    kernel = pick_logprob_kernel(lc.logprob_kernel, device, partitioned=lc.zero_stage == 3)
+    return PolicyModel(lm, lc.logprob_chunk_size, kernel), adapter, packed, fused
 
 
 def load_reference(
@@ -149,6 +157,6 @@ def load_reference(
     if packed and varlen_available(device, lm.dtype):
         use_varlen_attention(lm)
     use_fused_kernels(lc.fused_kernels, lm, device.type == "cuda")
-    ref = PolicyModel(lm, lc.logprob_chunk_size)
+    ref = PolicyModel(lm, lc.logprob_chunk_size, policy.logprob_kernel)
     ref.to(device).eval().requires_grad_(False)
     return ref

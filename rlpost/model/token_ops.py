@@ -10,6 +10,7 @@ each chunk's logits to form its gradient in place. Peak memory is about two
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -343,3 +344,8 @@ def chunked_token_kl(
         for s in range(0, hidden.shape[0], chunk_size)
     ]
     return tuple(torch.cat([o[i] for o in outs]) for i in range(3))
+
+
+def triton_interpreter() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on the CPU through numpy (tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

@@ -8,12 +8,14 @@ among ranks (`train_minibatch`). The preference-pair role (`rlpost dpo`) is
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rlpost.algorithms.base import TOKEN_KL, SamplingRule, TokenTensors, position_divergence
+from rlpost.algorithms import Correction, behaviour_weights
+from rlpost.algorithms.base import TOKEN_KL, PolicyGradient, SamplingRule, TokenTensors, position_divergence
 from rlpost.config.offline import OfflineConfig
 from rlpost.config.rl import TrainConfig
 from rlpost.data.batch import Sample, collate, per_sample
@@ -111,6 +113,29 @@ class Learner(PolicyRank):
         self.engine.train()
         return out
 
+    @cached_property
+    def correction(self) -> Correction | None:
+        """The off-policy correction of RL updates (TrainConfig.off_policy); None when it is
+        "none", for offline jobs (no such section) and for any learner not running a policy
+        gradient: `rlpost train`'s SFT warm-up gets the same config and trains on data no
+        engine sampled."""
+        section = getattr(self.cfg, "off_policy", None)
+        if section is None or section.correction == "none" or not isinstance(self.algorithm, PolicyGradient):
+            return None
+        return Correction(**section.model_dump())
+
+    def _behaviour_logp(self, mb: list[Sample], batch: dict) -> torch.Tensor:
+        """pi_b of the micro-batch's tokens; an error naming the first sample without them."""
+        if "rollout_logp" not in batch:
+            bad = next(s for s in mb if len(s.rollout_logp) != s.num_tokens)
+            raise ValueError(
+                f"off_policy.correction {self.correction.correction!r} needs the rollout engine's "
+                f"log-prob of every response token (Sample.rollout_logp), but a sample has "
+                f"{len(bad.rollout_logp)} for {bad.num_tokens} tokens; set off_policy.correction: none "
+                "or use an engine that returns log-probs"
+            )
+        return batch["rollout_logp"].to(self.device)
+
     def train_minibatch(self, micro_batches: list[list[Sample]], apply: bool = True) -> MetricSums:
         """One optimizer step over this rank's share of a mini-batch.
 
@@ -150,6 +175,12 @@ class Learner(PolicyRank):
                     extra=extra,
                 )
                 token_loss, token_metrics = self.algorithm.token_loss(t)
+                if self.correction is not None:  # under none the loss is not even multiplied by 1
+                    w, off_metrics = behaviour_weights(
+                        t.old_logp, self._behaviour_logp(mb, batch), t.seq_index, self.correction, len(mb)
+                    )
+                    token_loss = token_loss.double() * w
+                    token_metrics = {**token_metrics, **off_metrics}
                 loss = (token_loss.double() * get("weights")).sum()
             metrics.add_total("loss", loss)
             if entropy is not None:

@@ -126,7 +126,7 @@ class PolicyRank:
         world_size: int,
         pad_id: int,
     ):
-        set_threads()
+        set_threads("learner")
         self.cfg, self.model_dir, self.schedule = cfg, model_dir, schedule
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
         # RL scores its samples at the temperature they were drawn at; offline data was not

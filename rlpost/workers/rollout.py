@@ -21,7 +21,7 @@ def make_engine(model_dir: str, cfg: RolloutConfig, dtype: str, seed: int):
 
 class RolloutWorker:
     def __init__(self, model_dir: str, cfg: RolloutConfig, dtype: str, seed: int, rank: int):
-        set_threads()
+        set_threads("rollout")
         self.rank = rank
         self.engine = make_engine(model_dir, cfg, dtype, seed)
         # engines hand back host lists, so no CUDA barrier is needed around them
@@ -43,6 +43,13 @@ class RolloutWorker:
             for c in group:
                 c.weight_version = self.engine.weight_version
         return groups
+
+    def generate_timed(self, *args) -> tuple[list[list[Completion]], float]:
+        """`generate`, with its seconds returned instead of kept for `take_compute_times`:
+        the streaming feeder (rlpost/jobs/streaming.py) accounts for them, since asking the
+        worker would wait behind the generation it is in."""
+        groups = self.generate(*args)
+        return groups, self.clock.take().get("generate", 0.0)
 
     # ----- weights: the engine's half of rlpost/engines/weight_sync.py --------------------
     def weight_ranks(self) -> int:

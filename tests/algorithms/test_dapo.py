@@ -5,6 +5,7 @@ bookkeeping (rounds, data position, seeds, metrics) with a scripted rollout engi
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -109,6 +110,9 @@ class ScriptedTrainer(Trainer):
             for group in script
         ]
 
+    def submit_generation(self, problems, n, temperature, seed, rule=None):
+        return [self.generate(problems, n, temperature, seed, rule)]
+
     def encode_prompt(self, text):
         return [1]
 
@@ -121,10 +125,16 @@ def scripted(tmp_path, *overrides: str) -> ScriptedTrainer:
     return ScriptedTrainer(load_config(TINY, list(overrides)), tmp_path)
 
 
+def collect(trainer: ScriptedTrainer, step: int, times: dict | None = None):
+    """Batch `step`'s rollouts, as the loop collects them there (nothing sent ahead)."""
+    trainer.generation.next_step = trainer.generation.last_step = step
+    return trainer.collect(step, {"rollout": 0.0, "reward": 0.0} if times is None else times)
+
+
 def test_dynamic_sampling_refills_up_to_the_batch(tmp_path):
     trainer = scripted(tmp_path, "rollout.dynamic_sampling=true", "rollout.max_extra_rounds=3")
     times = {"rollout": 0.0, "reward": 0.0}
-    rollouts = trainer.collect(5, times)
+    rollouts = collect(trainer, 5, times)
     # round 0 keeps prompts 1 and 3, round 1 nothing, round 2 prompts 0, 1 and 2, of which
     # the batch takes the first 2; zero-variance groups dropped: 2 + 4 + 1 = 7 of 12
     assert rollouts.rounds == 3 and rollouts.dropped_groups == 7
@@ -152,7 +162,7 @@ def test_dynamic_sampling_refills_up_to_the_batch(tmp_path):
 
 def test_dynamic_sampling_gives_up_after_the_bound(tmp_path):
     trainer = scripted(tmp_path, "rollout.dynamic_sampling=true", "rollout.max_extra_rounds=1")
-    rollouts = trainer.collect(1, {"rollout": 0.0, "reward": 0.0})
+    rollouts = collect(trainer, 1)
     assert rollouts.rounds == 2 and len(rollouts.groups) == 2 and trainer.stream.position == 8
     assert trainer.lines == [
         "step 1: dynamic sampling kept 2 of 4 groups after 1 extra rounds; training on those"
@@ -161,7 +171,7 @@ def test_dynamic_sampling_gives_up_after_the_bound(tmp_path):
 
 def test_without_dynamic_sampling_one_round_as_before(tmp_path):
     trainer = scripted(tmp_path)
-    rollouts = trainer.collect(2, {"rollout": 0.0, "reward": 0.0})
+    rollouts = collect(trainer, 2)
     assert rollouts.rounds == 1 and len(rollouts.groups) == 4 and trainer.stream.position == 4
     assert trainer.seeds == [derive_seed(3, "rollout", 2)]
     metrics = step_metrics(trainer.cfg, rollouts, [], None, MetricSums(), {"rollout": 1.0}, {})
@@ -173,7 +183,7 @@ def test_overlong_shaping_adds_to_the_reward_and_makes_groups_informative(tmp_pa
     trainer = scripted(
         tmp_path, "rollout.dynamic_sampling=true", "rollout.overlong_buffer=2", "rollout.max_extra_rounds=0"
     )
-    rollouts = trainer.collect(1, {"rollout": 0.0, "reward": 0.0})
+    rollouts = collect(trainer, 1)
     # round 0: prompt 2 (all wrong, all 2 tokens) stays uninformative at -0.5 each;
     # prompt 3 had (1, 1), (0, 3), (1, 1), (0, 1): rewards 1, -1, 1, 0
     assert [[s.reward for s in g] for g in rollouts.groups] == [[0, 1, 0, 0], [1, -1, 1, 0]]
@@ -198,11 +208,12 @@ def test_prompt_stream_position_crosses_epochs_and_survives_a_checkpoint(tmp_pat
             if method == "save_checkpoint":
                 (tmp_path / "checkpoints" / tag).mkdir(parents=True)
 
-    trainer.learners, trainer.sync_weights = Learners(), lambda: None
+    weights = SimpleNamespace(steps={0: 0}, recent_steps=lambda count: {0: 0})
+    trainer.learners, trainer.sync_weights, trainer.weights = Learners(), lambda step: None, weights
     trainer.save_checkpoint(3)
     state = json.loads((tmp_path / "checkpoints" / "step_3" / "trainer_state.json").read_text())
     assert state["data_position"] == size + 4
     resumed = scripted(tmp_path)
-    resumed.learners, resumed.sync_weights = Learners(), lambda: None
+    resumed.learners, resumed.sync_weights, resumed.weights = Learners(), lambda step: None, weights
     resumed.load_checkpoint("step_3", state)
     assert resumed.take_prompts(4) == trainer.take_prompts(4)

@@ -66,9 +66,11 @@ def test_varlen_packed_matches_padded_sdpa():
     assert cos > 0.999, cos
 
 
-def test_chunked_logprobs_on_cuda_match_full_logits():
-    """The compiled chunk kernels (CUDA only) against full logits, fp32."""
-    from rlpost.model.token_ops import chunked_logprobs
+@pytest.mark.parametrize("kernel", ["chunked", "triton"])
+def test_head_logprobs_on_cuda_match_full_logits(kernel):
+    """The compiled chunk kernels and rlpost's fused Triton kernel (CUDA only) against full
+    logits, fp32 (learner.logprob_kernel)."""
+    from rlpost.model.head_kernels import head_logprobs
 
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 5000, bias=False).cuda()
@@ -77,7 +79,7 @@ def test_chunked_logprobs_on_cuda_match_full_logits():
     w = torch.randn(300, device="cuda")
     per_token = torch.rand(300, device="cuda") + 0.5  # HAPO's adaptive temperature: one T_t per token
     for temperature in (1.0, 0.7, per_token):
-        logp, ent = chunked_logprobs(hidden, head, targets, chunk_size=128, temperature=temperature)
+        logp, ent = head_logprobs(hidden, head, targets, 128, temperature, kernel)
         ((logp * w).sum() + ent.sum()).backward()
         got = (logp.detach(), ent.detach(), hidden.grad.clone(), head.weight.grad.clone())
         hidden.grad = head.weight.grad = None

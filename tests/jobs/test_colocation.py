@@ -78,7 +78,7 @@ def trainer(tmp_path, monkeypatch, overrides: list[str], groups: int = 1):
         return []
 
     monkeypatch.setattr(t, "collect", collect)
-    monkeypatch.setattr(t, "sync_weights", lambda: log.append(SYNC))
+    monkeypatch.setattr(t, "sync_weights", lambda step: log.append(SYNC))
     monkeypatch.setattr(rl, "score_and_train", score_and_train)
     monkeypatch.setattr(rl, "logprob_pass", logprob_pass)
     monkeypatch.setattr(rl, "train_minibatches", train_minibatches)

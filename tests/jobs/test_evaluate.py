@@ -46,7 +46,7 @@ class ScriptedSession:
         correct = [t.rstrip("…").endswith(p.answer) for t, p in zip(texts, problems)]
         return RewardResult([float(c) for c in correct], {}, {}, None, [p.source for p in problems], correct)
 
-    def compute_times(self):
+    def worker_compute_times(self):
         return {}
 
 

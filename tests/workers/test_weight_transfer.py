@@ -194,7 +194,9 @@ def test_in_process_transport_matches_the_learner(model_dir):
         # a planted stale engine: its rollouts are refused
         worker.engine.weight_version = 4
         completions = worker.generate([[1, 3, 4]], 2, 1.0, 1.0, 4, seed=0)
-        with pytest.raises(WeightSyncError, match=r"version\(s\) \[4\].*sent version 5"):
+        with pytest.raises(
+            WeightSyncError, match=r"version\(s\) \[4\].*sampled with version 5 \(the latest sync sent 5\)"
+        ):
             sync.check_rollouts(completions)
     finally:
         worker.shutdown()
