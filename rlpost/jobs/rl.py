@@ -276,24 +276,34 @@ def step_metrics(
     times: dict[str, float],
     batch_metrics: dict[str, float],
 ) -> dict[str, float]:
-    """Rewards, accuracy and lengths over every generated sample (the policy's
-    behaviour); entropy and log-prob gaps over the samples trained on."""
+    """Rewards, accuracy and lengths over every sample generated and scored in the step
+    (the policy's behaviour; streaming may train on groups scored in earlier steps only,
+    and then has none); entropy and log-prob gaps over the samples trained on."""
     rc = cfg.rollout
     generated = rollouts.generated
-    rewards = torch.tensor([s.reward for s in generated])
     lengths = torch.tensor([s.num_tokens for s in generated], dtype=torch.float)
     n_tokens = int(lengths.sum())
     step_time = sum(times.values())
-    out = {
-        "reward/mean": rewards.mean().item(),
-        "reward/std": rewards.std().item() if len(generated) > 1 else 0.0,
-        "response_length/mean": lengths.mean().item(),
-        "response_length/max": lengths.max().item(),
-        "response_length/clipped_frac": sum(s.truncated for s in generated) / len(generated),
-        "tokens": n_tokens,
-        "tokens_per_sec": n_tokens / step_time,
-        "time/step": step_time,
-    }
+    out = {"tokens": n_tokens, "tokens_per_sec": n_tokens / step_time, "time/step": step_time}
+    if generated:
+        rewards = torch.tensor([s.reward for s in generated])
+        out.update(
+            {
+                "reward/mean": rewards.mean().item(),
+                "reward/std": rewards.std().item() if len(generated) > 1 else 0.0,
+                "response_length/mean": lengths.mean().item(),
+                "response_length/max": lengths.max().item(),
+                "response_length/clipped_frac": sum(s.truncated for s in generated) / len(generated),
+            }
+        )
+        result = rollouts.rewards
+        out.update(result.metrics(per_source=cfg.from_files))
+        if not cfg.from_files:  # one source, the task
+            out[f"accuracy/{cfg.task.name}"] = sum(result.correct) / len(generated)
+        if rc.overlong_buffer:  # collect added the penalty to each pool reward
+            out["overlong/penalty_mean"] = sum(
+                s.reward - total for s, total in zip(generated, result.totals)
+            ) / len(generated)
     if samples:
         gap = torch.cat([(torch.tensor(s.rollout_logp) - s.old_logp).abs() for s in samples])
         out.update(
@@ -303,18 +313,10 @@ def step_metrics(
                 "logprob_gap/rollout_vs_learner_max": gap.max().item(),
             }
         )
-    result = rollouts.rewards
-    out.update(result.metrics(per_source=cfg.from_files))
-    if not cfg.from_files:  # one source, the task
-        out[f"accuracy/{cfg.task.name}"] = sum(result.correct) / len(generated)
-    if rc.overlong_buffer:  # collect added the penalty to each pool reward
-        out["overlong/penalty_mean"] = sum(
-            s.reward - total for s, total in zip(generated, rollouts.rewards.totals)
-        ) / len(generated)
     if rc.staleness:
         out.update(lag_metrics(rollouts, rc.staleness))
     if rc.dynamic_sampling:
-        out["dynamic_sampling/dropped_group_frac"] = rollouts.dropped_groups / rollouts.scored_groups
+        out["dynamic_sampling/dropped_group_frac"] = rollouts.dropped_groups / max(rollouts.scored_groups, 1)
         if not (rc.staleness and rc.async_mode == "streaming"):  # streaming has no rounds
             out["dynamic_sampling/extra_rounds"] = rollouts.rounds - 1
         out["dynamic_sampling/kept_groups"] = len(rollouts.groups)

@@ -12,8 +12,10 @@ from rlpost.data.stream import EpochStream
 from rlpost.engines.base import Completion
 from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config
+from rlpost.jobs.rl import step_metrics
 from rlpost.jobs.streaming import Response, StreamGroup, Streaming
 from rlpost.rewards.scoring.pool import RewardResult
+from rlpost.tracking.metrics import MetricSums
 from tests.run_helpers import TINY, read_metrics, run_train
 
 
@@ -146,8 +148,12 @@ def test_a_full_batch_waiting_is_taken_without_generating():
     streaming = make("rollout.stream.chunk_prompts=8", worker=worker)
     streaming.collect(1, {"rollout": 0.0, "reward": 0.0})  # one chunk of 8 groups: 4 left over
     assert len(worker.calls) == 1 and len(streaming.waiting) == 4
-    out = streaming.collect(2, {"rollout": 0.0, "reward": 0.0})
+    times = {"rollout": 0.0, "reward": 0.0}
+    out = streaming.collect(2, times)
     assert len(worker.calls) == 1 and len(out.groups) == 4 and not streaming.waiting
+    # nothing was scored in step 2: its metrics have no rewards or lengths, and no error
+    metrics = step_metrics(streaming.trainer.cfg, out, [], None, MetricSums(), {**times, "update": 1.0}, {})
+    assert "reward/mean" not in metrics and metrics["tokens"] == 0
 
 
 @pytest.mark.slow
