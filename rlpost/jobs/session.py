@@ -105,6 +105,7 @@ class Session:
         if cfg.from_files:  # bad rows are reported (or, strict, an error) before Ray starts
             self.read_prompt_files(training)
         if self.use_ray:
+            split_threads(cfg)
             init_ray(cfg.ray, cfg.rollout.num_workers + cfg.learner.num_learners)
         # before the warm-up: its learners and the job's learners take the same slots
         self.placement = Placement(cfg, use_ray=self.use_ray)
@@ -302,6 +303,17 @@ def with_verifier(reward: RewardConfig) -> RewardConfig:
     return reward.model_copy(
         update={"components": [*reward.components, ComponentConfig(name="task", weight=0.0)]}
     )
+
+
+def split_threads(cfg) -> None:
+    """With rollout.staleness, generation and the update overlap: unless set, the rollout
+    workers and the learners each get half the machine's cores for torch (Ray's local
+    workers inherit this environment). Every core for every worker ran one-step-off 4x
+    slower than a split on a 2-core machine (docs/performance.md section 7)."""
+    if getattr(getattr(cfg, "rollout", None), "staleness", 0) and "RLPOST_THREADS" not in os.environ:
+        half = str(max(1, (os.cpu_count() or 2) // 2))
+        for role in ("ROLLOUT", "LEARNER"):
+            os.environ.setdefault(f"RLPOST_THREADS_{role}", half)
 
 
 def init_ray(rc: RayConfig, workers: int) -> None:

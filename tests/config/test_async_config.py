@@ -3,6 +3,8 @@ loads: one line naming the keys."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from rlpost.config.load import read_train_config
@@ -33,3 +35,17 @@ def test_refused_with_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         read_train_config(None, overrides)
     assert message in str(e.value)
+
+
+def test_overlapping_roles_split_the_cores_unless_told(monkeypatch):
+    from rlpost.jobs.session import split_threads
+
+    for name in ("RLPOST_THREADS", "RLPOST_THREADS_ROLLOUT", "RLPOST_THREADS_LEARNER"):
+        monkeypatch.setenv(name, "")  # recorded, so that teardown restores what was there
+        monkeypatch.delenv(name)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    split_threads(read_train_config(None))  # synchronous: every core each, as before
+    assert "RLPOST_THREADS_ROLLOUT" not in os.environ
+    monkeypatch.setenv("RLPOST_THREADS_LEARNER", "3")
+    split_threads(read_train_config(None, ["rollout.staleness=1"]))
+    assert os.environ["RLPOST_THREADS_ROLLOUT"] == "4" and os.environ["RLPOST_THREADS_LEARNER"] == "3"
