@@ -13,9 +13,8 @@ from rlpost.algorithms.aggregation import aggregate
 from rlpost.algorithms.base import position_divergence
 from rlpost.algorithms.selection import position_weights
 from rlpost.config.rl import TrainConfig
-from rlpost.config.sections import ModelConfig
 from rlpost.data.batch import Sample, view
-from rlpost.model.load import load_model, materialise_initial_model
+from rlpost.model.load import load_model
 from rlpost.workers.learner import LRSchedule, start_learner_group
 
 
@@ -68,17 +67,6 @@ def test_position_weights_multiply_the_aggregation_weights():
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got, aggregate("seq-mean-token-mean", view(samples)) * torch.cat(scale))
     assert not build_algorithm("grpo", {}).needs.position_divergence
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return materialise_initial_model(
-        ModelConfig(hidden_size=64, intermediate_size=128),
-        "0123456789+=",
-        seed=0,
-        out_dir=tmp_path_factory.mktemp("m") / "m",
-        max_len=64,
-    )
 
 
 def make_groups() -> list[list[Sample]]:

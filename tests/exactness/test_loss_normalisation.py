@@ -17,10 +17,9 @@ import torch
 
 from rlpost.algorithms import build_algorithm
 from rlpost.config.rl import TrainConfig
-from rlpost.config.sections import ModelConfig
 from rlpost.data.batch import Sample, shard, view
 from rlpost.jobs.update import train_minibatches
-from rlpost.model.load import load_model, materialise_initial_model
+from rlpost.model.load import load_model
 from rlpost.workers.group import WorkerGroup
 from rlpost.workers.learner import LRSchedule, start_learner_group
 from tests.run_helpers import assert_gradients_match
@@ -30,14 +29,6 @@ RTOL, ATOL = 1e-5, 1e-7
 
 def algo(loss_agg: str = "token-mean") -> tuple[str, dict]:
     return "grpo", {"clip_eps_low": 0.2, "clip_eps_high": 0.2, "loss_agg": loss_agg}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    return materialise_initial_model(
-        ModelConfig(hidden_size=64, intermediate_size=128), "0123456789+=", seed=0, out_dir=d, max_len=64
-    )
 
 
 def make_samples(seed: int = 0, loss_agg: str = "token-mean") -> list[Sample]:

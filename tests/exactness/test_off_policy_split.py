@@ -23,9 +23,8 @@ import torch
 from rlpost.algorithms import build_algorithm
 from rlpost.config.asynchrony import OffPolicyConfig
 from rlpost.config.rl import TrainConfig
-from rlpost.config.sections import ModelConfig
 from rlpost.data.batch import Sample, view
-from rlpost.model.load import load_model, materialise_initial_model
+from rlpost.model.load import load_model
 from rlpost.workers.learner import Learner, LRSchedule, start_learner_group
 from tests.exactness.test_loss_normalisation import SPLITS, run_split
 from tests.run_helpers import assert_gradients_match
@@ -40,14 +39,6 @@ SEQ = dict(seq_cap=1.5, seq_low=0.5, seq_high=3.0)
 
 def algo(loss_agg: str) -> tuple[str, dict]:
     return "grpo", {"clip_eps_low": 0.2, "clip_eps_high": 0.2, "loss_agg": loss_agg}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    return materialise_initial_model(
-        ModelConfig(hidden_size=64, intermediate_size=128), "0123456789+=", seed=0, out_dir=d, max_len=64
-    )
 
 
 def planted_log_ratios(section: OffPolicyConfig, g: torch.Generator) -> list[torch.Tensor]:

@@ -19,9 +19,8 @@ from rlpost.algorithms import TokenTensors, build_algorithm
 from rlpost.algorithms.aggregation import AGGREGATIONS, aggregate
 from rlpost.algorithms.base import TOKEN_MASK
 from rlpost.config.rl import TrainConfig
-from rlpost.config.sections import ModelConfig
 from rlpost.data.batch import Sample, view
-from rlpost.model.load import load_model, materialise_initial_model
+from rlpost.model.load import load_model
 from rlpost.workers.learner import LRSchedule, start_learner_group
 from tests.run_helpers import assert_gradients_match
 
@@ -156,14 +155,6 @@ def test_entropy_bonus_numbers_and_gradient():
 
 
 # ----------------------------------------------------------------------------- on a learner
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    return materialise_initial_model(
-        ModelConfig(hidden_size=64, intermediate_size=128), "0123456789+=", seed=0, out_dir=d, max_len=64
-    )
 
 
 def make_samples() -> list[Sample]:

@@ -9,11 +9,10 @@ import torch
 
 from rlpost.algorithms import build_algorithm
 from rlpost.config.rl import TrainConfig
-from rlpost.config.sections import ModelConfig
 from rlpost.data.batch import collate, view
 from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config, load_offline_config
-from rlpost.model.load import load_model, materialise_initial_model
+from rlpost.model.load import load_model
 from rlpost.model.policy import PolicyModel
 from rlpost.workers.learner import Learner, LRSchedule
 from rlpost.workers.rollout import RolloutWorker
@@ -24,17 +23,6 @@ from tests.workers.test_weight_transfer import fixed_samples
 
 GRPO_KL = ("grpo", {"kl_coef": 0.1})  # an RL loss that needs the reference model
 LORA_PARAMS = 2 * 3 * 4 * (64 + 128)  # layers x MLP projections x r x (in + out): A and B
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return materialise_initial_model(
-        ModelConfig(hidden_size=64, intermediate_size=128),
-        "0123456789+=",
-        seed=0,
-        out_dir=tmp_path_factory.mktemp("m"),
-        max_len=64,
-    )
 
 
 def lora_learner(model_dir, lora=None, rollout=None, **learner) -> Learner:

@@ -15,23 +15,10 @@ import torch
 
 from rlpost.algorithms import build_algorithm
 from rlpost.config.rl import TrainConfig
-from rlpost.config.sections import ModelConfig
 from rlpost.data.batch import Sample, shard, view
-from rlpost.model.load import materialise_initial_model
 from rlpost.workers.learner import LRSchedule, start_learner_group
 
 ALGO = ("grpo", {})
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return materialise_initial_model(
-        ModelConfig(hidden_size=64, intermediate_size=128),
-        "0123456789+=",
-        seed=0,
-        out_dir=tmp_path_factory.mktemp("model"),
-        max_len=64,
-    )
 
 
 def samples() -> list[Sample]:
