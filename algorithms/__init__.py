@@ -22,16 +22,24 @@ from rlpost.algorithms.base import (
     TokenLoss,
     TokenTensors,
 )
+from rlpost.algorithms.cispo import CISPO
+from rlpost.algorithms.covariance import ClipCov, KLCov
+from rlpost.algorithms.dppo import DPPO
+from rlpost.algorithms.gmpo import GMPO
 from rlpost.algorithms.grpo import GRPO
-from rlpost.algorithms.gspo import GSPO
+from rlpost.algorithms.gspo import GSPO, GSPOToken
 from rlpost.algorithms.hapo import HAPO
 from rlpost.algorithms.off_policy import Correction, behaviour_weights
 from rlpost.algorithms.pairs import PairSums
 from rlpost.algorithms.preference import Preference, chunked_critical_weights
+from rlpost.algorithms.sapo import SAPO
 from rlpost.algorithms.sft import SFT
 from rlpost.errors import ConfigError
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (GRPO, HAPO, GSPO, Preference, SFT)}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls
+    for cls in (GRPO, HAPO, GSPO, GSPOToken, CISPO, GMPO, SAPO, DPPO, ClipCov, KLCov, Preference, SFT)
+}
 KINDS = (PairLoss, PolicyGradient, TokenLoss)  # most specific first: a PolicyGradient is a TokenLoss
 
 

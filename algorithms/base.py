@@ -7,7 +7,9 @@ module).
 
 - `TokenLoss` (SFT): `token_weights(batch)` on the controller, over one whole
   optimizer-step mini-batch *before* it is split into micro-batches and learner ranks,
-  and `token_loss(t)` on the learners, per micro-batch, on flat token tensors. The loss
+  (optionally with `minibatch_inputs(batch)`, per-token inputs of the loss chosen over
+  the same whole mini-batch: KL-Cov's tokens) and `token_loss(t)` on the learners, per
+  micro-batch, on flat token tensors. The loss
   of the mini-batch is sum_tokens weight * token_loss, so every normaliser (token
   counts, sequence counts, group sizes) lives in the weights and the result cannot
   depend on how the mini-batch is cut.
@@ -121,6 +123,8 @@ class MiniBatchView:
     token_mask: torch.Tensor | None = None
     # [T] multipliers of the tokens' aggregation weights; None: all 1
     token_scale: torch.Tensor | None = None
+    # [T] the old policy's log-probs (the log-prob pass), where every sample has them
+    old_logp: torch.Tensor | None = None
 
 
 @dataclass
@@ -182,6 +186,13 @@ class TokenLoss(Algorithm):
 
     def weight_metrics(self, batch: MiniBatchView, weights: torch.Tensor) -> dict[str, float]:
         """Per-mini-batch diagnostics of the aggregation weights (logged as step means)."""
+        return {}
+
+    def minibatch_inputs(self, batch: MiniBatchView) -> dict[str, torch.Tensor]:
+        """Extra per-token inputs of `token_loss` ([T], flat in the view's order), computed like
+        the weights over one whole optimizer-step mini-batch before it is split, so that a
+        selection by mini-batch statistics does not depend on the split (KL-Cov's); they
+        reach `TokenTensors.extra` of that mini-batch only. {}: none."""
         return {}
 
     def token_loss(self, t: TokenTensors) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -12,6 +12,11 @@ so `token_loss` takes s_i over `seq_index` within its micro-batch. Every token o
 carries loss_i, and seq-mean-token-mean weights 1 / (S |o_i|) sum it to loss_i / S.
 A token mask (e.g. `rollout.mask_truncated`) decides which tokens weigh, not s_i: a
 sequence's ratio is over all its tokens.
+
+GSPO-token (`algorithm.name: gspo_token`): the per-token ratio s_{i,t} = sg(s_i)
+pi_theta(y_t) / sg(pi_theta(y_t)), whose value is s_i and whose gradient is s_i grad log
+pi_theta(y_t), in the same clipped surrogate with each token's own A_{i,t}. With A constant
+within a response its loss and gradient are GSPO's; it differs when advantages are per token.
 """
 
 from __future__ import annotations
@@ -51,12 +56,34 @@ class GSPO(PolicyGradient):
     def token_weights(self, batch: MiniBatchView) -> torch.Tensor:
         return aggregate("seq-mean-token-mean", batch)
 
+    def log_ratio(self, t: TokenTensors) -> torch.Tensor:
+        """log s_i per token: the ratio the clip acts on."""
+        return sequence_log_ratio(t.logp, t.old_logp, t.seq_index)
+
     def token_loss(self, t: TokenTensors):
         c = self.cfg
-        seq_log_ratio = sequence_log_ratio(t.logp, t.old_logp, t.seq_index)
-        loss, metrics = clipped_surrogate(seq_log_ratio, t.advantages, c.clip_eps_low, c.clip_eps_high, None)
+        loss, metrics = clipped_surrogate(
+            self.log_ratio(t), t.advantages, c.clip_eps_low, c.clip_eps_high, None
+        )
         # ratio_* and clip_frac_* are of s_i (per token of o_i); approx_kl stays per token,
         # comparable with the token-level algorithms'
         lr = (t.logp - t.old_logp).detach()
         metrics["approx_kl"] = lr.exp() - 1.0 - lr
         return loss, metrics
+
+
+def token_level_log_ratio(
+    logp: torch.Tensor, old_logp: torch.Tensor, seq_index: torch.Tensor
+) -> torch.Tensor:
+    """log s_{i,t} = sg(log s_i) + log pi_theta(y_t) - sg(log pi_theta(y_t)): the value of
+    log s_i, the gradient of log pi_theta(y_t) alone."""
+    return sequence_log_ratio(logp, old_logp, seq_index).detach() + logp - logp.detach()
+
+
+class GSPOToken(GSPO):
+    """GSPO-token: GSPO's config and aggregation, the ratio s_{i,t} per token."""
+
+    name = "gspo_token"
+
+    def log_ratio(self, t: TokenTensors) -> torch.Tensor:
+        return token_level_log_ratio(t.logp, t.old_logp, t.seq_index)

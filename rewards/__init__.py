@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from rlpost.rewards.base import Problem, Task
 from rlpost.rewards.tasks.arithmetic import Arithmetic
+from rlpost.rewards.tasks.chain import Chain
 
-TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic}
+TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic, "chain": Chain}
 
 
 def build_task(name: str, args: dict) -> Task:
@@ -22,7 +23,7 @@ def build_task(name: str, args: dict) -> Task:
         )
     try:
         return TASKS[name](**args)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"key 'task.args': {e}") from None
 
 

@@ -144,9 +144,15 @@ def offline_command(job: str, config: str, overrides: list[str]) -> int:
     quiet_libraries()
     from rlpost.jobs.offline import TRAINERS
 
-    trainer = TRAINERS[job](cfg)
+    trainer = TRAINERS[job](cfg)  # reads and checks the data: a refusal leaves no run directory
     try:
         result = trainer.run()
+    except BaseException as e:
+        if getattr(trainer, "run_dir", None) is not None:  # it started: RUN_DIR/FAILED says why
+            from rlpost.jobs.run_dir import mark_failed
+
+            mark_failed(trainer.run_dir, e)
+        raise
     finally:
         trainer.shutdown()
     before, after = result.before, result.after

@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json(path: Path, value: Any, indent: int | None = None) -> None:
+def write_json(path: Path, value: Any, indent: int | None = None, durable: bool = False) -> None:
+    """`durable`: the new file's bytes reach the disk (fsync) before it is renamed into
+    place, so a machine that crashes right after cannot leave an empty file at `path`."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=indent))
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(value, indent=indent))
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

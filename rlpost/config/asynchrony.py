@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from rlpost.config.base import Section
+from rlpost.config.yaml_file import UNBOUNDED_OK
 
 
 class StreamConfig(Section):
@@ -42,12 +43,12 @@ class OffPolicyConfig(Section):
         "icepop: pi_prox / pi_b inside [icepop_low, icepop_high], else 0; seq_mask: the "
         "sequence ratio min(rho_i, seq_cap), 0 for the whole sequence outside [seq_low, seq_high]",
     )
-    tis_cap: float = Field(2.0, gt=0)
+    tis_cap: float = Field(2.0, gt=0, json_schema_extra=UNBOUNDED_OK)  # inf: no bound
     icepop_low: float = Field(0.5, ge=0)
-    icepop_high: float = Field(5.0, gt=0)
-    seq_cap: float = Field(2.0, gt=0)
+    icepop_high: float = Field(5.0, gt=0, json_schema_extra=UNBOUNDED_OK)  # inf: no bound
+    seq_cap: float = Field(2.0, gt=0, json_schema_extra=UNBOUNDED_OK)  # inf: no bound
     seq_low: float = Field(0.5, ge=0)
-    seq_high: float = Field(2.0, gt=0)
+    seq_high: float = Field(2.0, gt=0, json_schema_extra=UNBOUNDED_OK)  # inf: no bound
     seq_geometric: bool = Field(
         False, description="seq_mask: rho_i = exp(mean_t log ratio) instead of the product"
     )

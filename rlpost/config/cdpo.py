@@ -96,7 +96,7 @@ class CDPOConfig(TrainConfig):
                 "prompts from files are for rlpost train and rlpost eval"
             )
         # RL-only keys would be silently ignored: refuse any that differs from its default
-        for key in ("steps", "eval_every", "save_every"):
+        for key in ("steps", "eval_every", "save_every", "save_keep_last", "save_keep_best"):
             if getattr(self, key) != TrainConfig.model_fields[key].default:
                 raise ValueError(
                     f"key '{key}' is for rlpost train; rlpost cdpo's training "

@@ -5,6 +5,7 @@ Every error is a `ConfigError` whose message names the file and the dotted key.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rlpost.config.rl import TrainConfig
+from rlpost.config.yaml_file import non_finite_key, read_yaml_file
 from rlpost.errors import ConfigError
 from rlpost.rewards import build_task
 
@@ -75,14 +77,7 @@ def read_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {source}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{source}:{line} is not valid YAML") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of keys")
+        tree = read_yaml_file(p, source)
     for text in overrides:
         key, value = parse_override(text)
         apply_override(tree, key, value)
@@ -90,11 +85,18 @@ def read_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
 
 
 def validate_config(schema: type[M], tree: dict, source: str) -> M:
-    """`tree` as a `schema` (TrainConfig, or an offline job's config); a ConfigError names the key."""
+    """`tree` as a `schema` (TrainConfig, or an offline job's config); a ConfigError names the
+    key, as it does for a float setting that is inf or nan (`non_finite_key`)."""
     try:
-        return schema.model_validate(tree)
+        cfg = schema.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_error(source, e)) from None
+    found = non_finite_key(cfg)
+    if found is not None:
+        key, value = found
+        hint = "" if math.isnan(value) else "; for no bound, where the key allows one, use null"
+        raise ConfigError(f"{source}: key '{key}': must be a finite number (got {value}){hint}")
+    return cfg
 
 
 def read_train_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:

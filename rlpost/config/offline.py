@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, SerializeAsAny, create_model, field_serializer, field_validator, model_validator
 
 from rlpost.algorithms.base import AlgoConfig, Algorithm, PairLoss, TokenLoss
+from rlpost.config.base import BestMode, keep_best_field, keep_last_field, retention_problem
 from rlpost.config.load import read_config, validate_config
 from rlpost.config.sections import (
     LearnerConfig,
@@ -77,6 +78,9 @@ class OfflineConfig(Section):
     steps: int = Field(0, ge=0, description="optimizer steps; 0: as many as `epochs` take")
     eval_every: int = Field(0, ge=0, description="0: evaluate only before and after training")
     save_every: int = Field(0, ge=0, description="0: only a final checkpoint")
+    save_keep_last: int | None = keep_last_field()
+    save_keep_best: str | None = keep_best_field()
+    save_keep_best_mode: BestMode | None = Field(None, description="best is the max (None) or the min")
     output_dir: str = "runs"
     resume: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -89,6 +93,8 @@ class OfflineConfig(Section):
     def _check(self) -> OfflineConfig:
         if self.mode == "inprocess" and self.learner.num_learners > 1:
             raise ValueError("mode 'inprocess' runs one learner; set learner.num_learners=1 or mode=ray")
+        if problem := retention_problem(self):
+            raise ValueError(problem)
         return self
 
     # the kind of algorithm the job runs, and the one it runs when `algorithm.name` is not set

@@ -8,6 +8,7 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from rlpost.algorithms.base import AlgoConfig, PolicyGradient
 from rlpost.config.asynchrony import OffPolicyConfig
+from rlpost.config.base import BestMode, keep_best_field, keep_last_field, retention_problem
 from rlpost.config.colocation import check_colocation
 from rlpost.config.data import DataConfig, EvalConfig
 from rlpost.config.placement import placement_problem
@@ -35,6 +36,9 @@ class TrainConfig(Section):
     steps: int = Field(50, ge=0)
     eval_every: int = Field(0, ge=0, description="0: evaluate only before and after RL")
     save_every: int = Field(0, ge=0, description="0: only a final checkpoint")
+    save_keep_last: int | None = keep_last_field()
+    save_keep_best: str | None = keep_best_field()
+    save_keep_best_mode: BestMode | None = Field(None, description="best is the max (None) or the min")
     output_dir: str = "runs"
     resume: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -106,6 +110,13 @@ class TrainConfig(Section):
                 f"data.max_prompt_length ({limit}) + rollout.max_new_tokens ({rc.max_new_tokens}) "
                 f"must fit rollout.vllm.max_model_len ({rc.vllm.max_model_len})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_retention(self) -> TrainConfig:
+        problem = retention_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

@@ -82,6 +82,12 @@ class WarmupConfig(Section):
     lr: float = Field(1e-3, gt=0)
     lr_warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
+    reuse: bool = Field(
+        False,
+        description="share the finished warm-up with later runs that would train the same one "
+        "(same seed, model, task, warmup and learner numerics; kept in $RLPOST_CACHE/warmups; "
+        "rlpost/jobs/warmup_reuse.py)",
+    )
 
 
 class VLLMConfig(Section):

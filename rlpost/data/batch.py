@@ -232,6 +232,9 @@ def view(samples: list[Sample]) -> MiniBatchView:
         num_sequences=len(samples),
         token_mask=torch.cat([s.extra[TOKEN_MASK].bool() for s in samples]) if masked else None,
         token_scale=torch.cat([s.extra[TOKEN_SCALE] for s in samples]) if scaled else None,
+        old_logp=torch.cat([s.old_logp for s in samples])
+        if samples and all(s.old_logp is not None for s in samples)
+        else None,
     )
 
 

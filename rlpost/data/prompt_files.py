@@ -26,8 +26,6 @@ no entry. Editing a file changes its key; old entries are not deleted.
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import glob
 import hashlib
 import json
@@ -43,8 +41,8 @@ import pyarrow.compute as pc
 
 from rlpost.config.data import DataConfig
 from rlpost.config.sections import TaskConfig
-from rlpost.data.prompts import prompt_lengths, template_missing
-from rlpost.data.rows import SUFFIXES, BadRow, DataReport, PreferenceDataError, read_rows
+from rlpost.data.prompts import beyond_context, model_context, prompt_lengths, template_missing
+from rlpost.data.rows import SUFFIXES, BadRow, DataReport, PreferenceDataError, jsonable, read_rows
 from rlpost.errors import ConfigError
 from rlpost.files import write_json
 from rlpost.rewards.base import Problem
@@ -55,7 +53,8 @@ REASONS = {
     "malformed": "not an object, a prompt neither text nor chat messages, or a source not text",
     "empty_prompt": "the prompt is blank",
     "bad_answer": "the answer is not a string",
-    "too_long": "the prompt is longer than data.max_prompt_length tokens (chat template included)",
+    "too_long": "the prompt is longer than data.max_prompt_length tokens (chat template included), "
+    "or, with no limit set, leaves the model no position for a response (`model_context`)",
 }
 SCHEMA = pa.schema(
     [
@@ -156,21 +155,6 @@ def _fields(record: Any, cfg: DataConfig, default_source: str) -> tuple[str, str
     return source, prompt, answer
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON for the values a Parquet file or HF dataset may hold that json cannot write."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, (dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return value.tolist()
-    return str(value)  # Decimal, UUID, ...
-
-
 # ----- converting a file -----------------------------------------------------------------
 
 
@@ -179,6 +163,7 @@ class _Converter:
 
     def __init__(self, path: Path, out: Path, cfg: DataConfig, tokenizer, task: TaskConfig):
         self.path, self.cfg, self.tokenizer, self.task = path, cfg, tokenizer, task
+        self.context = model_context(tokenizer) if cfg.max_prompt_length is None else None
         self.report = DataReport(str(path), unit="prompts")
         self.pending: list[tuple] = []  # row, source, prompt, answer, the record as JSON
         self.writer = pa.ipc.new_file(str(out), SCHEMA)
@@ -194,7 +179,7 @@ class _Converter:
                     fields = _fields(record, self.cfg, default_source)
                     # JSON now: a few hundred bytes where the record's objects take kilobytes
                     self.pending.append(
-                        (row, *fields, json.dumps(record, ensure_ascii=False, default=_jsonable))
+                        (row, *fields, json.dumps(record, ensure_ascii=False, default=jsonable))
                     )
                 except BadRow as bad:
                     if self.cfg.strict:
@@ -228,6 +213,8 @@ class _Converter:
                 else:
                     kept.append(r)
             rows = kept
+        elif self.context is not None:
+            rows = self.fitting(rows)
         if not rows:
             return
         columns = list(zip(*rows))
@@ -245,6 +232,15 @@ class _Converter:
                 schema=SCHEMA,
             )
         )
+
+    def fitting(self, rows: list[tuple]) -> list[tuple]:
+        """With no data.max_prompt_length: the rows whose prompt leaves the model a position
+        for a response (a 10 MB row is skipped, not run); see `beyond_context`."""
+        too_long = beyond_context(self.tokenizer, [r[2] for r in rows], self.task, self.context)
+        for i, n in too_long.items():
+            detail = f"{n} tokens >= the model's {self.context} positions (max_position_embeddings)"
+            self.skip(rows[i][0], BadRow("too_long", detail))
+        return [r for i, r in enumerate(rows) if i not in too_long]
 
 
 def _need_template(path: Path, tokenizer, task: TaskConfig, row: int) -> None:
@@ -273,7 +269,10 @@ def cache_key(path: Path, cfg: DataConfig, tokenizer, task: TaskConfig) -> str:
         "stats": _stats(path),
         "data": {k: getattr(cfg, k) for k in keys},
     }
-    if cfg.max_prompt_length is not None:
+    context = model_context(tokenizer) if cfg.max_prompt_length is None else None
+    if context is not None:  # prompts that cannot fit are skipped, tokenized by this tokenizer
+        what["context"] = context
+    if cfg.max_prompt_length is not None or context is not None:
         what["tokenizer"] = [
             getattr(tokenizer, "name_or_path", ""),
             len(tokenizer),

@@ -14,6 +14,9 @@ row's own instructions win over the run's).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from rlpost.config.sections import TaskConfig
 from rlpost.errors import ConfigError
 
@@ -93,3 +96,32 @@ def prompt_lengths(tokenizer, prompts: list[Prompt], task: TaskConfig) -> list[i
         out = tokenizer(texts[i : i + 256], add_special_tokens=False, return_attention_mask=False)
         counts += map(len, out["input_ids"])
     return [p + n for p, n in zip(prefixes, counts)]
+
+
+TEMPLATE_ALLOWANCE = 1024  # characters a chat template may add around a prompt
+
+
+def model_context(tokenizer) -> int | None:
+    """The positions of the model whose directory the tokenizer was loaded from (its
+    config.json's max_position_embeddings), None when unknown."""
+    config = Path(getattr(tokenizer, "name_or_path", "") or "") / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def beyond_context(tokenizer, prompts: list[Prompt], task: TaskConfig, context: int) -> dict[int, int]:
+    """{index: tokens} of the prompts that leave no position of `context` for a response.
+    Only a prompt that could reach it is tokenized (a token takes at least one UTF-8 byte,
+    a character at most 4; `TEMPLATE_ALLOWANCE` for the chat template), so ordinary
+    prompts cost nothing."""
+    extra = len(task.system_prompt or "") + TEMPLATE_ALLOWANCE
+
+    def chars(p: Prompt) -> int:
+        return len(p) if isinstance(p, str) else sum(len(m["content"]) for m in p)
+
+    near = [i for i, p in enumerate(prompts) if 4 * (extra + chars(p)) >= context]
+    lengths = prompt_lengths(tokenizer, [prompts[i] for i in near], task)
+    return {i: n for i, n in zip(near, lengths) if n >= context}

@@ -11,6 +11,8 @@ strict=True stop with an error naming the file and the row.
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -90,30 +92,77 @@ class DataReport:
         return line
 
 
+def jsonable(value: Any) -> Any:
+    """JSON for the values a Parquet file or HF dataset may hold that json cannot write."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    return str(value)  # Decimal, UUID, ...
+
+
 def _jsonl_rows(path: Path) -> Iterator[dict | BadRow]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
+    """A line that is not JSON is a bad row; a file that is not UTF-8 text, or a line that
+    Python's reader cannot take (nested past its recursion limit, an integer of more than
+    `sys.get_int_max_str_digits()` digits) is an error naming the file and the row: such a
+    file is not the data it claims to be."""
+    with path.open("rb") as f:
+        row = 0
+        for raw in f:
+            if not raw.strip():
                 continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PreferenceDataError(
+                    f"{path}: row {row}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start}); "
+                    "re-encode the file as UTF-8"
+                ) from None
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
                 yield BadRow("invalid_json", str(e))
+            except RecursionError:
+                raise PreferenceDataError(f"{path}: row {row}: JSON nested too deeply to read") from None
+            except ValueError as e:  # int('9' * 5000): the interpreter's digit limit
+                raise PreferenceDataError(f"{path}: row {row}: {one_line(e)}") from None
+            row += 1
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line of at most `limit` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parquet_rows(path: Path) -> Iterator[dict]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # pre_buffer (the default) keeps every row group's buffers read so far until the
-    # iteration ends: a 1M-row file held ~130 MB by its end; without it, one row group
-    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    try:
+        # pre_buffer (the default) keeps every row group's buffers read so far until the
+        # iteration ends: a 1M-row file held ~130 MB by its end; without it, one row group
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise PreferenceDataError(f"{path}: not a readable Parquet file ({one_line(e)})") from None
 
 
 def _hf_rows(path: Path, split: str | None) -> Iterator[dict]:
     from datasets import DatasetDict, load_from_disk
 
-    data = load_from_disk(str(path))
+    try:
+        data = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise PreferenceDataError(
+            f"{path}: not a directory written by datasets.save_to_disk ({one_line(e)})"
+        ) from None
     if isinstance(data, DatasetDict):
         name = split or ("train" if "train" in data else None)
         if name not in data:

@@ -42,7 +42,7 @@ from rlpost.data.stream import derive_seed
 from rlpost.data.trajectories import make_pairs, training_rows, usable
 from rlpost.errors import ConfigError
 from rlpost.files import read_jsonl, write_json, write_jsonl
-from rlpost.jobs.run_dir import prepare_run_dir
+from rlpost.jobs.run_dir import mark_failed, prepare_run_dir
 from rlpost.jobs.session import VERIFIER, Session
 from rlpost.jobs.stages import Stages
 from rlpost.tracking.tracker import Tracker
@@ -307,8 +307,13 @@ class Pipeline:
 
 
 def run_cdpo(cfg: CDPOConfig) -> CDPOResult:
-    pipeline = Pipeline(cfg, prepare_run_dir(cfg))
+    run_dir = prepare_run_dir(cfg)
     try:
-        return pipeline.run()
-    finally:
-        pipeline.shutdown()
+        pipeline = Pipeline(cfg, run_dir)
+        try:
+            return pipeline.run()
+        finally:
+            pipeline.shutdown()
+    except BaseException as e:  # the pipeline's stages start at once: any failure marks the run
+        mark_failed(run_dir, e)
+        raise

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlpost.config.rl import TrainConfig
-from rlpost.jobs.run_dir import prepare_run_dir
+from rlpost.jobs.run_dir import failure_marked, prepare_run_dir
 from rlpost.jobs.session import Session
 from rlpost.tracking.tracker import Tracker
 
@@ -27,15 +27,18 @@ class EvalResult:
 
 def run_eval(cfg: TrainConfig) -> EvalResult:
     run_dir = prepare_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-eval", "resume": None}))
-    session = Session(cfg, run_dir)
-    tracker = Tracker(run_dir, cfg)
-    try:
-        model_dir = session.prepare(tracker, warmup_dir=None, training=False)
-        tracker.print_line(f"evaluating {model_dir}")
-        session.start_rollout(model_dir)
-        metrics = session.evaluate("generations")
-        tracker.log(metrics, step=0)
-        return EvalResult(run_dir, metrics)
-    finally:
-        session.shutdown()
-        tracker.close()
+    session = None
+    # an eval set refused before anything starts leaves no directory; a later failure, FAILED
+    with failure_marked(run_dir, True, lambda: session is not None and session.started):
+        session = Session(cfg, run_dir)
+        tracker = Tracker(run_dir, cfg)
+        try:
+            model_dir = session.prepare(tracker, warmup_dir=None, training=False)
+            tracker.print_line(f"evaluating {model_dir}")
+            session.start_rollout(model_dir)
+            metrics = session.evaluate("generations")
+            tracker.log(metrics, step=0)
+            return EvalResult(run_dir, metrics)
+        finally:
+            session.shutdown()
+            tracker.close()

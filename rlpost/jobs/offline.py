@@ -33,6 +33,7 @@ from rlpost.data.rows import PreferenceDataError
 from rlpost.data.stream import EpochStream, derive_seed
 from rlpost.errors import ConfigError
 from rlpost.jobs.run_dir import (
+    Retention,
     latest_checkpoint,
     load_checkpoint,
     prepare_run_dir,
@@ -185,6 +186,7 @@ class OfflineTrainer:
             self.learners,
             step,
             {"data_position": self.stream.position, "train_rows": len(self.train_rows)},
+            retention=Retention.of(self.cfg),
         )
         self.tracker.plot()
 

@@ -16,6 +16,8 @@ from rlpost.errors import ConfigError
 from rlpost.model import fused_kernels
 from rlpost.model.load import smollm2_gguf
 from rlpost.model.lora import check_model_config
+from rlpost.rewards import build_task
+from rlpost.rewards.components.code_tests import problem_tests
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
@@ -24,6 +26,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
     source = config_source(path, overrides)
     check_model_and_resume(cfg, source)
     check_data_files(cfg, source)
+    check_code_tests(cfg, source)
     check_sleep_mode(cfg, source)
     return cfg
 
@@ -41,6 +44,42 @@ def load_cdpo_config(path: str | os.PathLike | None, overrides: list[str] = ()) 
     check_model_and_resume(cfg, config_source(path, overrides))
     check_sleep_mode(cfg, config_source(path, overrides))
     return cfg
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def model_dir_missing(path: Path) -> str | None:
+    """What a HF model directory lacks of config.json, weights and a tokenizer (None: none)."""
+    if not (path / "config.json").is_file():
+        return "no config.json"
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        return "no weights: no *.safetensors or *.bin file"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return f"no tokenizer: none of {', '.join(TOKENIZER_FILES)}"
+    return None
+
+
+def check_code_tests(cfg: TrainConfig, source: str) -> None:
+    """A `code` reward on a task's problems needs tests in them (`meta['tests']`, or JSON
+    tests as the answer): checked on the task's first problem, not at the first step, where
+    every sample would score 0 with a failure counted. (File rows are checked per row.)"""
+    if cfg.from_files:
+        return
+    route = cfg.reward.route(cfg.task.name)
+    index = next((i for i, c in enumerate(route) if c.name == "code"), None)
+    if index is None:
+        return
+    key = f"reward.sources.{cfg.task.name}" if cfg.task.name in cfg.reward.sources else "reward.components"
+    problem = build_task(cfg.task.name, cfg.task.args).problems(1, seed=cfg.seed)[0]
+    try:
+        problem_tests(problem)
+    except ValueError as e:
+        raise ConfigError(
+            f"{source}: key '{key}.{index}': the code reward runs a problem's tests, and task "
+            f"{cfg.task.name!r} has none ({e})"
+        ) from None
 
 
 def check_data_files(cfg: TrainConfig, source: str) -> None:
@@ -92,6 +131,10 @@ def check_model_and_resume(cfg, source: str) -> None:
     modules) and the run to resume, of any job's config (RL, sft, dpo, cdpo)."""
     if cfg.model.kind == "hf" and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"{source}: key 'model.path': directory not found: {cfg.model.path}")
+    if cfg.model.kind == "hf" and (missing := model_dir_missing(Path(cfg.model.path))):
+        raise ConfigError(
+            f"{source}: key 'model.path': {cfg.model.path} holds no Hugging Face model ({missing})"
+        )
     if cfg.model.kind == "smollm2":
         try:
             smollm2_gguf()

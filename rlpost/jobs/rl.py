@@ -32,6 +32,8 @@ from rlpost.data.stream import EpochStream
 from rlpost.jobs.colocation import Colocation
 from rlpost.jobs.pipeline import GenerationPipeline, Rollouts, lag_metrics
 from rlpost.jobs.run_dir import (
+    Retention,
+    failure_marked,
     latest_checkpoint,
     load_checkpoint,
     prepare_run_dir,
@@ -227,6 +229,7 @@ class Trainer(Session):
                 "weight_steps": self.weights.recent_steps(self.cfg.rollout.staleness + 2),
             },
             self.generation.save,
+            Retention.of(self.cfg),
         )
         if self.streaming is not None:
             self.streaming.feeder.resume()
@@ -267,6 +270,25 @@ class Trainer(Session):
             return next((r.get("eval/accuracy_greedy") for r in rows if r["step"] == 0), None)
 
 
+def length_by_correctness(lengths: torch.Tensor, correct: list[bool]) -> dict[str, float]:
+    """Mean length of correct and of incorrect responses (each where there is one), and
+    `incorrect_minus_correct`: the mean over groups holding both of the difference of
+    their means, the within-group sign-length coupling that balanced aggregation
+    corrects (lengths: [groups, n], correct in the same order)."""
+    ok = torch.tensor(correct, dtype=torch.bool).view(lengths.shape)
+    out = {}
+    if ok.any():
+        out["response_length/correct"] = lengths[ok].mean().item()
+    if not ok.all():
+        out["response_length/incorrect"] = lengths[~ok].mean().item()
+    mixed = ok.any(1) & (~ok).any(1)
+    if mixed.any():
+        sums, counts = lengths * ok, ok.sum(1)
+        gap = (lengths.sum(1) - sums.sum(1)) / (ok.shape[1] - counts) - sums.sum(1) / counts
+        out["response_length/incorrect_minus_correct"] = gap[mixed].mean().item()
+    return out
+
+
 def step_metrics(
     cfg: TrainConfig,
     rollouts: Rollouts,
@@ -298,6 +320,7 @@ def step_metrics(
         )
         result = rollouts.rewards
         out.update(result.metrics(per_source=cfg.from_files))
+        out.update(length_by_correctness(lengths.view(-1, rc.n), result.correct))
         if not cfg.from_files:  # one source, the task
             out[f"accuracy/{cfg.task.name}"] = sum(result.correct) / len(generated)
         if rc.overlong_buffer:  # collect added the penalty to each pool reward
@@ -327,9 +350,13 @@ def step_metrics(
 
 
 def train(cfg: TrainConfig) -> Result:
+    """The RL job in a new run directory (or `cfg.resume`'s). Input refused before any worker
+    starts (a bad data file, ...) leaves no directory; a later failure marks it (FAILED)."""
     run_dir = prepare_run_dir(cfg)
-    trainer = Trainer(cfg, run_dir)
-    try:
-        return trainer.run()
-    finally:
-        trainer.shutdown()
+    trainer = None
+    with failure_marked(run_dir, not cfg.resume, lambda: trainer is not None and trainer.started):
+        trainer = Trainer(cfg, run_dir)
+        try:
+            return trainer.run()
+        finally:
+            trainer.shutdown()

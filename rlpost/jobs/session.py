@@ -35,6 +35,7 @@ from rlpost.errors import ConfigError
 from rlpost.jobs.evaluate import EvalSet, Evaluator
 from rlpost.jobs.preflight import eval_set_files
 from rlpost.jobs.update import Split, learner_split, train_minibatches
+from rlpost.jobs.warmup_reuse import share, take_shared
 from rlpost.jobs.weights import WeightSync
 from rlpost.model.load import load_tokenizer, materialise_initial_model
 from rlpost.rewards import Problem, build_task
@@ -83,6 +84,7 @@ class Session:
         self.tracker: Tracker | None = None
         self.placement: Placement | None = None
         self.rewards: RewardPool | None = None
+        self.started = False  # sticky (shutdown clears `rewards`): a later refusal marks FAILED
         self.rollout: WorkerGroup | None = None
         self.learners: WorkerGroup | None = None  # the job's own (the warm-up's are its own)
         self.split: Split | None = None  # how the learners cut a batch: known once they are up
@@ -110,11 +112,18 @@ class Session:
         # before the warm-up: its learners and the job's learners take the same slots
         self.placement = Placement(cfg, use_ray=self.use_ray)
         reward = cfg.reward if cfg.from_files else with_verifier(cfg.reward)
+        self.started = True
         self.rewards = RewardPool(reward, self.task, use_ray=self.use_ray)
         if not cfg.warmup.steps or warmup_dir is None:
             return initial
         if not (warmup_dir / "tokenizer_config.json").is_file():  # written last
-            self.warmup(initial, warmup_dir)
+            shared = take_shared(cfg, warmup_dir) if cfg.warmup.reuse else None
+            if shared is not None:
+                tracker.print_line(f"warm-up: reused {shared} (warmup.reuse)")
+            else:
+                self.warmup(initial, warmup_dir)
+                if cfg.warmup.reuse:
+                    share(cfg, warmup_dir)
         return warmup_dir
 
     def read_prompt_files(self, training: bool) -> None:

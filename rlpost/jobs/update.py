@@ -158,14 +158,20 @@ def weighted_minibatches(
 ) -> tuple[list[tuple], list[list[list[list[Sample]]]], dict[int, Sample]]:
     """Each mini-batch's aggregation weights over the whole mini-batch, and its copies of
     the samples carrying them ([mini-batch][rank][micro][Sample], cut by `split`): a sample
-    in several mini-batches (epochs > 1) has other weights in each. Also each copy's
-    original, by id of the copy."""
+    in several mini-batches (epochs > 1) has other weights in each, and other
+    `minibatch_inputs` (in the copy's own `extra`). Also each copy's original, by id of the
+    copy."""
     views, parts, originals = [], [], {}
     for samples in minibatches:
         batch = view(samples)
         weights = algorithm.token_weights(batch)
+        sizes = [s.num_tokens for s in samples]
+        inputs = {k: v.split(sizes) for k, v in algorithm.minibatch_inputs(batch).items()}
         copies = [
-            replace(s, weights=w) for s, w in zip(samples, weights.split([s.num_tokens for s in samples]))
+            replace(s, weights=w, extra={**s.extra, **{k: v[i] for k, v in inputs.items()}})
+            if inputs
+            else replace(s, weights=w)
+            for i, (s, w) in enumerate(zip(samples, weights.split(sizes)))
         ]
         originals.update((id(c), s) for c, s in zip(copies, samples))
         parts.append(split(copies))

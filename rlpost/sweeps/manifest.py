@@ -25,6 +25,7 @@ def write_manifest(sweep: Sweep) -> None:
         "seeds": sweep.seeds,
         "common": sweep.common,
         "arms": sweep.arms,
+        "baselines": sweep.baselines,
         "runs": [{"id": r.id, "arm": r.arm, "seed": r.seed} for r in sweep.runs],
     }
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")

@@ -45,16 +45,31 @@ COLUMNS: list[tuple[str, str, Callable[[Points], float | None], str]] = [
     ("greedy acc. after", "eval/accuracy_greedy", lambda p: p[-1][1], "{:.3f}"),
     ("sampled acc. after", "eval/accuracy_sampled", lambda p: p[-1][1], "{:.3f}"),
     ("reward (last 10 steps)", "reward/mean", _mean_of_last_10, "{:.3f}"),
+    ("reward (run mean)", "reward/mean", _mean_over_rl_steps, "{:.3f}"),
     ("entropy (last 10 steps)", "rollout_entropy", _mean_of_last_10, "{:.3f}"),
     ("response length (last 10 steps)", "response_length/mean", _mean_of_last_10, "{:.3f}"),
+    ("length, correct (run mean)", "response_length/correct", _mean_over_rl_steps, "{:.1f}"),
+    ("length, incorrect (run mean)", "response_length/incorrect", _mean_over_rl_steps, "{:.1f}"),
+    (
+        "in-group length gap, incorrect - correct (run mean)",
+        "response_length/incorrect_minus_correct",
+        _mean_over_rl_steps,
+        "{:.1f}",
+    ),
     ("clip frac. low (run mean)", "clip_frac_low", _mean_over_rl_steps, "{:.4f}"),
     ("clip frac. high (run mean)", "clip_frac_high", _mean_over_rl_steps, "{:.4f}"),
+    ("BA positive side weight (run mean)", "agg/positive_side_weight", _mean_over_rl_steps, "{:.3f}"),
+    ("BA negative side weight (run mean)", "agg/negative_side_weight", _mean_over_rl_steps, "{:.3f}"),
 ]
+
+# (title, metric, a run's value from its points): the paired comparison with a baseline
+DELTAS = [c[:3] for c in COLUMNS if c[0] in ("greedy acc. after", "sampled acc. after", "reward (run mean)")]
 
 # (file stem, title, y label, metric)
 PLOTS: list[tuple[str, str, str, str]] = [
     ("reward", "Reward", "mean reward", "reward/mean"),
     ("accuracy", "Greedy accuracy (held-out problems)", "accuracy", "eval/accuracy_greedy"),
+    ("accuracy_sampled", "Sampled accuracy (held-out problems)", "accuracy", "eval/accuracy_sampled"),
     ("entropy", "Rollout entropy", "nats / token", "rollout_entropy"),
     ("response_length", "Response length", "tokens", "response_length/mean"),
     ("clip_frac_low", "Clip fraction, low side (A < 0)", "fraction of tokens", "clip_frac_low"),
@@ -169,6 +184,64 @@ def plot(path: Path, title: str, ylabel: str, metric: str, arms: list[str], runs
     return True
 
 
+def plot_length_by_outcome(path: Path, arms: list[str], runs: list[RunMetrics]) -> bool:
+    """One PNG: per arm, the mean length of correct (solid) and incorrect (dashed)
+    responses over training, each the mean over seeds."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    drawn = False
+    for i, arm in enumerate(arms):
+        arm_runs = [r for r in runs if r.arm == arm]
+        color = f"C{i % 10}"
+        for metric, style, outcome in (("correct", "-", "correct"), ("incorrect", "--", "incorrect")):
+            steps, mean, _ = curve(arm_runs, f"response_length/{metric}")
+            if steps:
+                drawn = True
+                ax.plot(steps, mean, style, color=color, linewidth=1.5, label=f"{arm}: {outcome}")
+    if not drawn:
+        return False
+    ax.set_title("Response length of correct (solid) and incorrect (dashed) responses, mean over seeds")
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("tokens")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="x-small", ncol=2)
+    fig.savefig(path, format="png")
+    return True
+
+
+def paired(baselines: dict[str, str], runs: list[RunMetrics]) -> list[list[str]]:
+    """Header and a row per compared arm: for each DELTAS metric, the arm's value minus
+    its baseline's on the same seed, mean ± std over the seeds both finished, and how
+    many of those seeds put the arm above its baseline."""
+    by = {(r.arm, r.seed): r for r in runs}
+    rows = [["arm", "baseline", *(f"Δ {title}" for title, _, _ in DELTAS)]]
+    for arm, base in baselines.items():
+        row = [arm, base]
+        for _, metric, value_of in DELTAS:
+            diffs = []
+            for (a, seed), r in by.items():
+                b = by.get((base, seed))
+                if a != arm or b is None or not r.points(metric) or not b.points(metric):
+                    continue
+                x, y = value_of(r.points(metric)), value_of(b.points(metric))
+                if x is not None and y is not None:
+                    diffs.append(x - y)
+            if not diffs:
+                row.append("–")
+                continue
+            mean, std = mean_std(diffs)
+            above = sum(d > 0 for d in diffs)
+            row.append(
+                f"{mean:+.3f}" + (f" ± {std:.3f}" if std is not None else "") + f" ({above}/{len(diffs)})"
+            )
+        rows.append(row)
+    return rows
+
+
 def markdown_table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -207,6 +280,17 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     lines += [f"| {arm} | {_overrides(manifest['arms'][arm])} |" for arm in arms]
     if manifest["common"]:
         lines += ["", f"Every run: {_overrides(manifest['common'])}."]
+    if manifest.get("baselines"):
+        lines += [
+            "",
+            "## Against the baseline",
+            "",
+            "Paired by seed (a seed's arms share its warm-up and data): each arm's value "
+            "minus its baseline's on the same seed, mean ± standard deviation over seeds, "
+            "and in brackets how many seeds put the arm above its baseline.",
+            "",
+            markdown_table(paired(manifest["baselines"], runs)),
+        ]
     lines += [
         "",
         "## Curves",
@@ -217,6 +301,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     for stem, title, ylabel, metric in PLOTS:
         if plot(out / f"{stem}.png", title, ylabel, metric, arms, runs):
             lines += [f"![{title}]({stem}.png)", ""]
+    if plot_length_by_outcome(out / "length_by_outcome.png", arms, runs):
+        lines += ["![Length of correct and incorrect responses](length_by_outcome.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -56,10 +56,14 @@ def config_changes(run_dir: Path, cfg: TrainConfig) -> list[str]:
     """Keys whose value in `cfg` differs from the config the run started with."""
     before = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()))
     now = _flat(cfg.model_dump(mode="json"))
+    # a key rlpost gained since the run started, at its default, is no change
+    defaults = _flat(type(cfg)().model_dump(mode="json"))
     return [
         k
         for k in sorted(set(before) | set(now))
-        if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)
+        if k not in RESUMABLE_CHANGES
+        and before.get(k) != now.get(k)
+        and not (k not in before and k in defaults and now.get(k) == defaults[k])
     ]
 
 

@@ -10,6 +10,9 @@ grid:                         # an arm per combination of these values
   learner.lr: [1.0e-4, 3.0e-4]
 # arms:                       # or, instead of a grid, arms: label -> overrides
 #   token-mean: {algorithm.loss_agg: token-mean}    (or a list of overrides, labelled by them)
+baseline: {algorithm.loss_agg: token-mean}   # optional: what the report compares each arm to,
+                              # seed by seed: an arm's label, or values of varied keys (each
+                              # arm against the arm that differs from it in those keys only)
 output_dir: runs/sweeps       # optional
 ```
 
@@ -38,7 +41,7 @@ from rlpost.config.rl import TrainConfig
 from rlpost.errors import ConfigError
 from rlpost.jobs.preflight import load_config
 
-SWEEP_KEYS = ("name", "base", "seeds", "overrides", "grid", "arms", "output_dir")
+SWEEP_KEYS = ("name", "base", "seeds", "overrides", "grid", "arms", "baseline", "output_dir")
 # Set by the sweep for every run; a sweep file must not set them.
 RESERVED = ("seed", "output_dir", "resume", "tracking.group", "tracking.run_name", "tracking.tags")
 WANDB_TAG_MAX = 64  # W&B rejects longer tags
@@ -86,6 +89,7 @@ class Sweep:
     arms: dict[str, dict[str, Any]]  # label -> overrides, in file order
     output_dir: Path
     runs: list[Run] = field(default_factory=list)
+    baselines: dict[str, str] = field(default_factory=dict)  # arm -> the arm it is compared to
 
     @property
     def directory(self) -> Path:
@@ -212,6 +216,34 @@ def _arms(path: Path, tree: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _baselines(path: Path, value: Any, arms: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Each arm's baseline arm (none for the baselines themselves)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        if value not in arms:
+            raise ConfigError(f"{path}: key 'baseline': no arm is labelled '{value}'")
+        return {arm: value for arm in arms if arm != value}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(
+            f"{path}: key 'baseline' must be an arm's label or a mapping of varied keys to values"
+        )
+    out = {}
+    for arm, overrides in arms.items():
+        for key in value:
+            if key not in overrides:
+                raise ConfigError(f"{path}: key 'baseline.{key}': arm '{arm}' does not vary it")
+        want = {**overrides, **value}
+        match = next((a for a, o in arms.items() if o == want), None)
+        if match is None:
+            raise ConfigError(
+                f"{path}: key 'baseline': no arm has {_label(want)}, the baseline of arm '{arm}'"
+            )
+        if match != arm:
+            out[arm] = match
+    return out
+
+
 def load_sweep(
     path: str | Path, cli_overrides: list[str] = (), name: str | None = None, output_dir: str | None = None
 ) -> Sweep:
@@ -268,6 +300,7 @@ def load_sweep(
         common=common,
         arms=arms,
         output_dir=Path(output_dir or tree.get("output_dir") or "runs/sweeps"),
+        baselines=_baselines(path, tree.get("baseline"), arms),
     )
     # seed-major: a sweep stopped half-way has every arm at its first seeds
     sweep.runs = [Run(label, seed, overrides) for seed in sweep.seeds for label, overrides in arms.items()]

@@ -28,6 +28,13 @@ def test_every_algorithm_is_of_one_kind():
         "grpo": PolicyGradient,
         "hapo": PolicyGradient,
         "gspo": PolicyGradient,
+        "gspo_token": PolicyGradient,
+        "cispo": PolicyGradient,
+        "gmpo": PolicyGradient,
+        "sapo": PolicyGradient,
+        "dppo": PolicyGradient,
+        "clip_cov": PolicyGradient,
+        "kl_cov": PolicyGradient,
         "preference": PairLoss,
         "sft": TokenLoss,
     }
@@ -44,11 +51,17 @@ def test_every_algorithm_is_of_one_kind():
             "preference",
             PolicyGradient,
             "key 'algorithm.name': preference is a pair loss; `rlpost train` runs "
-            "policy-gradient algorithms (grpo, hapo, gspo, or pkg.module:Class)",
+            "policy-gradient algorithms (grpo, hapo, gspo, gspo_token, cispo, gmpo, sapo, dppo, "
+            "clip_cov, kl_cov, or pkg.module:Class)",
         ),
         ("grpo", PairLoss, "grpo is a policy-gradient algorithm; `rlpost dpo` runs pair losses (preference"),
         ("grpo", TokenLoss, "grpo is a policy-gradient algorithm; `rlpost sft` runs token losses (sft"),
-        ("dapo", None, "unknown algorithm 'dapo'; known: grpo, gspo, hapo, preference, sft"),
+        (
+            "dapo",
+            None,
+            "unknown algorithm 'dapo'; known: cispo, clip_cov, dppo, gmpo, grpo, gspo, gspo_token, "
+            "hapo, kl_cov, preference, sapo, sft",
+        ),
         ("rlpost.algorithms.nope:X", None, "no module 'rlpost.algorithms.nope'"),
         ("rlpost.algorithms.hapo:TemperatureRule", PolicyGradient, "is not an algorithm"),
     ],

@@ -137,7 +137,7 @@ def test_reasoning_gym_task_name_loads(tmp_path):
         ),
         (
             ["task.name=arithmetc"],
-            "key 'task.name': unknown task 'arithmetc'; known: arithmetic, "
+            "key 'task.name': unknown task 'arithmetc'; known: arithmetic, chain, "
             "or reasoning_gym:<name> for a reasoning-gym task",
         ),
         (["task.args={digit: 3}"], "key 'task.args': "),

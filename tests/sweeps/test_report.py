@@ -54,14 +54,13 @@ def rows_for(seed: int, arm: str) -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def sweep_dir(tmp_path):
+def make_sweep_dir(tmp_path, text: str = SWEEP, b_seeds=(0,)):
     path = tmp_path / "synthetic.yaml"
-    path.write_text(SWEEP)
+    path.write_text(text)
     sweep = load_sweep(path, output_dir=str(tmp_path / "sweeps"))
     write_manifest(sweep)
     for run in sweep.runs:
-        if run.arm == "b" and run.seed > 0:
+        if run.arm == "b" and run.seed not in b_seeds:
             continue  # not finished
         run_dir = run_output_dir(sweep.directory, run.id) / "run-20261122-000000"
         run_dir.mkdir(parents=True)
@@ -72,6 +71,11 @@ def sweep_dir(tmp_path):
             json.dumps({"run_dir": str(run_dir.relative_to(sweep.directory)), "seconds": 1.0})
         )
     return sweep.directory
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    return make_sweep_dir(tmp_path)
 
 
 def table_rows(report: str) -> dict[str, dict[str, str]]:
@@ -130,3 +134,35 @@ def test_report_plots_are_images_with_a_band(sweep_dir):
     assert mean[0] == pytest.approx(0.21) and std[0] == pytest.approx(0.1)
     steps, mean, std = curve([r for r in runs if r.arm == "a"], "eval/accuracy_greedy")
     assert steps == [0, 12] and mean == pytest.approx([0.4, 0.7]) and std == pytest.approx([0.2, 0.2])
+
+
+def test_report_compares_each_arm_with_its_baseline_seed_by_seed(tmp_path):
+    # b's seeds 0 and 2 finished: greedy after 0.75 against a's 0.5 and 0.9 -> +0.25, -0.15
+    d = make_sweep_dir(tmp_path, SWEEP + "baseline: a\n", b_seeds=(0, 2))
+    main(["report", str(d)])
+    report = (d / "report" / "report.md").read_text()
+    section = report.split("## Against the baseline")[1].split("## Curves")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| b |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # mean of (+0.25, -0.15) = +0.05, sample std = 0.4 / sqrt(2) = 0.283; 1 of 2 seeds above
+    assert cells[:3] == ["b", "a", "+0.050 ± 0.283 (1/2)"]
+    assert cells[3] == "+0.000 ± 0.000 (0/2)"  # sampled accuracy 0.3 in every run
+    # reward: b seed 2 has base 0.3 like a seed 2 (rows depend on the seed only)
+    assert cells[4] == "+0.000 ± 0.000 (0/2)"
+    assert "\n| a |" not in section  # the baseline is not compared with itself
+
+
+def test_length_by_outcome_plot(tmp_path):
+    d = make_sweep_dir(tmp_path)
+    for metrics in (d / "runs").glob("*/*/metrics.jsonl"):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        for r in rows[1:]:
+            r["response_length/correct"], r["response_length/incorrect"] = 40.0, 60.0 + r["step"]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["report", str(d)])
+    report = (d / "report" / "report.md").read_text()
+    assert "](length_by_outcome.png)" in report
+    assert np.std(imread(d / "report" / "length_by_outcome.png")[..., :3]) > 0.05
+    rows = table_rows(report)
+    assert rows["a"]["length, correct (run mean)"] == "40.0 ± 0.0"
+    assert rows["a"]["length, incorrect (run mean)"] == "66.5 ± 0.0"  # 60 + mean(1..12)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlpost.cli import main
 from rlpost.config.load import dump_config, parse_override
@@ -135,7 +137,8 @@ arms:
         ("base: BASE\ngrid: {steps: [1]}\narms: {a: {}}\n", "give either 'grid' or 'arms', not both"),
         (
             "base: BASE\ngrdi: {steps: [1]}\n",
-            "unknown key 'grdi'; a sweep file has name, base, seeds, overrides, grid, arms, output_dir",
+            "unknown key 'grdi'; a sweep file has name, base, seeds, overrides, grid, arms, "
+            "baseline, output_dir",
         ),
         ("base: BASE\ngrid: {steps: 3}\n", "key 'grid.steps' must be a non-empty list of values"),
         ("base: BASE\nseeds: [1, 1]\n", "key 'seeds' lists a seed twice"),
@@ -333,3 +336,67 @@ def test_progress_lines_and_time_left():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_sweep_files_in_configs_validate(path):
     assert load_sweep(path).runs
+
+
+@pytest.mark.parametrize(
+    "baseline, expected",
+    [
+        ("a", {"b": "a", "c": "a"}),
+        ("c", {"a": "c", "b": "c"}),
+    ],
+)
+def test_baseline_arm_by_label(tmp_path, baseline, expected):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        f"base: {TINY}\narms:\n  a: {{learner.lr: 1.0e-4}}\n  b: {{learner.lr: 2.0e-4}}\n"
+        f"  c: {{learner.lr: 3.0e-4}}\nbaseline: {baseline}\n"
+    )
+    assert load_sweep(path).baselines == expected
+
+
+def test_baseline_by_values_compares_within_each_row_of_a_grid(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        f"base: {TINY}\ngrid:\n  learner.lr: [1.0e-4, 2.0e-4]\n"
+        "  algorithm.loss_agg: [token-mean, balanced]\n"
+        "baseline: {algorithm.loss_agg: token-mean}\n"
+    )
+    assert load_sweep(path).baselines == {
+        "lr=0.0001,loss_agg=balanced": "lr=0.0001,loss_agg=token-mean",
+        "lr=0.0002,loss_agg=balanced": "lr=0.0002,loss_agg=token-mean",
+    }
+
+
+@pytest.mark.parametrize(
+    "baseline, message",
+    [
+        ("z", "key 'baseline': no arm is labelled 'z'"),
+        ("{learner.epochs: 2}", "key 'baseline.learner.epochs': arm 'a' does not vary it"),
+        ("{learner.lr: 5.0e-4}", "key 'baseline': no arm has lr=0.0005, the baseline of arm 'a'"),
+        ("[a]", "key 'baseline' must be an arm's label or a mapping"),
+    ],
+)
+def test_bad_baselines_are_refused(tmp_path, baseline, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        f"base: {TINY}\narms:\n  a: {{learner.lr: 1.0e-4}}\n  b: {{learner.lr: 2.0e-4}}\n"
+        f"baseline: {baseline}\n"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_sweep(path)
+
+
+def test_a_key_rlpost_gained_since_a_run_started_is_no_change_at_its_default(tmp_path):
+    from rlpost.sweeps.runner import config_changes
+
+    cfg = load_config(TINY)
+    written = yaml.safe_load(dump_config(cfg))
+    del written["save_keep_last"], written["warmup"]["reuse"]  # an older rlpost's config.yaml
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(written))
+    assert config_changes(tmp_path, cfg) == []
+    # the same keys set to something else, or an old key changed, still are changes
+    assert config_changes(tmp_path, load_config(TINY, ["warmup.reuse=true", "save_keep_last=2"])) == [
+        "save_keep_last",
+        "warmup.reuse",
+    ]
+    assert config_changes(tmp_path, load_config(TINY, ["steps=3"])) == ["steps"]
