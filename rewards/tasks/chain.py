@@ -84,7 +84,7 @@ def parse(response: str) -> tuple[list[Step], int] | None:
                 and result == 10 * tc + s % 10
             )
         claim = f"~{total}+{operand}={result}"
-        exact = exact and rechecks == claim * (len(rechecks) // max(len(claim), 1))
+        exact = exact and rechecks == claim * (len(rechecks) // len(claim))
         steps.append(Step(tag, total, operand, result, exact))
         pos = m.end()
     final = FINAL.fullmatch(response, pos)

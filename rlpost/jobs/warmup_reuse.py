@@ -27,12 +27,16 @@ RL_ONLY = {"lr", "lr_warmup_steps", "lr_schedule", "mini_batch_size", "epochs", 
 DONE = "tokenizer_config.json"  # the warm-up writes it last
 
 
-def warmup_key(cfg: TrainConfig) -> str:
+def warmup_spec(cfg: TrainConfig) -> dict:
+    """Everything the warm-up reads from the config, and the version."""
     spec = cfg.model_dump(mode="json", include={"seed", "model", "task", "warmup"})
     spec["learner"] = cfg.learner.model_dump(mode="json", exclude=RL_ONLY)
     spec["rlpost"] = rlpost.__version__
-    text = json.dumps(spec, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return spec
+
+
+def warmup_key(cfg: TrainConfig) -> str:
+    return hashlib.sha256(json.dumps(warmup_spec(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def shared_warmup(cfg: TrainConfig) -> Path:
@@ -52,39 +56,34 @@ def link_or_copy(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
 
 
+def place(src: Path, dst: Path, note: dict | None = None) -> None:
+    """`src` linked into a directory beside `dst` (with `note` as rlpost_warmup.json) and
+    renamed to `dst`, so `dst` is never seen half-filled; an existing `dst` stays (of two
+    runs that finish together, the first one's)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    try:
+        link_or_copy(src, tmp)
+        if note is not None:
+            (tmp / "rlpost_warmup.json").write_text(json.dumps(note, indent=1))
+        try:
+            tmp.rename(dst)
+        except OSError:
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def take_shared(cfg: TrainConfig, out_dir: Path) -> Path | None:
-    """Fill `out_dir` from the shared warm-up if a finished one exists; its path, else None.
-    Filled beside it and renamed into place: a run killed half-way does not leave an
-    `out_dir` that looks finished."""
+    """Fill `out_dir` from the shared warm-up if a finished one exists; its path, else None."""
     shared = shared_warmup(cfg)
     if not (shared / DONE).is_file():
         return None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        link_or_copy(shared, tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)  # an unfinished warm-up of an earlier start
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # an unfinished warm-up of an earlier start
+    place(shared, out_dir)
     return shared
 
 
 def share(cfg: TrainConfig, out_dir: Path) -> None:
-    """Offer the finished warm-up in `out_dir` to later runs: copied beside the entry and
-    renamed into place, so a half-written entry is never read (and of two runs that
-    finish together, the first one's stays)."""
-    shared = shared_warmup(cfg)
-    shared.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{shared.name}-", dir=shared.parent))
-    try:
-        link_or_copy(out_dir, tmp)
-        (tmp / "rlpost_warmup.json").write_text(
-            json.dumps(cfg.model_dump(mode="json", include={"seed", "model", "task", "warmup"}), indent=1)
-        )
-        try:
-            tmp.rename(shared)
-        except OSError:
-            pass  # another run shared the same warm-up first
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Offer the finished warm-up in `out_dir` to later runs."""
+    place(out_dir, shared_warmup(cfg), note=warmup_spec(cfg))

@@ -146,13 +146,29 @@ def curve(runs: list[RunMetrics], metric: str) -> tuple[list[float], list[float]
     return steps, [m for m, _ in stats], [s or 0.0 for _, s in stats]
 
 
-def plot(path: Path, title: str, ylabel: str, metric: str, arms: list[str], runs: list[RunMetrics]) -> bool:
-    """One PNG: a mean line and a ± std band per arm. False when no run has the metric."""
+def _axes():
     from matplotlib.figure import Figure  # Agg, without touching pyplot's global backend
-    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
-    ax = fig.subplots()
+    return fig, fig.subplots()
+
+
+def _save(fig, ax, path: Path, title: str, ylabel: str, **legend) -> None:
+    """Title, labels, integer steps, grid and legend, then the PNG."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", **legend)
+    fig.savefig(path, format="png")
+
+
+def plot(path: Path, title: str, ylabel: str, metric: str, arms: list[str], runs: list[RunMetrics]) -> bool:
+    """One PNG: a mean line and a ± std band per arm. False when no run has the metric."""
+    fig, ax = _axes()
     drawn = False
     for arm in arms:
         arm_runs = [r for r in runs if r.arm == arm]
@@ -174,24 +190,14 @@ def plot(path: Path, title: str, ylabel: str, metric: str, arms: list[str], runs
         )
     if not drawn:
         return False
-    ax.set_title(f"{title}: mean over seeds, band ± 1 std")
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    fig.savefig(path, format="png")
+    _save(fig, ax, path, f"{title}: mean over seeds, band ± 1 std", ylabel, fontsize="small")
     return True
 
 
 def plot_length_by_outcome(path: Path, arms: list[str], runs: list[RunMetrics]) -> bool:
     """One PNG: per arm, the mean length of correct (solid) and incorrect (dashed)
     responses over training, each the mean over seeds."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
-    ax = fig.subplots()
+    fig, ax = _axes()
     drawn = False
     for i, arm in enumerate(arms):
         arm_runs = [r for r in runs if r.arm == arm]
@@ -203,13 +209,8 @@ def plot_length_by_outcome(path: Path, arms: list[str], runs: list[RunMetrics]) 
                 ax.plot(steps, mean, style, color=color, linewidth=1.5, label=f"{arm}: {outcome}")
     if not drawn:
         return False
-    ax.set_title("Response length of correct (solid) and incorrect (dashed) responses, mean over seeds")
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("tokens")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="x-small", ncol=2)
-    fig.savefig(path, format="png")
+    title = "Response length of correct (solid) and incorrect (dashed) responses, mean over seeds"
+    _save(fig, ax, path, title, "tokens", fontsize="x-small", ncol=2)
     return True
 
 

@@ -11,7 +11,8 @@ import torch
 
 from rlpost.algorithms import ALGORITHMS, TokenTensors, build_algorithm
 from rlpost.algorithms.advantages import grpo
-from rlpost.data.batch import Sample, shard, view
+from rlpost.data.batch import Sample, shard
+from tests.algorithms.split_check import micro_loss, offsets, weighted
 
 EPS_LOW, EPS_HIGH = 3e-4, 4e-4
 LENGTHS = [3, 7, 1, 5, 4, 2, 6, 8]  # two groups of four
@@ -53,35 +54,6 @@ def by_hand(samples, logp) -> torch.Tensor:
         losses.append(-torch.minimum(s_i * a, torch.clamp(s_i, 1 - EPS_LOW, 1 + EPS_HIGH) * a))
         start += n
     return torch.stack(losses).mean()
-
-
-def offsets(samples) -> dict[int, int]:
-    starts = torch.tensor([0] + [s.num_tokens for s in samples]).cumsum(0)
-    return {id(s): int(starts[i]) for i, s in enumerate(samples)}
-
-
-def micro_loss(algo, micro: list[Sample], logp: torch.Tensor, start: dict[int, int]) -> torch.Tensor:
-    """sum_t w_t l_t of one micro-batch, as a learner computes it (local seq_index)."""
-    idx = torch.cat([torch.arange(start[id(s)], start[id(s)] + s.num_tokens) for s in micro])
-    cat = lambda field: torch.cat([getattr(s, field) for s in micro])  # noqa: E731
-    t = TokenTensors(
-        logp=logp[idx],
-        old_logp=cat("old_logp"),
-        advantages=cat("advantages"),
-        entropy=None,
-        ref_logp=None,
-        seq_index=torch.repeat_interleave(
-            torch.arange(len(micro)), torch.tensor([s.num_tokens for s in micro])
-        ),
-    )
-    loss, _ = algo.token_loss(t)
-    return (cat("weights") * loss).sum()
-
-
-def weighted(algo, samples):
-    for s, w in zip(samples, algo.token_weights(view(samples)).split([s.num_tokens for s in samples])):
-        s.weights = w
-    return samples
 
 
 def test_defaults_and_registry():

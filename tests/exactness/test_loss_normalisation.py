@@ -138,6 +138,12 @@ def test_loss_and_gradients_match_formula_for_every_split(model_dir, world, loss
     samples = make_samples(loss_agg=loss_agg)
     ref_loss, ref_grads, _ = reference(model_dir, samples, loss_agg)
     group = learner_group(model_dir, world, zero_stage=0, loss_agg=loss_agg, packing=packing)
+    assert_every_split_matches(group, samples, packing, ref_loss, ref_grads)
+
+
+def assert_every_split_matches(group: WorkerGroup, samples, packing: str, ref_loss, ref_grads) -> None:
+    """Under every split of SPLITS[packing], the learners' loss and summed gradients equal
+    the reference; the group is shut down after."""
     try:
         for split in SPLITS[packing]:
             metrics = run_split(group, samples, apply=False, packed=packing == "packed", **split)

@@ -24,8 +24,10 @@ from rlpost.data.batch import shard, view
 from rlpost.jobs.update import train_minibatches
 from rlpost.model.load import load_model
 from rlpost.workers.learner import LRSchedule, start_learner_group
-from tests.exactness.test_loss_normalisation import SPLITS, make_samples, run_split
-from tests.run_helpers import assert_gradients_match
+from tests.exactness.test_loss_normalisation import (
+    assert_every_split_matches,
+    make_samples,
+)
 
 RTOL, ATOL = 1e-5, 1e-7
 PARAMS = {
@@ -168,14 +170,9 @@ def test_loss_and_gradients_match_formula_for_every_split(model_dir, name, world
         request.getfixturevalue("ray_cluster")
     samples = samples_for(name)
     ref_loss, ref_grads = reference(model_dir, name, samples)
-    group = learner_group(model_dir, name, world, packing)
-    try:
-        for split in SPLITS[packing]:
-            metrics = run_split(group, samples, apply=False, packed=packing == "packed", **split)
-            assert metrics["loss"] == pytest.approx(ref_loss, rel=RTOL, abs=ATOL)
-            assert_gradients_match(group, ref_grads, RTOL, ATOL)
-    finally:
-        group.shutdown()
+    assert_every_split_matches(
+        learner_group(model_dir, name, world, packing), samples, packing, ref_loss, ref_grads
+    )
 
 
 @pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
