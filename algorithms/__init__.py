@@ -31,14 +31,20 @@ from rlpost.algorithms.gspo import GSPO, GSPOToken
 from rlpost.algorithms.hapo import HAPO
 from rlpost.algorithms.off_policy import Correction, behaviour_weights
 from rlpost.algorithms.pairs import PairSums
+from rlpost.algorithms.ppo import PPO
 from rlpost.algorithms.preference import Preference, chunked_critical_weights
+from rlpost.algorithms.prime import PRIME
+from rlpost.algorithms.pure import PURE
 from rlpost.algorithms.sapo import SAPO
 from rlpost.algorithms.sft import SFT
+from rlpost.algorithms.token_baseline import TokenBaseline
+from rlpost.algorithms.vineppo import VinePPO
 from rlpost.errors import ConfigError
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
-    for cls in (GRPO, HAPO, GSPO, GSPOToken, CISPO, GMPO, SAPO, DPPO, ClipCov, KLCov, Preference, SFT)
+    for cls in (GRPO, HAPO, GSPO, GSPOToken, CISPO, GMPO, SAPO, DPPO, ClipCov, KLCov)
+    + (PPO, VinePPO, PURE, PRIME, TokenBaseline, Preference, SFT)
 }
 KINDS = (PairLoss, PolicyGradient, TokenLoss)  # most specific first: a PolicyGradient is a TokenLoss
 

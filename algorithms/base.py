@@ -100,9 +100,59 @@ class Needs:
     # see the log-prob pass before the update. Without it, an RL step scores and trains in
     # one learner call (`Learner.score_and_train`), and `token_mask` gets entropy=None.
     old_policy_entropy: bool = False
-    # a critic's value of every response position, for advantages from values (PPO's GAE):
-    # the critic role is to be started from this flag; no runtime role reads it yet.
+    # the inputs of `PolicyGradient.credit` beyond the rewards (docs/algorithms.md section 5),
+    # each computed over the whole rollout batch before any advantage:
+    # a critic's value V(s_t) of every response position (PPO's GAE); the runtime starts a
+    # critic group (`critic:` section) and trains it on `Credit.returns` after each update
     values: bool = False
+    # the old policy's probability of each sampled token and sum_v pi(v)^2 at its position
+    # (the optimal token baseline), from the log-prob pass run before the advantages
+    token_collision: bool = False
+    # one reward per step of each response (`steps:` splits it; `step_reward` scores them)
+    step_rewards: bool = False
+    # K > 0: Monte-Carlo values at each step boundary, the mean reward of K continuations
+    # the rollout engines sample from the prefix (VinePPO); `max_boundaries` caps the
+    # boundaries per response (adjacent steps merged evenly)
+    continuations: int = 0
+    max_boundaries: int | None = None
+    # an implicit PRM's log-probs and its reference's (PRIME); the runtime starts a PRM group
+    # (`prm:` section) and trains it on the outcome labels after the advantages
+    implicit_prm: bool = False
+
+
+@dataclass
+class CreditInputs:
+    """What `PolicyGradient.credit` reads: the outcome rewards and lengths [P, G] always, the
+    rest when its `needs` ask (None otherwise). Per-token tensors are 1-D over all response
+    tokens of the rollout batch in sequence order (group-major: response i is in group
+    i // G); per-response lists hold one tensor per response in the same order."""
+
+    rewards: torch.Tensor  # [P, G]
+    lengths: torch.Tensor  # [P, G]
+    step: int = 1  # the RL step (1-based)
+    values: torch.Tensor | None = None  # [T] V(s_t), the state before token t (needs.values)
+    old_logp: torch.Tensor | None = None  # [T] (needs.token_collision)
+    collision: torch.Tensor | None = None  # [T] sum_v pi_old(v)^2 (needs.token_collision)
+    prm_logp: torch.Tensor | None = None  # [T] log pi_phi (needs.implicit_prm)
+    prm_ref_logp: torch.Tensor | None = None  # [T] log pi_ref under the PRM's reference
+    # per response: the exclusive token end of each step, increasing, the last = its length
+    # (needs.step_rewards or needs.continuations)
+    step_ends: list[torch.Tensor] | None = None
+    step_rewards: list[torch.Tensor] | None = None  # per response: [K_i] (needs.step_rewards)
+    # per response: V_hat(s_0..s_{K_i - 1}), the value of the state before each step
+    # (needs.continuations)
+    state_values: list[torch.Tensor] | None = None
+
+
+@dataclass
+class Credit:
+    """`PolicyGradient.credit`'s result: advantages [P, G] (one per response) or [T] (one per
+    token); `returns` [T], the critic's regression targets under needs.values; per-step
+    metrics of the credit."""
+
+    advantages: torch.Tensor
+    returns: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -215,6 +265,12 @@ class PolicyGradient(TokenLoss):
         rewards: docs/algorithms.md section 5). The runtime takes either
         (`rlpost.jobs.update.assign_advantages`) and hands the result to `select_samples`."""
         raise NotImplementedError
+
+    def credit(self, inputs: CreditInputs) -> Credit:
+        """The advantages of a rollout batch from what `needs` asked for (docs/algorithms.md
+        section 5). Algorithms whose advantages read the rewards and lengths alone implement
+        `advantages` instead."""
+        return Credit(self.advantages(inputs.rewards, inputs.lengths))
 
     def select_samples(self, advantages: torch.Tensor, step: int) -> torch.Tensor | None:
         """Which rollouts of each group train, as a bool mask shaped like the sequence

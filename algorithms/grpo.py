@@ -162,12 +162,16 @@ class GRPO(PolicyGradient):
         return self.add_regularisers(t, loss, metrics)
 
     def add_regularisers(self, t: TokenTensors, loss: torch.Tensor, metrics: dict):
-        """The KL penalty to the reference policy and the entropy bonus, per token."""
-        c = self.cfg
-        if c.kl_coef > 0:
-            kl = kl_penalty(t.logp, t.ref_logp, c.kl_estimator)
-            loss = loss + c.kl_coef * kl
-            metrics["kl_ref"] = kl.detach()
-        if c.entropy_coef > 0:
-            loss = loss - c.entropy_coef * t.entropy
-        return loss, metrics
+        return add_regularisers(self.cfg, t, loss, metrics)
+
+
+def add_regularisers(c, t: TokenTensors, loss: torch.Tensor, metrics: dict):
+    """The KL penalty to the reference policy and the entropy bonus of config `c` (its
+    kl_coef, kl_estimator, entropy_coef), per token."""
+    if c.kl_coef > 0:
+        kl = kl_penalty(t.logp, t.ref_logp, c.kl_estimator)
+        loss = loss + c.kl_coef * kl
+        metrics["kl_ref"] = kl.detach()
+    if c.entropy_coef > 0:
+        loss = loss - c.entropy_coef * t.entropy
+    return loss, metrics

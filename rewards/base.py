@@ -44,6 +44,15 @@ class Task:
     def score(self, response: str, problem: Problem) -> float:
         raise NotImplementedError
 
+    def score_steps(self, problem: Problem, steps: list[str]) -> list[float]:
+        """The step verifier (`step_credit.reward: task`): one score per step of a response
+        (`steps` are its pieces, in order; joined they are the response). Optional: a task
+        without one leaves it unimplemented."""
+        raise NotImplementedError(
+            f"task {type(self).__name__} has no step verifier (Task.score_steps); set "
+            "step_credit.reward to a function 'pkg.module:function' taking (problem, steps)"
+        )
+
     def prepare(self) -> None:
         """Load what `score` needs (imports, data); each scoring process calls this once
         when it starts, so that no sample's timeout pays for it."""

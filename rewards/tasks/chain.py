@@ -59,6 +59,29 @@ class Step:
     exact: bool  # its own arithmetic (the worked style's digits included) is right
 
 
+def _step(m: re.Match) -> Step:
+    """The step a match of SHORT or WORKED writes."""
+    *fields, rechecks = m.groups()
+    g = [int(x) if x.isdigit() else x for x in fields]
+    if len(g) == 4:
+        tag, total, operand, result = g
+        exact = result == total + operand
+    else:
+        tag, total, operand, u, d, s, t, c, tc, result = g
+        exact = (
+            u == total % 10
+            and d == operand
+            and s == u + d
+            and t == total // 10
+            and c == s // 10
+            and tc == t + c
+            and result == 10 * tc + s % 10
+        )
+    claim = f"~{total}+{operand}={result}"
+    exact = exact and rechecks == claim * (len(rechecks) // len(claim))
+    return Step(tag, total, operand, result, exact)
+
+
 def parse(response: str) -> tuple[list[Step], int] | None:
     """The steps and the final answer, or None when the response does not follow the
     grammar (any character outside it, a missing final answer, text after it)."""
@@ -67,25 +90,7 @@ def parse(response: str) -> tuple[list[Step], int] | None:
         m = SHORT.match(response, pos) or WORKED.match(response, pos)
         if m is None:
             return None
-        *fields, rechecks = m.groups()
-        g = [int(x) if x.isdigit() else x for x in fields]
-        if len(g) == 4:
-            tag, total, operand, result = g
-            exact = result == total + operand
-        else:
-            tag, total, operand, u, d, s, t, c, tc, result = g
-            exact = (
-                u == total % 10
-                and d == operand
-                and s == u + d
-                and t == total // 10
-                and c == s // 10
-                and tc == t + c
-                and result == 10 * tc + s % 10
-            )
-        claim = f"~{total}+{operand}={result}"
-        exact = exact and rechecks == claim * (len(rechecks) // len(claim))
-        steps.append(Step(tag, total, operand, result, exact))
+        steps.append(_step(m))
         pos = m.end()
     final = FINAL.fullmatch(response, pos)
     return (steps, int(final.group(1))) if final else None
@@ -171,4 +176,31 @@ class Chain(Task):
             out.append(1.0 if ok else 0.0)
             if s is not None:
                 total = s.result
+        return out
+
+    def score_steps(self, problem: Problem, steps: list[str]) -> list[float]:
+        """The step verifier over given steps (`step_credit.reward: task`), one score per piece
+        of the response (the pieces joined are the response; whitespace around a piece is
+        ignored). A piece that is one step (SHORT or WORKED, re-checks included) scores as
+        `step_scores` scores that step: 1 when its tag is the next one, it starts from the
+        previous step's written total (the first number for the first), adds the right
+        operand and its arithmetic is exact. After each step piece, right or wrong, the
+        running total is what it wrote and the next tag is expected. The final-answer piece
+        (`>49`) scores the outcome, `score` of the whole response. Anything else scores 0,
+        a piece holding several steps included (split with `step_credit.split: ";"`)."""
+        ops, total, i = problem.meta["operands"], problem.meta["first"], 0
+        response, out = "".join(steps), []
+        for piece in steps:
+            piece = piece.strip()
+            m = SHORT.fullmatch(piece) or WORKED.fullmatch(piece)
+            if m is not None:
+                s = _step(m)
+                ok = i < len(ops) and s.tag == TAGS[i] and s.operand == ops[i]
+                ok = ok and s.total == total and s.exact
+                out.append(1.0 if ok else 0.0)
+                total, i = s.result, i + 1
+            elif FINAL.fullmatch(piece):
+                out.append(self.score(response, problem))
+            else:
+                out.append(0.0)
         return out

@@ -6,10 +6,12 @@ from typing import Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
+from rlpost.algorithms import build_algorithm
 from rlpost.algorithms.base import AlgoConfig, PolicyGradient
 from rlpost.config.asynchrony import OffPolicyConfig
 from rlpost.config.base import BestMode, keep_best_field, keep_last_field, retention_problem
 from rlpost.config.colocation import check_colocation
+from rlpost.config.credit import CriticConfig, PRMConfig, StepsConfig
 from rlpost.config.data import DataConfig, EvalConfig
 from rlpost.config.placement import placement_problem
 from rlpost.config.sections import (
@@ -55,6 +57,9 @@ class TrainConfig(Section):
         default_factory=lambda: algorithm_section({}, PolicyGradient)
     )
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    prm: PRMConfig = Field(default_factory=PRMConfig)
+    step_credit: StepsConfig = Field(default_factory=StepsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -173,6 +178,40 @@ class TrainConfig(Section):
                 f"engines may run ahead of the learners"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_credit_sections(self) -> TrainConfig:
+        """A setting of a section the algorithm does not use would be silently ignored."""
+        needs = self.needs
+        used = {
+            "critic": needs.values,
+            "prm": needs.implicit_prm,
+            "step_credit": needs.step_rewards or needs.continuations > 0,
+        }
+        rc = self.rollout
+        if any(used.values()) and rc.staleness and rc.async_mode == "streaming":
+            raise ValueError(
+                f"algorithm {self.algorithm.name!r} computes its credit over whole groups with their "
+                f"problems (docs/algorithms.md section 5); rollout.async_mode 'streaming' does not keep "
+                f"them: use async_mode 'deterministic'"
+            )
+        for section, read in used.items():
+            changed = [
+                k
+                for k, v in getattr(self, section)
+                if v != type(getattr(self, section)).model_fields[k].default
+            ]
+            if changed and not read:
+                raise ValueError(
+                    f"{section}.{changed[0]} is set but algorithm {self.algorithm.name!r} does not use a "
+                    f"{section} section (docs/algorithms.md section 5)"
+                )
+        return self
+
+    @property
+    def needs(self):
+        """The chosen algorithm's Needs under this config."""
+        return build_algorithm(self.algorithm.name, self.algorithm.params()).needs
 
     @model_validator(mode="after")
     def _check_colocation(self) -> TrainConfig:

@@ -44,6 +44,8 @@ class Rollouts:
     scored sample of every generation round."""
 
     groups: list[list[Sample]] = field(default_factory=list)  # rollout.n samples each
+    problems: list[Problem] = field(default_factory=list)  # of each group (step-level credit reads them)
+    correct: dict[int, bool] = field(default_factory=dict)  # the verifier's outcome by id of the sample
     generated: list[Sample] = field(default_factory=list)
     rewards: RewardResult | None = None  # of every generated sample, before overlong shaping
     rounds: int = 0
@@ -119,9 +121,10 @@ class GenerationPipeline:
             times["rollout"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            out.groups += [
-                g for g in score_groups(trainer, step, problems, completions, out) if g is not None
-            ]
+            for g, p in zip(score_groups(trainer, step, problems, completions, out), problems):
+                if g is not None:
+                    out.groups.append(g)
+                    out.problems.append(p)
             times["reward"] += time.perf_counter() - t
             if len(out.groups) >= rc.prompts_per_step:
                 break
@@ -131,7 +134,7 @@ class GenerationPipeline:
                 f"{rc.prompts_per_step} groups after {out.rounds - 1} extra "
                 f"rounds; training on those"
             )
-        out.groups = out.groups[: rc.prompts_per_step]
+        out.groups, out.problems = out.groups[: rc.prompts_per_step], out.problems[: rc.prompts_per_step]
         number_groups(out.groups)
         if rc.staleness:
             out.lags = [trainer.weights.lag(step, s.weight_version) for g in out.groups for s in g]
@@ -209,8 +212,9 @@ def score_groups(
     ]
     scored = [s for g in groups for s in g]
     result = trainer.score([s.response_ids for s in scored], [p for p, g in zip(problems, groups) for _ in g])
-    for s, reward in zip(scored, result.totals):
+    for s, reward, ok in zip(scored, result.totals, result.correct):
         s.reward = reward
+        out.correct[id(s)] = ok
     if result.example is not None:
         trainer.tracker.print_line(
             f"step {step}: {sum(result.failures.values())} reward "

@@ -30,6 +30,7 @@ from rlpost.config.rl import TrainConfig
 from rlpost.data.batch import Sample
 from rlpost.data.stream import EpochStream
 from rlpost.jobs.colocation import Colocation
+from rlpost.jobs.credit import CreditRoles
 from rlpost.jobs.pipeline import GenerationPipeline, Rollouts, lag_metrics
 from rlpost.jobs.run_dir import (
     Retention,
@@ -75,6 +76,7 @@ class Trainer(Session):
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
         # the algorithm's per-token temperature for the next rollout batch (HAPO), if any
         self.sampling_rule: SamplingRule | None = None
+        self.credit_roles: CreditRoles | None = None  # made once the tokenizer is up (`run`)
         rc = cfg.rollout
         # where each step's rollouts come from: sent ahead (k >= 0 steps), or streamed
         self.generation = (
@@ -90,6 +92,7 @@ class Trainer(Session):
             Tracker(run_dir, cfg, resume_step=checkpoint[1]["step"] if checkpoint else None),
             warmup_dir=run_dir / "models" / "warmup",
         )
+        self.credit_roles = CreditRoles(self)
         lc = cfg.learner
         optimizer_steps = (
             cfg.steps * lc.epochs * (cfg.rollout.prompts_per_step * cfg.rollout.n // lc.mini_batch_size)
@@ -99,6 +102,7 @@ class Trainer(Session):
             (cfg.algorithm.name, cfg.algorithm.params()),
             LRSchedule(lc.lr, lc.lr_warmup_steps, lc.lr_schedule, total_steps=optimizer_steps),
         )
+        self.credit_roles.start(start_model)
         self.start_rollout(start_model)
         self.weights = WeightSync(cfg, self.learners, self.rollout, self.use_ray)
         first = 1
@@ -119,6 +123,7 @@ class Trainer(Session):
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 after = self.evaluate(f"step_{step}")
                 metrics.update(after)
+                self.credit_roles.write_view(run_dir / "credit", step)
             self.tracker.log(metrics, step=step)
             self.weights.check_gap(metrics, step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
@@ -140,36 +145,31 @@ class Trainer(Session):
         colocation = Colocation(cfg, self.learners, self.rollout)
         colocation.before_update()
 
-        t = time.perf_counter()
         batch = [s for g in rollouts.groups for s in g]
-        shape = (len(rollouts.groups), cfg.rollout.n)
-        rewards = torch.tensor([s.reward for s in batch]).view(shape)
-        lengths = torch.tensor([s.num_tokens for s in batch]).view(shape)
-        advantages = self.algorithm.advantages(rewards, lengths)
-        assign_advantages(batch, advantages)
-        keep = self.algorithm.select_samples(advantages, step)
-        samples = batch
-        if keep is not None:
-            samples = [s for s, kept in zip(batch, keep.flatten().tolist()) if kept]
-            batch_metrics["selection/sample_frac"] = len(samples) / len(batch)
-        times["reward"] += time.perf_counter() - t
+        samples, statistics = self.credit(step, rollouts, batch, times, batch_metrics)
 
         t = time.perf_counter()
         batches = minibatches(samples, lc.mini_batch_size, lc.epochs, cfg.seed, step)
-        if (
+        if needs.values and step <= cfg.critic.warmup_steps:
+            # the critic learns the values of the starting policy before the policy moves
+            update, entropy, samples = [], None, []
+        elif (
             needs.old_policy_entropy
             or needs.position_divergence
+            or needs.token_collision
             or lc.epochs > 1
             or rollouts.rule is not None
         ):
             # the controller needs the old policy's entropies before the update
-            entropy = logprob_pass(
-                self.learners, self.algorithm, samples, self.split, rollouts.rule, batch_metrics
-            )
+            if statistics is None:
+                statistics = logprob_pass(
+                    self.learners, self.algorithm, samples, self.split, rollouts.rule, batch_metrics
+                )
+            entropy = statistics["entropy"]
             set_token_mask(self.algorithm, samples, entropy, step, cfg.rollout.mask_truncated, batch_metrics)
             if needs.position_divergence:
                 set_position_weights(self.learners, self.algorithm, samples, batch_metrics)
-            times["logprob"] = time.perf_counter() - t
+            times["logprob"] = times.get("logprob", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             update = train_minibatches(self.learners, self.algorithm, batches, self.split)
         else:
@@ -181,12 +181,17 @@ class Trainer(Session):
             )
             entropy = torch.cat([entropies[id(s)] for s in samples])
         # the rule of the next rollout batch, from this batch's old-policy entropies
-        self.sampling_rule = self.algorithm.sampling_rule(entropy)
+        if entropy is not None:
+            self.sampling_rule = self.algorithm.sampling_rule(entropy)
         step_update = MetricSums()
         for merged in update:
             for k, v in merged.result().items():
                 step_update.add_mean(k, v)
         times["update"] = time.perf_counter() - t
+        if needs.values:
+            t = time.perf_counter()
+            self.credit_roles.train_critic(step, batch, batch_metrics)
+            times["critic_update"] = time.perf_counter() - t
         colocation.after_update()
 
         t = time.perf_counter()
@@ -194,6 +199,33 @@ class Trainer(Session):
         times["weight_sync"] = time.perf_counter() - t
         colocation.after_sync(times)
         return step_metrics(cfg, rollouts, samples, entropy, step_update, times, batch_metrics)
+
+    def credit(
+        self, step: int, rollouts: Rollouts, batch: list[Sample], times: dict[str, float], metrics: dict
+    ) -> tuple[list[Sample], dict | None]:
+        """Each sample's advantages (`CreditRoles.credit`), and the samples that train (the
+        algorithm's selection); also the old policy's log-prob pass over them when the credit
+        read it first (None otherwise)."""
+        statistics = None
+        if self.algorithm.needs.token_collision:
+            t = time.perf_counter()
+            statistics = logprob_pass(
+                self.learners, self.algorithm, batch, self.split, rollouts.rule, metrics, collision=True
+            )
+            times["logprob"] = time.perf_counter() - t
+        t = time.perf_counter()
+        correct = [rollouts.correct[id(s)] for s in batch]
+        credit = self.credit_roles.credit(step, batch, rollouts.problems, correct, statistics, times, metrics)
+        assign_advantages(batch, credit.advantages)
+        self.credit_roles.keep_for_view(batch, credit.advantages)
+        keep = self.algorithm.select_samples(credit.advantages, step)
+        samples = batch
+        if keep is not None:
+            samples = [s for s, kept in zip(batch, keep.flatten().tolist()) if kept]
+            metrics["selection/sample_frac"] = len(samples) / len(batch)
+            statistics = None  # over the whole batch: the update's pass is over `samples`
+        times["reward"] += time.perf_counter() - t - times.get("credit", 0.0)
+        return samples, statistics
 
     def collect(self, step: int, times: dict[str, float]) -> Rollouts:
         """Generate (or take what was generated) and score this step's groups."""
@@ -228,7 +260,7 @@ class Trainer(Session):
                 # the steps of the weights that sampled the batches sent ahead (their lags)
                 "weight_steps": self.weights.recent_steps(self.cfg.rollout.staleness + 2),
             },
-            self.generation.save,
+            lambda tag_dir: (self.generation.save(tag_dir), self.credit_roles.save(tag_dir)),
             Retention.of(self.cfg),
         )
         if self.streaming is not None:
@@ -244,6 +276,7 @@ class Trainer(Session):
         self.sync_weights(state["step"])
         tag_dir = self.run_dir / "checkpoints" / tag
         self.generation.load(tag_dir, state["step"])
+        self.credit_roles.load(tag_dir)
 
     @property
     def streaming(self) -> Streaming | None:
@@ -259,6 +292,8 @@ class Trainer(Session):
     def shutdown(self) -> None:
         if self.streaming is not None:
             self.streaming.stop()
+        if self.credit_roles is not None:
+            self.credit_roles.shutdown()
         super().shutdown()
         if self.tracker is not None:
             self.tracker.close()

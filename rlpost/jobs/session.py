@@ -43,7 +43,7 @@ from rlpost.rewards.config import ComponentConfig, RewardConfig
 from rlpost.rewards.scoring.pool import RESERVED_SOURCES, RewardPool, RewardResult
 from rlpost.rewards.tasks.file_rows import FileRows
 from rlpost.tracking.tracker import Tracker
-from rlpost.workers.group import Placement, WorkerGroup, gather
+from rlpost.workers.group import Placement, WorkerGroup, gather, model_roles
 from rlpost.workers.learner import LRSchedule, start_learner_group
 from rlpost.workers.rollout import RolloutWorker
 from rlpost.workers.threads import set_threads
@@ -108,7 +108,8 @@ class Session:
             self.read_prompt_files(training)
         if self.use_ray:
             split_threads(cfg)
-            init_ray(cfg.ray, cfg.rollout.num_workers + cfg.learner.num_learners)
+            ranks = cfg.learner.num_learners * (1 + len(model_roles(cfg)))  # critic, PRM
+            init_ray(cfg.ray, cfg.rollout.num_workers + ranks)
         # before the warm-up: its learners and the job's learners take the same slots
         self.placement = Placement(cfg, use_ray=self.use_ray)
         reward = cfg.reward if cfg.from_files else with_verifier(cfg.reward)

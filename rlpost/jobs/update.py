@@ -80,23 +80,37 @@ def logprob_pass(
     split: Split,
     rule,
     batch_metrics: dict[str, float],
-) -> torch.Tensor:
+    collision: bool = False,
+) -> dict[str, torch.Tensor]:
     """The old (and reference) log-probs of `samples` from the learners, with the per-token
     temperatures of `rule` (the rule these samples were drawn under), set on each sample,
-    and the algorithm's token inputs from their entropies. Returns the entropies, flat
-    in the order of `samples`."""
+    and the algorithm's token inputs from their entropies. Returns flat in the order of
+    `samples` the log-probs ("logp"), the entropies ("entropy") and, when `collision`,
+    sum_v pi(v)^2 ("collision")."""
     parts = split(samples)
-    results = learners.call("logprobs", per_rank=[(p, algorithm.needs.reference, rule) for p in parts])
-    entropies = {}
+    results = learners.call(
+        "logprobs", per_rank=[(p, algorithm.needs.reference, rule, collision) for p in parts]
+    )
+    stats: dict[int, tuple] = {}
     for rank, r in zip(parts, results):  # each rank's results are flat in its shard's order
         ordered = [s for micro in rank for s in micro]
         by_sample = per_sample(r, ordered)
-        for s, lp, h, ref, temp in zip(
-            ordered, by_sample["logp"], by_sample["entropy"], by_sample["ref_logp"], by_sample["temperature"]
+        for s, lp, h, ref, temp, coll in zip(
+            ordered,
+            by_sample["logp"],
+            by_sample["entropy"],
+            by_sample["ref_logp"],
+            by_sample["temperature"],
+            by_sample["collision"],
         ):
             s.old_logp, s.ref_logp, s.temperature = lp, ref, temp
-            entropies[id(s)] = h
-    entropy = torch.cat([entropies[id(s)] for s in samples])
+            stats[id(s)] = (lp, h, coll)
+    out = {
+        name: torch.cat([stats[id(s)][i] for s in samples]) if samples else torch.zeros(0)
+        for i, name in enumerate(("logp", "entropy", "collision"))
+        if name != "collision" or collision
+    }
+    entropy = out["entropy"]
     if rule is not None:
         temps = torch.cat([s.temperature for s in samples])
         batch_metrics.update(
@@ -109,7 +123,7 @@ def logprob_pass(
     for name, values in algorithm.token_inputs(entropy).items():
         for s, v in zip(samples, values.split([s.num_tokens for s in samples])):
             s.extra[name] = v
-    return entropy
+    return out
 
 
 def set_token_mask(

@@ -21,7 +21,7 @@ from rlpost.model.fused_kernels import use_fused_kernels
 from rlpost.model.head_kernels import head_logprobs, pick_logprob_kernel
 from rlpost.model.load import load_model
 from rlpost.model.lora import add_lora
-from rlpost.model.token_ops import Temperature, chunked_token_kl
+from rlpost.model.token_ops import Temperature, chunked_collision, chunked_token_kl
 
 
 class PolicyModel(nn.Module):
@@ -85,6 +85,17 @@ class PolicyModel(nn.Module):
                 hidden, head, targets, self.chunk_size, temperature * rule.factor(entropy), kernel
             )
         return logp, entropy
+
+
+    @torch.no_grad()
+    def token_statistics(self, input_ids, pred_pos, targets, temperature: Temperature = 1.0, **attention):
+        """The log-probs, entropies and sum_v pi(v)^2 of the response tokens, from one forward
+        (the optimal token baseline's statistics of the old policy)."""
+        hidden = self.hidden_states(input_ids, pred_pos, **attention)
+        head = self.lm.get_output_embeddings()
+        kernel = self.logprob_kernel
+        logp, entropy = head_logprobs(hidden, head, targets, self.chunk_size, temperature, kernel)
+        return logp, entropy, chunked_collision(hidden, head, self.chunk_size, temperature)
 
 
 class BaseModelView(PolicyModel):

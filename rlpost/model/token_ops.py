@@ -177,6 +177,20 @@ def chunked_logprobs(
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
+@torch.no_grad()
+def chunked_collision(
+    hidden: torch.Tensor, head: nn.Module, chunk_size: int = 1024, temperature: Temperature = 1.0
+) -> torch.Tensor:
+    """sum_v pi(v)^2 [N] of softmax(head(hidden) / temperature), chunk by chunk (no gradient:
+    the optimal token baseline reads it from the old policy). Called as a module, so ZeRO-3
+    gathers a partitioned head."""
+    out = []
+    for s in range(0, hidden.shape[0], chunk_size):
+        z = _scaled(head(hidden[s : s + chunk_size]), _rows(temperature, s, s + chunk_size))
+        out.append((2 * torch.log_softmax(z, -1)).exp().sum(-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
 # ----- full-vocabulary KL(pi_ref || pi_theta) per token ---------------------------------
 # TDPO, SparsePO and ASFT need sum_v r_v (log r_v - log p_v) at every response token, with r
 # the frozen reference's distribution and p the policy's. Like the log-probs above, it is

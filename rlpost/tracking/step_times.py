@@ -21,6 +21,10 @@ def time_metrics(
             out[f"time/busy/{role}_{rank}"] = sum(seconds.values()) / step
     if staleness == 0:  # else generation overlaps the other phases
         compute = sum(out[f"time/compute/{n}"] for n in ("generate", "logprob", "update"))
-        overhead = step - compute - metrics["time/reward"] - metrics.get("time/weight_sync", 0.0)
+        # credit beyond the outcome (critic, PRM, continuations: rlpost/jobs/credit.py) is timed
+        # on the controller, not in the policy's workers' clocks
+        phases = ("reward", "weight_sync", "credit", "critic_update")
+        outside = sum(metrics.get(f"time/{k}", 0.0) for k in phases)
+        overhead = step - compute - outside
         out.update({"time/framework_overhead": overhead, "time/framework_overhead_frac": overhead / step})
     return out

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from rlpost.config.rl import TrainConfig
 
-Role = Literal["learner", "rollout"]
+Role = Literal["learner", "rollout", "critic", "prm"]
 
 
 def free_port() -> int:
@@ -62,23 +62,45 @@ class Placement:
             return
         rc = cfg.ray
         learners, workers = cfg.learner.num_learners, cfg.rollout.num_workers
+        # the critic / implicit PRM of the algorithm (rlpost/jobs/credit.py), each with
+        # learners' ranks: in bundles of its own, or sharing the learners' (and their GPUs)
+        extra = {role: section.placement for role, section in model_roles(cfg).items()}
+        sharing = [role for role, where in extra.items() if where == "with_learners"]
+        gpu = rc.gpus_per_learner
         if rc.placement == "colocated":
-            gpu = rc.gpus_per_learner
+            share = gpu / (2 + len(sharing))
             # a CPU per worker, as in the separate placement (the local cluster has that many)
             pg = self._group(
-                [_bundle(1 + (rank < workers), gpu, rc.learner_resources) for rank in range(learners)]
+                [
+                    _bundle(1 + (rank < workers) + len(sharing), gpu, rc.learner_resources)
+                    for rank in range(learners)
+                ]
             )
             self._slots = {
-                "learner": Slots(pg, list(range(learners)), 1, gpu / 2),
-                "rollout": Slots(pg, list(range(workers)), 1, gpu / 2),
+                "learner": Slots(pg, list(range(learners)), 1, share),
+                "rollout": Slots(pg, list(range(workers)), 1, share),
             }
         else:
-            for role, n, gpu, custom in (
-                ("learner", learners, rc.gpus_per_learner, rc.learner_resources),
-                ("rollout", workers, rc.gpus_per_rollout_worker, rc.rollout_resources),
-            ):
-                pg = self._group([_bundle(1, gpu, custom)] * n)
-                self._slots[role] = Slots(pg, list(range(n)), 1, gpu)
+            share = gpu / (1 + len(sharing))
+            pg = self._group([_bundle(1 + len(sharing), gpu, rc.learner_resources)] * learners)
+            self._slots["learner"] = Slots(pg, list(range(learners)), 1, share)
+            self._slots["rollout"] = Slots(
+                self._group([_bundle(1, rc.gpus_per_rollout_worker, rc.rollout_resources)] * workers),
+                list(range(workers)),
+                1,
+                rc.gpus_per_rollout_worker,
+            )
+        learner_slots = self._slots["learner"]
+        for role, where in extra.items():
+            if where == "with_learners":
+                self._slots[role] = Slots(learner_slots.pg, learner_slots.bundles, 1, learner_slots.num_gpus)
+            else:
+                self._slots[role] = Slots(
+                    self._group([_bundle(1, gpu, rc.learner_resources)] * learners),
+                    list(range(learners)),
+                    1,
+                    gpu,
+                )
 
     def _group(self, bundles: list[dict]) -> Any:
         import ray
@@ -98,6 +120,19 @@ class Placement:
         for pg in self.groups:
             remove_placement_group(pg)
         self.groups, self._slots = [], {}
+
+
+def model_roles(cfg) -> dict[str, Any]:
+    """The config sections of the models the algorithm trains beside the policy (a critic,
+    an implicit PRM) by role name; none for configs without them (offline jobs)."""
+    if not hasattr(cfg, "critic"):
+        return {}
+    needs = cfg.needs
+    return {
+        role: getattr(cfg, role)
+        for role, used in (("critic", needs.values), ("prm", needs.implicit_prm))
+        if used
+    }
 
 
 def gather(refs: list) -> list:

@@ -59,7 +59,11 @@ class Learner(PolicyRank):
 
     @torch.no_grad()
     def logprobs(
-        self, micro_batches: list[list[Sample]], with_ref: bool = False, rule: SamplingRule | None = None
+        self,
+        micro_batches: list[list[Sample]],
+        with_ref: bool = False,
+        rule: SamplingRule | None = None,
+        collision: bool = False,
     ) -> dict[str, torch.Tensor | None]:
         """Log-probs, entropies (and reference log-probs) of the response tokens of all
         the micro-batches, flat in their order: a few tensors cross back to the controller,
@@ -67,15 +71,23 @@ class Learner(PolicyRank):
 
         `rule`: the per-token temperature rule the samples were drawn under. Entropies
         are then at the base temperature, log-probs at each token's T_t, returned as
-        "temperature" for the update pass to use."""
+        "temperature" for the update pass to use.
+
+        `collision`: also sum_v pi(v)^2 at each token, from the same forward (no `rule`)."""
         self.engine.eval()
-        parts: dict[str, list[torch.Tensor]] = {"logp": [], "entropy": [], "ref_logp": [], "temperature": []}
+        parts: dict[str, list[torch.Tensor]] = {
+            "logp": [], "entropy": [], "ref_logp": [], "temperature": [], "collision": []
+        }
         for mb in micro_batches:
             if not mb:
                 continue
             inputs = self._inputs(collate(mb, self.pad_id, self.packed))
             with self.clock("logprob"):
-                logp, ent = self.engine(**inputs, rule=rule)
+                if collision:
+                    logp, ent, coll = self.engine.module.token_statistics(**inputs)
+                    parts["collision"].append(coll)
+                else:
+                    logp, ent = self.engine(**inputs, rule=rule)
                 parts["logp"].append(logp)
                 parts["entropy"].append(ent)
                 if rule is not None:
@@ -214,6 +226,15 @@ class Learner(PolicyRank):
         return scores, self.train_minibatches(minibatches)
 
 
+class ImplicitPRM(Learner):
+    """PRIME's implicit PRM (algorithms/prime.py): a learner of its own loss whose log-probs
+    are a reward model's, at temperature 1 whatever the policy samples at."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.temperature = 1.0
+
+
 def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return sorted((p.name for p in ckpt_dir.glob("step_*") if p.is_dir()), key=lambda t: int(t.split("_")[1]))
 
@@ -221,7 +242,7 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
 def start_learner_group(
     cfg: TrainConfig | OfflineConfig,
     model_dir: Path | str,
-    algorithm: tuple[str, dict],
+    algorithm: tuple[str, dict] | None,
     schedule: LRSchedule,
     pad_id: int,
     use_ray: bool,
@@ -229,7 +250,8 @@ def start_learner_group(
     role: type[PolicyRank] = Learner,
 ) -> WorkerGroup:
     """All ranks of a learner group, joined in one process group at rank 0's node. `role`:
-    the class each rank runs, `Learner` for token losses or another role (the job chooses)."""
+    the class each rank runs, `Learner` for token losses or another role (the job chooses);
+    `algorithm` None for a role without one (`critic.Critic`)."""
     n = cfg.learner.num_learners
     group = WorkerGroup(
         role,

@@ -120,7 +120,7 @@ class PolicyRank:
         self,
         cfg: TrainConfig | OfflineConfig,
         model_dir: str,
-        algorithm: tuple[str, dict],
+        algorithm: tuple[str, dict] | None,
         schedule: LRSchedule,
         rank: int,
         world_size: int,
@@ -132,7 +132,8 @@ class PolicyRank:
         # RL scores its samples at the temperature they were drawn at; offline data was not
         # sampled from the policy, and its losses are defined at temperature 1
         self.temperature = cfg.rollout.temperature if isinstance(cfg, TrainConfig) else 1.0
-        self.algorithm = build_algorithm(*algorithm)
+        # None: a role that trains no policy loss (the critic): no algorithm, no reference
+        self.algorithm = build_algorithm(*algorithm) if algorithm is not None else None
         self.sender: WeightSender | None = None  # made by weight_plan
         self.transfer: TransferGroup | None = None  # rank 0's, opened by connect_weights
 
@@ -157,7 +158,7 @@ class PolicyRank:
         self.engine = deepspeed_engine(policy, schedule, lc, cfg.model.dtype == "bfloat16", on_gpu)
         self.device = self.engine.device
         self.ref = None
-        if self.algorithm.needs.reference:
+        if self.algorithm is not None and self.algorithm.needs.reference:
             self.ref = load_reference(
                 self.engine.module,
                 self.adapter,

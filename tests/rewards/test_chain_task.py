@@ -160,3 +160,140 @@ def test_the_length_gap_grows_with_the_coupling():
 def test_bad_task_args_are_config_errors_naming_the_key(args, key):
     with pytest.raises(ConfigError, match=f"task.args.*{key}"):
         build_task("chain", args)
+
+
+# ----- the step verifier over given steps (step_credit.reward: task) --------------------------
+
+
+def split(response: str) -> list[str]:
+    """The pieces `step_credit.split: ";"` gives (rlpost/data/steps.py, which rewards may not
+    import): each ';' ends a step, the rest is one more."""
+    pieces = [p + ";" for p in response.split(";")]
+    pieces[-1] = pieces[-1][:-1]
+    return [p for p in pieces if p]
+
+
+def test_score_steps_of_a_correct_response_in_either_style():
+    task = Chain()
+    assert split(SHORT) == ["a:27+5=32;", "b:32+8=40;", "c:40+9=49;", ">49"]
+    for response in (SHORT, WORKED, "a:27+5=32~27+5=32~27+5=32;b:32+8:2+8=10,3+1=4:40;c:40+9=49;>49"):
+        assert task.score_steps(P, split(response)) == [1.0, 1.0, 1.0, 1.0]
+    # whitespace around a piece is ignored, as `score` strips the response
+    assert task.score_steps(P, [" a:27+5=32;", "b:32+8=40;", "c:40+9=49;", ">49\n"]) == [1.0] * 4
+
+
+def test_score_steps_marks_a_slip_and_carries_its_total_forward():
+    task = Chain()
+    slipped = "a:27+5=32;b:32+8=30;c:30+9=39;>39"
+    assert task.score_steps(P, split(slipped)) == [1.0, 0.0, 1.0, 0.0]
+    worked = "a:27+5:7+5=12,2+1=3:32;b:32+8:2+8=10,3+0=3:30;c:30+9:0+9=9,3+0=3:39;>39"
+    assert task.score_steps(P, split(worked)) == [1.0, 0.0, 1.0, 0.0]
+    # a step that does not start from the written total is wrong even if its sum is right
+    # (the outcome reads only the end: the right sum scores 1)
+    assert task.score_steps(P, split("a:27+5=32;b:32+8=30;c:40+9=49;>49")) == [1.0, 0.0, 0.0, 1.0]
+    # the wrong operand, tags out of order, the first number miscopied
+    assert task.score_steps(P, split("a:27+5=32;b:32+9=41;c:41+9=50;>50")) == [1.0, 0.0, 1.0, 0.0]
+    assert task.score_steps(P, split("a:27+5=32;c:32+8=40;b:40+9=49;>49")) == [1.0, 0.0, 0.0, 0.0]
+    assert task.score_steps(P, split("a:26+5=31;b:31+8=39;c:39+9=48;>48")) == [0.0, 1.0, 1.0, 0.0]
+    # steps right, the answer not; a step too many
+    assert task.score_steps(P, split("a:27+5=32;b:32+8=40;c:40+9=49;>48")) == [1.0, 1.0, 1.0, 0.0]
+    assert task.score_steps(P, split("a:27+5=32;b:32+8=40;c:40+9=49;d:49+1=50;>50")) == [1, 1, 1, 0, 0]
+
+
+def test_score_steps_of_a_give_up_and_of_rechecks():
+    task = Chain()
+    assert task.score_steps(P, split("a:27+5=32;b:32+8=30;>30")) == [1.0, 0.0, 0.0]
+    rechecked = "a:27+5=32;b:32+8=30~32+8=30~32+8=30;c:30+9=39;>39"
+    assert task.score_steps(P, split(rechecked)) == [1.0, 0.0, 1.0, 0.0]
+    # a re-check that disagrees with its step makes the step inexact; the answer still counts
+    odd = "a:27+5=32~27+5=33;b:32+8=40;c:40+9=49;>49"
+    assert task.score_steps(P, split(odd)) == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_score_steps_of_garbage_pieces():
+    task = Chain()
+    assert task.score_steps(P, []) == []
+    assert task.score_steps(P, [""]) == [0.0]
+    assert task.score_steps(P, ["hello", ";", "49"]) == [0.0, 0.0, 0.0]
+    # a piece holding several steps (the default newline split keeps a chain whole) is no step
+    assert task.score_steps(P, [SHORT]) == [0.0]
+    # garbage between steps is 0 and leaves the running total and the expected tag alone
+    assert task.score_steps(P, ["a:27+5=32;", "xx;", "b:32+8=40;", "c:40+9=49;", ">49"]) == [1, 0, 1, 1, 0]
+    # a final answer in the middle scores the whole response (which does not parse: 0)
+    assert task.score_steps(P, ["a:27+5=32;", ">32", "b:32+8=40;"]) == [1.0, 0.0, 1.0]
+    assert task.score_steps(P, ["a:27+5=32;", "b:32+8=40;", "c:40+9=49;", ">٤٩"]) == [1, 1, 1, 0]
+
+
+def test_score_steps_agrees_with_step_scores_on_demonstrations():
+    for seed in range(4):
+        for coupling in (-0.5, 0.0, 0.5):
+            task = Chain(teacher_carry_error=0.5, length_coupling=coupling)
+            rng = random.Random(seed)
+            for p in task.problems(60, seed=seed):
+                d = task.demonstration(p, rng)
+                pieces = split(d)
+                scores = task.score_steps(p, pieces)
+                assert len(scores) == len(pieces) and pieces[-1].startswith(">")
+                present = len(pieces) - 1  # a give-up stops early: the steps it wrote
+                assert scores[:-1] == task.step_scores(d, p)[:present]
+                assert scores[-1] == task.score(d, p)
+
+
+def test_the_task_base_has_no_step_verifier():
+    from rlpost.rewards.base import Task
+
+    with pytest.raises(NotImplementedError, match="no step verifier.*step_credit.reward"):
+        Task().score_steps(P, ["x"])
+
+
+# ----- step_scorer (rewards/steps.py) ---------------------------------------------------------
+
+
+def halves(problem, steps):
+    return [0.5] * len(steps)
+
+
+def one_short(problem, steps):
+    return [1.0] * (len(steps) - 1)
+
+
+def with_nan(problem, steps):
+    return [float("nan")] * len(steps)
+
+
+def not_a_list(problem, steps):
+    return 1.0
+
+
+def test_step_scorer_of_the_task_and_of_a_function():
+    import pickle
+
+    from rlpost.rewards.steps import step_scorer
+    from rlpost.rewards.tasks.arithmetic import Arithmetic
+
+    scorer = step_scorer("task", Chain())
+    assert scorer(P, split(SHORT)) == [1.0] * 4
+    assert pickle.loads(pickle.dumps(scorer))(P, split(SHORT)) == [1.0] * 4  # for scoring workers
+    assert step_scorer("tests.rewards.test_chain_task:halves", Chain())(P, ["x", "y"]) == [0.5, 0.5]
+    with pytest.raises(ConfigError, match="key 'step_credit.reward': task Arithmetic has no step verifier"):
+        step_scorer("task", Arithmetic())
+    for bad in ("tests.rewards.no_such:fn", "tests.rewards.test_chain_task:missing", "halves"):
+        with pytest.raises(ConfigError, match="key 'step_credit.reward'"):
+            step_scorer(bad, Chain())
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        ("one_short", "returned 1 scores for 2 steps"),
+        ("with_nan", "nan is not a finite float"),
+        ("not_a_list", "returned float, not a list of floats"),
+    ],
+)
+def test_step_scorer_checks_what_a_function_returns(fn, message):
+    from rlpost.rewards.steps import step_scorer
+
+    path = f"tests.rewards.test_chain_task:{fn}"
+    long = Problem("9" * 100, "0", {})
+    with pytest.raises(ValueError, match=f"step_credit.reward {path} on the problem '{'9' * 60}': {message}"):
+        step_scorer(path, Chain())(long, ["x", "y"])
