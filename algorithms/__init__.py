@@ -22,6 +22,7 @@ from rlpost.algorithms.base import (
     TokenLoss,
     TokenTensors,
 )
+from rlpost.algorithms.ceeh import CEEH
 from rlpost.algorithms.cispo import CISPO
 from rlpost.algorithms.covariance import ClipCov, KLCov
 from rlpost.algorithms.dppo import DPPO
@@ -44,7 +45,7 @@ from rlpost.errors import ConfigError
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
     for cls in (GRPO, HAPO, GSPO, GSPOToken, CISPO, GMPO, SAPO, DPPO, ClipCov, KLCov)
-    + (PPO, VinePPO, PURE, PRIME, TokenBaseline, Preference, SFT)
+    + (PPO, VinePPO, PURE, PRIME, TokenBaseline, CEEH, Preference, SFT)
 }
 KINDS = (PairLoss, PolicyGradient, TokenLoss)  # most specific first: a PolicyGradient is a TokenLoss
 

@@ -18,7 +18,8 @@ module).
   rollout batch, `select_samples` (which rollouts train) and, once the old policy's
   entropies are known, `token_inputs`, `token_mask` (which tokens enter the loss),
   `position_weights` (TW-GRPO) and `sampling_rule` (a per-token temperature for the
-  next rollout batch, HAPO).
+  next rollout batch, HAPO). State it keeps across steps on the controller (CEEH's
+  per-question statistics) goes into the checkpoints through `state_dict`.
 - `PairLoss` (DPO, TDPO, SparsePO, cDPO): a loss of per-pair sums over tokens
   (`algorithms.pairs`), taken where a pair's sums are complete.
 """
@@ -118,6 +119,17 @@ class Needs:
     # an implicit PRM's log-probs and its reference's (PRIME); the runtime starts a PRM group
     # (`prm:` section) and trains it on the outcome labels after the advantages
     implicit_prm: bool = False
+    # the old policy's entropy of every response token (`CreditInputs.entropy`), from the
+    # log-prob pass run before the advantages (CEEH)
+    credit_entropy: bool = False
+    # each group's problem (`CreditInputs.prompts`) and each response's verifier outcome
+    # (`CreditInputs.correct`): a credit that keeps per-question statistics across steps (CEEH)
+    problem_outcomes: bool = False
+
+    @property
+    def logprobs_before_credit(self) -> bool:
+        """Whether the learners' log-prob pass runs before the advantages."""
+        return self.token_collision or self.credit_entropy
 
 
 @dataclass
@@ -130,6 +142,7 @@ class CreditInputs:
     rewards: torch.Tensor  # [P, G]
     lengths: torch.Tensor  # [P, G]
     step: int = 1  # the RL step (1-based)
+    total_steps: int | None = None  # the run's RL steps (`steps`)
     values: torch.Tensor | None = None  # [T] V(s_t), the state before token t (needs.values)
     old_logp: torch.Tensor | None = None  # [T] (needs.token_collision)
     collision: torch.Tensor | None = None  # [T] sum_v pi_old(v)^2 (needs.token_collision)
@@ -142,6 +155,10 @@ class CreditInputs:
     # per response: V_hat(s_0..s_{K_i - 1}), the value of the state before each step
     # (needs.continuations)
     state_values: list[torch.Tensor] | None = None
+    entropy: torch.Tensor | None = None  # [T] H of pi_old at each token (needs.credit_entropy)
+    # a stable key of each group's problem (its prompt), [P] (needs.problem_outcomes)
+    prompts: list[str] | None = None
+    correct: torch.Tensor | None = None  # [P, G] bool, the verifier's (needs.problem_outcomes)
 
 
 @dataclass
@@ -271,6 +288,15 @@ class PolicyGradient(TokenLoss):
         section 5). Algorithms whose advantages read the rewards and lengths alone implement
         `advantages` instead."""
         return Credit(self.advantages(inputs.rewards, inputs.lengths))
+
+    def state_dict(self) -> dict:
+        """The algorithm's own state on the controller (per-question statistics, ...), JSON-able:
+        the trainer's checkpoints carry it and `load_state_dict` restores it, so that a resumed
+        run repeats the uninterrupted one. {}: none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` gave ({} from a checkpoint written without one)."""
 
     def select_samples(self, advantages: torch.Tensor, step: int) -> torch.Tensor | None:
         """Which rollouts of each group train, as a bool mask shaped like the sequence

@@ -13,7 +13,8 @@ reward:
     my_data:
       - {name: function, args: {path: "my_rewards:judge", kwargs: {strict: true}}}
   num_workers: 4
-  timeout_s: 10
+  timeout_s: 10            # per component call on one sample
+  batch_timeout_s: null    # per batch; null: 6 x timeout_s, at least 120; 0: no limit
 ```
 
 A sample's reward is the weighted sum of the component values of its route: the list
@@ -46,8 +47,10 @@ from rlpost.rewards.base import SampleReward
 from rlpost.rewards.components import COMPONENTS, validate_args
 from rlpost.rewards.scoring.sandbox import Limits
 
-# Metric names the trainer already uses under reward/.
-RESERVED_KEYS = ("mean", "std", "failures")
+# Metric names the trainer already uses under reward/ (and the pool's own).
+RESERVED_KEYS = ("mean", "std", "failures", "time_lost_s", "workers_replaced")
+# reward.batch_timeout_s when unset: this many reward.timeout_s, and at least BATCH_TIMEOUT_S
+BATCH_TIMEOUTS, BATCH_TIMEOUT_S = 6, 120.0
 
 
 # rlpost.config builds its TrainConfig from this module, so this module cannot import
@@ -137,6 +140,14 @@ class RewardConfig(_Section):
     )
     num_workers: int = Field(2, gt=0, description="scoring processes (Ray actors in Ray mode)")
     timeout_s: float = Field(10.0, gt=0, description="per component call on one sample")
+    batch_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="seconds one batch's scoring may take: what is unscored then scores 0 "
+        "(counted in reward/failures/timed_out and reward/failures/deadline) and the workers "
+        f"still at it are replaced, so hanging rewards cannot queue; null: {BATCH_TIMEOUTS} x "
+        f"timeout_s, at least {BATCH_TIMEOUT_S:.0f}; 0: no limit",
+    )
     memory_mb: int = Field(
         4096,
         ge=0,
@@ -148,6 +159,12 @@ class RewardConfig(_Section):
         ge=0,
         description="CPUs each Ray scoring actor reserves (0: none, so it never waits for the others)",
     )
+
+    def batch_deadline_s(self) -> float | None:
+        """Seconds one batch's scoring may take (batch_timeout_s resolved); None: no limit."""
+        if self.batch_timeout_s is None:
+            return max(BATCH_TIMEOUTS * self.timeout_s, BATCH_TIMEOUT_S)
+        return self.batch_timeout_s or None
 
     def route(self, source: str) -> list[ComponentConfig]:
         """The components that score a sample from `source`."""
@@ -173,6 +190,11 @@ class RewardConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> RewardConfig:
+        if self.batch_timeout_s and self.batch_timeout_s < self.timeout_s:
+            raise ValueError(
+                f"reward.batch_timeout_s ({self.batch_timeout_s}) must be at least reward.timeout_s "
+                f"({self.timeout_s}), what one sample may take, or 0 for no limit"
+            )
         routes = {"reward.components": self.components}
         routes.update({f"reward.sources.{source}": route for source, route in self.sources.items()})
         first_use: dict[str, tuple[str, ComponentConfig]] = {}

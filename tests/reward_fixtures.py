@@ -17,6 +17,8 @@ def chain_step_fraction(response, problem):
     operands = problem.meta["operands"]
     steps = [m for m in SHORT.finditer(response)]
     right = sum(
-        1 for i, d in enumerate(operands) if i < len(steps) and steps[i][1] == TAGS[i] and int(steps[i][3]) == d
+        1
+        for i, d in enumerate(operands)
+        if i < len(steps) and steps[i][1] == TAGS[i] and int(steps[i][3]) == d
     )
     return right / len(operands)

@@ -12,6 +12,16 @@ response or the problem.
 def judge(response, problem, difficulty=None, strict=False, **_):
     ...  # difficulty: a column of the row; strict: from the config's kwargs
 ```
+
+It runs unsandboxed in the reward pool's scoring processes (rewards/scoring/process.py),
+never on the controller. Whatever it does there costs at most the samples it was
+called on: raising, exiting (sys.exit, os._exit), crashing the process (a segfault),
+hanging past `reward.timeout_s` (even in C code holding the GIL) or running out of
+memory (`reward.memory_mb`) scores that call 0, counted by kind in reward/failures/*;
+the process is replaced and its process group and descendants are killed. Its stdout
+and stderr reach the run's stderr (up to 64 KiB per chunk of samples; the rest is
+dropped, so a flood cannot block it); stdin is empty; streams it closes are restored
+for the next call. State it keeps between calls lives until its process is replaced.
 """
 
 from __future__ import annotations

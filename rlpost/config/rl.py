@@ -189,7 +189,8 @@ class TrainConfig(Section):
             "step_credit": needs.step_rewards or needs.continuations > 0,
         }
         rc = self.rollout
-        if any(used.values()) and rc.staleness and rc.async_mode == "streaming":
+        whole_groups = any(used.values()) or needs.problem_outcomes
+        if whole_groups and rc.staleness and rc.async_mode == "streaming":
             raise ValueError(
                 f"algorithm {self.algorithm.name!r} computes its credit over whole groups with their "
                 f"problems (docs/algorithms.md section 5); rollout.async_mode 'streaming' does not keep "

@@ -5,8 +5,10 @@ rollout batch, before any advantage, and keeps the roles that make it:
 
 - `values`: a critic group (rlpost/workers/critic.py, `critic:` section) gives V(s_t) of every
   response token; after the policy's update it regresses on the returns `credit` gave.
-- `token_collision`: the learners' log-prob pass runs first and also returns sum_v pi(v)^2
-  (rl.py calls it; the result arrives here as `statistics`).
+- `token_collision`, `credit_entropy`: the learners' log-prob pass runs first (rl.py calls it;
+  the result arrives here as `statistics`), with sum_v pi(v)^2 under `token_collision`.
+- `problem_outcomes`: each group's problem by a stable key (`problem_key`) and each
+  response's verifier outcome (CEEH keeps per-question statistics across steps).
 - `step_rewards`: each response split into steps (`step_credit.split`), each step scored
   (`step_credit.reward`).
 - `continuations`: the rollout engines sample K continuations from the prefix at each step
@@ -20,6 +22,7 @@ the PRM are checkpointed with the policy.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -51,21 +54,20 @@ class CreditRoles:
         self.critic: WorkerGroup | None = None
         self.prm: WorkerGroup | None = None
         self.prm_loss = None
-        sc = trainer.cfg.step_credit
-        self.splitter = None
-        self.scorer = None
-        if self.needs.step_rewards or self.needs.continuations:
-            self.splitter = StepSplitter(sc, trainer.tokenizer)
-        if self.needs.step_rewards:
-            self.scorer = step_scorer(sc.reward, trainer.task)
+        self.splitter = self.scorer = None  # made by `start`, once the tokenizer is up
 
     @property
     def groups(self) -> dict[str, WorkerGroup]:
         return {name: g for name, g in (("critic", self.critic), ("prm", self.prm)) if g is not None}
 
     def start(self, start_model: Path) -> None:
-        """The critic and the PRM, from their `model` or the policy's starting model."""
+        """The step splitter and scorer, the critic and the PRM (from their `model` or the
+        policy's starting model)."""
         t, cfg = self.trainer, self.trainer.cfg
+        if self.needs.step_rewards or self.needs.continuations:
+            self.splitter = StepSplitter(cfg.step_credit, t.tokenizer)
+        if self.needs.step_rewards:
+            self.scorer = step_scorer(cfg.step_credit.reward, t.task)
         if self.needs.values:
             self.critic = start_role(t, "critic", cfg.critic, start_model, None, Critic)
         if self.needs.implicit_prm:
@@ -78,22 +80,29 @@ class CreditRoles:
         self,
         step: int,
         batch: list[Sample],
-        problems: list[Problem],
-        correct: list[bool],
+        rollouts,
         statistics: dict[str, torch.Tensor] | None,
         times: dict[str, float],
         metrics: dict[str, float],
     ) -> Credit:
-        """The algorithm's credit of `batch` (groups of rollout.n, in order; `problems` one per
-        group, `correct` the verifier's outcome per sample), with what its needs ask for;
-        `statistics`: the old policy's log-prob pass when token_collision asked for it first."""
+        """The algorithm's credit of `batch` (the samples of `rollouts.groups`, in order), with
+        what its needs ask for; `statistics`: the old policy's log-prob pass when the needs
+        asked for it first (`Needs.logprobs_before_credit`)."""
         t0 = time.perf_counter()
         t, needs = self.trainer, self.needs
-        shape = (len(problems), t.cfg.rollout.n)
+        problems = rollouts.problems
+        shape = (len(rollouts.groups), t.cfg.rollout.n)
         rewards = torch.tensor([s.reward for s in batch], dtype=torch.float64).view(shape)
-        inputs = CreditInputs(rewards, torch.tensor([s.num_tokens for s in batch]).view(shape), step)
+        lengths = torch.tensor([s.num_tokens for s in batch]).view(shape)
+        inputs = CreditInputs(rewards, lengths, step, total_steps=t.cfg.steps)
         if statistics is not None:
-            inputs.old_logp, inputs.collision = statistics["logp"], statistics["collision"]
+            inputs.old_logp, inputs.entropy = statistics["logp"], statistics["entropy"]
+            inputs.collision = statistics.get("collision")
+        if needs.implicit_prm or needs.problem_outcomes:
+            correct = [rollouts.correct[id(s)] for s in batch]  # the verifier's outcome labels
+        if needs.problem_outcomes:
+            inputs.prompts = [problem_key(p) for p in problems]
+            inputs.correct = torch.tensor(correct, dtype=torch.bool).view(shape)
         if needs.values:
             inputs.values = critic_values(t, self.critic, batch)
         if needs.step_rewards or needs.continuations:
@@ -117,7 +126,14 @@ class CreditRoles:
     def active(self) -> bool:
         """Whether the algorithm's credit reads more than the outcome rewards."""
         n = self.needs
-        return n.values or n.token_collision or n.step_rewards or n.continuations > 0 or n.implicit_prm
+        return (
+            n.values
+            or n.logprobs_before_credit
+            or n.step_rewards
+            or n.continuations > 0
+            or n.implicit_prm
+            or n.problem_outcomes
+        )
 
     def _steps(
         self, step: int, batch: list[Sample], problems: list[Problem], inputs: CreditInputs, metrics: dict
@@ -192,3 +208,10 @@ class CreditRoles:
         for group in self.groups.values():
             group.shutdown()
         self.critic = self.prm = None
+
+
+def problem_key(problem: Problem) -> str:
+    """A problem's key, the same in every step and after a resume: its prompt (a conversation
+    as JSON)."""
+    prompt = problem.prompt
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)

@@ -76,7 +76,7 @@ class Trainer(Session):
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params())
         # the algorithm's per-token temperature for the next rollout batch (HAPO), if any
         self.sampling_rule: SamplingRule | None = None
-        self.credit_roles: CreditRoles | None = None  # made once the tokenizer is up (`run`)
+        self.credit_roles = CreditRoles(self)
         rc = cfg.rollout
         # where each step's rollouts come from: sent ahead (k >= 0 steps), or streamed
         self.generation = (
@@ -92,7 +92,6 @@ class Trainer(Session):
             Tracker(run_dir, cfg, resume_step=checkpoint[1]["step"] if checkpoint else None),
             warmup_dir=run_dir / "models" / "warmup",
         )
-        self.credit_roles = CreditRoles(self)
         lc = cfg.learner
         optimizer_steps = (
             cfg.steps * lc.epochs * (cfg.rollout.prompts_per_step * cfg.rollout.n // lc.mini_batch_size)
@@ -156,7 +155,7 @@ class Trainer(Session):
         elif (
             needs.old_policy_entropy
             or needs.position_divergence
-            or needs.token_collision
+            or needs.logprobs_before_credit
             or lc.epochs > 1
             or rollouts.rule is not None
         ):
@@ -206,16 +205,16 @@ class Trainer(Session):
         """Each sample's advantages (`CreditRoles.credit`), and the samples that train (the
         algorithm's selection); also the old policy's log-prob pass over them when the credit
         read it first (None otherwise)."""
-        statistics = None
-        if self.algorithm.needs.token_collision:
+        statistics, needs = None, self.algorithm.needs
+        if needs.logprobs_before_credit:
             t = time.perf_counter()
+            collision = needs.token_collision
             statistics = logprob_pass(
-                self.learners, self.algorithm, batch, self.split, rollouts.rule, metrics, collision=True
+                self.learners, self.algorithm, batch, self.split, rollouts.rule, metrics, collision
             )
             times["logprob"] = time.perf_counter() - t
         t = time.perf_counter()
-        correct = [rollouts.correct[id(s)] for s in batch]
-        credit = self.credit_roles.credit(step, batch, rollouts.problems, correct, statistics, times, metrics)
+        credit = self.credit_roles.credit(step, batch, rollouts, statistics, times, metrics)
         assign_advantages(batch, credit.advantages)
         self.credit_roles.keep_for_view(batch, credit.advantages)
         keep = self.algorithm.select_samples(credit.advantages, step)
@@ -259,6 +258,7 @@ class Trainer(Session):
                 "sampling_rule": rule.to_dict() if rule is not None else None,
                 # the steps of the weights that sampled the batches sent ahead (their lags)
                 "weight_steps": self.weights.recent_steps(self.cfg.rollout.staleness + 2),
+                "algorithm_state": self.algorithm.state_dict(),  # CEEH's per-question statistics
             },
             lambda tag_dir: (self.generation.save(tag_dir), self.credit_roles.save(tag_dir)),
             Retention.of(self.cfg),
@@ -273,6 +273,7 @@ class Trainer(Session):
         rule = state.get("sampling_rule")  # absent in checkpoints before HAPO sampling
         self.sampling_rule = sampling_rule_from_dict(rule) if rule is not None else None
         self.weights.steps.update({int(v): s for v, s in state.get("weight_steps", {}).items()})
+        self.algorithm.load_state_dict(state.get("algorithm_state", {}))
         self.sync_weights(state["step"])
         tag_dir = self.run_dir / "checkpoints" / tag
         self.generation.load(tag_dir, state["step"])
@@ -292,8 +293,7 @@ class Trainer(Session):
     def shutdown(self) -> None:
         if self.streaming is not None:
             self.streaming.stop()
-        if self.credit_roles is not None:
-            self.credit_roles.shutdown()
+        self.credit_roles.shutdown()
         super().shutdown()
         if self.tracker is not None:
             self.tracker.close()

@@ -86,7 +86,6 @@ class PolicyModel(nn.Module):
             )
         return logp, entropy
 
-
     @torch.no_grad()
     def token_statistics(self, input_ids, pred_pos, targets, temperature: Temperature = 1.0, **attention):
         """The log-probs, entropies and sum_v pi(v)^2 of the response tokens, from one forward

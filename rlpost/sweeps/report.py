@@ -60,6 +60,11 @@ COLUMNS: list[tuple[str, str, Callable[[Points], float | None], str]] = [
     ("clip frac. high (run mean)", "clip_frac_high", _mean_over_rl_steps, "{:.4f}"),
     ("BA positive side weight (run mean)", "agg/positive_side_weight", _mean_over_rl_steps, "{:.3f}"),
     ("BA negative side weight (run mean)", "agg/negative_side_weight", _mean_over_rl_steps, "{:.3f}"),
+    # credit beyond the outcome (docs/algorithms.md section 5): its cost and its models' fit
+    ("critic explained variance (run mean)", "critic/explained_variance", _mean_over_rl_steps, "{:.3f}"),
+    ("PRM accuracy (run mean)", "prm/accuracy", _mean_over_rl_steps, "{:.3f}"),
+    ("wall time per step, s (run mean)", "time/step", _mean_over_rl_steps, "{:.1f}"),
+    ("of which credit, s (run mean)", "time/credit", _mean_over_rl_steps, "{:.1f}"),
 ]
 
 # (title, metric, a run's value from its points): the paired comparison with a baseline

@@ -76,7 +76,11 @@ class Learner(PolicyRank):
         `collision`: also sum_v pi(v)^2 at each token, from the same forward (no `rule`)."""
         self.engine.eval()
         parts: dict[str, list[torch.Tensor]] = {
-            "logp": [], "entropy": [], "ref_logp": [], "temperature": [], "collision": []
+            "logp": [],
+            "entropy": [],
+            "ref_logp": [],
+            "temperature": [],
+            "collision": [],
         }
         for mb in micro_batches:
             if not mb:

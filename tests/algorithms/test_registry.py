@@ -35,6 +35,12 @@ def test_every_algorithm_is_of_one_kind():
         "dppo": PolicyGradient,
         "clip_cov": PolicyGradient,
         "kl_cov": PolicyGradient,
+        "ppo": PolicyGradient,
+        "vineppo": PolicyGradient,
+        "pure": PolicyGradient,
+        "prime": PolicyGradient,
+        "optimal_baseline": PolicyGradient,
+        "ceeh": PolicyGradient,
         "preference": PairLoss,
         "sft": TokenLoss,
     }
@@ -52,15 +58,15 @@ def test_every_algorithm_is_of_one_kind():
             PolicyGradient,
             "key 'algorithm.name': preference is a pair loss; `rlpost train` runs "
             "policy-gradient algorithms (grpo, hapo, gspo, gspo_token, cispo, gmpo, sapo, dppo, "
-            "clip_cov, kl_cov, or pkg.module:Class)",
+            "clip_cov, kl_cov, ppo, vineppo, pure, prime, optimal_baseline, ceeh, or pkg.module:Class)",
         ),
         ("grpo", PairLoss, "grpo is a policy-gradient algorithm; `rlpost dpo` runs pair losses (preference"),
         ("grpo", TokenLoss, "grpo is a policy-gradient algorithm; `rlpost sft` runs token losses (sft"),
         (
             "dapo",
             None,
-            "unknown algorithm 'dapo'; known: cispo, clip_cov, dppo, gmpo, grpo, gspo, gspo_token, "
-            "hapo, kl_cov, preference, sapo, sft",
+            "unknown algorithm 'dapo'; known: ceeh, cispo, clip_cov, dppo, gmpo, grpo, gspo, gspo_token, "
+            "hapo, kl_cov, optimal_baseline, ppo, preference, prime, pure, sapo, sft, vineppo",
         ),
         ("rlpost.algorithms.nope:X", None, "no module 'rlpost.algorithms.nope'"),
         ("rlpost.algorithms.hapo:TemperatureRule", PolicyGradient, "is not an algorithm"),

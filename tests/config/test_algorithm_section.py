@@ -121,9 +121,9 @@ def test_offline_dump_loads_again(tmp_path, pairs, job, overrides):
         ),
         (["algorithm.name=sft"], "key 'algorithm.name': sft is a token loss; `rlpost train` runs"),
         (
-            ["algorithm.name=ppo"],
-            "key 'algorithm.name': unknown algorithm 'ppo'; known: cispo, clip_cov, dppo, gmpo, grpo, "
-            "gspo, gspo_token, hapo, kl_cov",
+            ["algorithm.name=reinforce"],
+            "key 'algorithm.name': unknown algorithm 'reinforce'; known: ceeh, cispo, clip_cov, dppo, gmpo, "
+            "grpo, gspo, gspo_token, hapo, kl_cov",
         ),
         (["algorithm.name=gspo"], "unknown key 'algorithm.loss_agg'"),  # the quickstart sets it
         (["algorithm.name=no_such_module:Algo"], "key 'algorithm.name': no module 'no_such_module'"),

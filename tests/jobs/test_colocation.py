@@ -69,9 +69,9 @@ def trainer(tmp_path, monkeypatch, overrides: list[str], groups: int = 1):
         log.append(UPDATE)
         return [], {id(s): torch.zeros(s.num_tokens) for mb in batches for s in mb}
 
-    def logprob_pass(learners, algorithm, samples, split, rule, batch_metrics):
+    def logprob_pass(learners, algorithm, samples, split, rule, batch_metrics, collision=False):
         log.append(LOGPROBS)
-        return torch.zeros(sum(s.num_tokens for s in samples))
+        return {"entropy": torch.zeros(sum(s.num_tokens for s in samples))}
 
     def train_minibatches(learners, algorithm, batches, split):
         log.append(UPDATE)

@@ -51,5 +51,10 @@ def test_per_token_advantages_from_an_import_path_train_as_the_sequence_form(tmp
     per_token = read_metrics(
         run_train(tmp_path / "per_token", "algorithm.name=tests.jobs.test_update:PerTokenGRPO")
     )
-    assert per_token == grpo
+    # per-token advantages are also reported by token position (docs/algorithms.md section 5)
+    by_position = {step: {k for k in m if k.startswith("advantage/pos_")} for step, m in per_token.items()}
+    assert all(by_position[step] for step in range(1, 5))
+    assert {
+        step: {k: v for k, v in m.items() if k not in by_position[step]} for step, m in per_token.items()
+    } == grpo
     assert grpo[4]["loss"] != 0.0  # the runs trained on a signal

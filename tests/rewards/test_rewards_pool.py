@@ -142,6 +142,7 @@ def test_reward_that_never_returns_times_out_and_the_pool_goes_on(arithmetic):
         assert result.example == "function: timed out after 1.0s | response: 'hang'"
         # two timeouts of 1 s, each followed by a fresh process (~0.5 s here)
         assert elapsed < 2 * 1.0 + 4
+        assert result.replaced == 2 and 2.0 <= result.time_lost_s <= elapsed
         again = pool.score(["e", "f"], problems[:2])
         assert again.totals == [1.0, 1.0] and again.failures == {"raised": 0, "timed_out": 0}
 
@@ -153,7 +154,7 @@ def test_reward_that_kills_its_process_is_counted(arithmetic):
     ) as pool:
         result = pool.score(["a", "die", "b"], problems[:3])
     assert result.totals == [1.0, 0.0, 1.0]
-    assert result.failures == {"raised": 1, "timed_out": 0}
+    assert result.failures == {"raised": 1, "timed_out": 0} and result.causes == {"exit": 1}
     assert result.example.startswith("function: reward worker died (exit code 3)")
 
 
@@ -164,6 +165,7 @@ def test_reward_memory_is_limited(arithmetic):
     ) as pool:
         result = pool.score(["hog", "a"], problems[:2])
     assert result.totals == [0.0, 1.0] and result.failures["raised"] == 1
+    assert result.causes == {"memory": 1}
     assert result.example.startswith("function: MemoryError")
 
 

@@ -22,7 +22,11 @@ METHODS = {
 }
 PROMISED = {
     "ppo": ("critic/value_loss", "critic/clip_frac", "critic/explained_variance"),
-    "vineppo": ("vine/continuations", "vine/continuation_tokens", "vine/continuation_tokens_per_rollout_token"),
+    "vineppo": (
+        "vine/continuations",
+        "vine/continuation_tokens",
+        "vine/continuation_tokens_per_rollout_token",
+    ),
     "pure": ("steps/reward_mean", "steps/per_response"),
     "prime": ("prm/accuracy", "prm/loss", "prm/token_reward_mean"),
     "optimal_baseline": (),
@@ -86,7 +90,9 @@ def test_ppo_on_ray_with_the_critic_beside_the_learners_matches_in_process(tmp_p
     """The critic as Ray actors sharing the learners' bundles gives the in-process run's steps."""
     args = (*METHODS["ppo"], "eval_every=0")
     local = read_metrics(run_train(tmp_path / "local", *args, config=CHAIN))
-    ray = read_metrics(run_train(tmp_path / "ray", *args, "mode=ray", "critic.placement=with_learners", config=CHAIN))
+    ray = read_metrics(
+        run_train(tmp_path / "ray", *args, "mode=ray", "critic.placement=with_learners", config=CHAIN)
+    )
     for step in (1, 2):
         assert set(ray[step]) == set(local[step])
         for key, value in local[step].items():
