@@ -139,7 +139,7 @@ class CreditInputs:
     tokens of the rollout batch in sequence order (group-major: response i is in group
     i // G); per-response lists hold one tensor per response in the same order."""
 
-    rewards: torch.Tensor  # [P, G]
+    rewards: torch.Tensor  # [P, G], float64
     lengths: torch.Tensor  # [P, G]
     step: int = 1  # the RL step (1-based)
     total_steps: int | None = None  # the run's RL steps (`steps`)
@@ -286,8 +286,9 @@ class PolicyGradient(TokenLoss):
     def credit(self, inputs: CreditInputs) -> Credit:
         """The advantages of a rollout batch from what `needs` asked for (docs/algorithms.md
         section 5). Algorithms whose advantages read the rewards and lengths alone implement
-        `advantages` instead."""
-        return Credit(self.advantages(inputs.rewards, inputs.lengths))
+        `advantages` instead. They get the rewards in float32, as they always have: the same
+        config gives the same advantages, bit for bit, as before credit inputs existed."""
+        return Credit(self.advantages(inputs.rewards.float(), inputs.lengths))
 
     def state_dict(self) -> dict:
         """The algorithm's own state on the controller (per-question statistics, ...), JSON-able:

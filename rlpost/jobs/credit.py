@@ -55,6 +55,9 @@ class CreditRoles:
         self.prm: WorkerGroup | None = None
         self.prm_loss = None
         self.splitter = self.scorer = None  # made by `start`, once the tokenizer is up
+        # the latest credit: the critic's targets and inputs, and what `write_view` shows
+        self.returns = self.values = None
+        self.last_batch: list[tuple] = []
 
     @property
     def groups(self) -> dict[str, WorkerGroup]:
@@ -167,14 +170,14 @@ class CreditRoles:
         metrics.update(train_critic(self.trainer, self.critic, step, batch, self.returns, self.values))
 
     # ----- the token-credit view ------------------------------------------------------------
-    def keep_for_view(self, batch: list[Sample], advantages: torch.Tensor) -> None:
+    def keep_for_view(self, batch: list[Sample]) -> None:
         """The step's responses and their per-token advantages, for the next `write_view`."""
         self.last_batch = [(s.response_ids, s.advantages, s.reward, s.group) for s in batch]
 
     def write_view(self, out_dir: Path, step: int) -> None:
         """A few of the latest step's responses, their tokens shaded by their advantage
         (RUN_DIR/credit/credit_step_<step>.html and .png)."""
-        rows = getattr(self, "last_batch", None)
+        rows = self.last_batch
         if not rows:
             return
         t = self.trainer

@@ -216,7 +216,7 @@ class Trainer(Session):
         t = time.perf_counter()
         credit = self.credit_roles.credit(step, batch, rollouts, statistics, times, metrics)
         assign_advantages(batch, credit.advantages)
-        self.credit_roles.keep_for_view(batch, credit.advantages)
+        self.credit_roles.keep_for_view(batch)
         keep = self.algorithm.select_samples(credit.advantages, step)
         samples = batch
         if keep is not None:

@@ -35,6 +35,7 @@ from rlpost.rewards.base import Problem
 from rlpost.rewards.components.code_tests import CodeTests
 from rlpost.rewards.scoring import sandbox, sandbox_cgroup
 from rlpost.rewards.scoring.sandbox import Limits, SandboxUnavailable, run_python
+from tests.rewards.test_sandbox import processes_with
 
 
 def _unavailable() -> str | None:
@@ -52,17 +53,6 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the sandbox is unav
 NOBODY = 65534
 SCORING_DIR = Path(sandbox.__file__).parent
 SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:  # gone meanwhile
-            pass
-    return found
 
 
 def wait_gone(marker: str, timeout: float = 3.0) -> list[int]:

@@ -86,13 +86,16 @@ def test_prime_trains_its_prm_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_ppo_on_ray_with_the_critic_beside_the_learners_matches_in_process(tmp_path):
-    """The critic as Ray actors sharing the learners' bundles gives the in-process run's steps."""
-    args = (*METHODS["ppo"], "eval_every=0")
+@pytest.mark.parametrize(
+    "name, placement",
+    [("ppo", ("critic.placement=with_learners",)), ("prime", ()), ("vineppo", ())],
+)
+def test_ray_runs_match_in_process(name, placement, tmp_path):
+    """On Ray (the critic as actors sharing the learners' bundles; PRIME's PRM in bundles of its
+    own; VinePPO's continuations from a rollout actor) the steps are the in-process run's."""
+    args = (*METHODS[name], "eval_every=0")
     local = read_metrics(run_train(tmp_path / "local", *args, config=CHAIN))
-    ray = read_metrics(
-        run_train(tmp_path / "ray", *args, "mode=ray", "critic.placement=with_learners", config=CHAIN)
-    )
+    ray = read_metrics(run_train(tmp_path / "ray", *args, "mode=ray", *placement, config=CHAIN))
     for step in (1, 2):
         assert set(ray[step]) == set(local[step])
         for key, value in local[step].items():
