@@ -36,8 +36,10 @@ from rlpost.algorithms.ppo import PPO
 from rlpost.algorithms.preference import Preference, chunked_critical_weights
 from rlpost.algorithms.prime import PRIME
 from rlpost.algorithms.pure import PURE
+from rlpost.algorithms.reweighting import reweight_metrics, sample_multipliers
 from rlpost.algorithms.sapo import SAPO
 from rlpost.algorithms.sft import SFT
+from rlpost.algorithms.sstoken import SSToken
 from rlpost.algorithms.token_baseline import TokenBaseline
 from rlpost.algorithms.vineppo import VinePPO
 from rlpost.errors import ConfigError
@@ -46,6 +48,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
     for cls in (GRPO, HAPO, GSPO, GSPOToken, CISPO, GMPO, SAPO, DPPO, ClipCov, KLCov)
     + (PPO, VinePPO, PURE, PRIME, TokenBaseline, CEEH, Preference, SFT)
+    + (SSToken,)
 }
 KINDS = (PairLoss, PolicyGradient, TokenLoss)  # most specific first: a PolicyGradient is a TokenLoss
 
@@ -124,7 +127,8 @@ def sampling_rule_from_dict(d: dict) -> SamplingRule:
 
 # chunked_critical_weights: cDPO's contrastive estimation, which the runtime's contrast role runs
 # before any algorithm object exists; Correction and behaviour_weights: the learner's off-policy
-# weights, a runtime setting (TrainConfig.off_policy), not an algorithm's
+# weights, a runtime setting (TrainConfig.off_policy), not an algorithm's; sample_multipliers and
+# reweight_metrics: the learners' loss-based sample reweighting, a runtime setting (`reweighting:`)
 __all__ = [
     "ALGORITHMS",
     "AlgoConfig",
@@ -144,5 +148,7 @@ __all__ = [
     "build_algorithm_config",
     "chunked_critical_weights",
     "kind_of",
+    "reweight_metrics",
+    "sample_multipliers",
     "sampling_rule_from_dict",
 ]

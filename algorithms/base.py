@@ -52,6 +52,11 @@ TOKEN_KL = "token_kl"
 PAIR_INDEX = "pair_index"  # long: the token's pair, numbered over the whole mini-batch
 CHOSEN_SIDE = "chosen_side"  # bool: True on y_w's tokens, False on y_l's
 REWARD_WEIGHT = "reward_weight"  # float: cDPO's critical weight w_t on y_l, 1 on y_w
+TOKEN_REWARD = "token_reward"  # float: T-REG's token reward r_t on both responses
+# ssToken's signals, in `TokenTensors.extra` (the learner computes them in its forward):
+# log pi_his(y_t) under `needs.history_model`, and the attention of `needs.prompt_attention`
+HISTORY_LOGP = "history_logp"
+PROMPT_ATTENTION = "prompt_attention"
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,16 @@ class Needs:
     # each group's problem (`CreditInputs.prompts`) and each response's verifier outcome
     # (`CreditInputs.correct`): a credit that keeps per-question statistics across steps (CEEH)
     problem_outcomes: bool = False
+    # log pi_his(y_t) of a history model in `TokenTensors.extra[HISTORY_LOGP]` (ssToken):
+    # "reference", the frozen start model (set `reference` too), or "ema", a copy of the policy
+    # each learner rank keeps, theta_his <- ema_decay theta_his + (1 - ema_decay) theta after
+    # every optimizer step, saved with the learners' checkpoints; None: none
+    history_model: str | None = None
+    ema_decay: float = 0.0
+    # the last layer's attention from each response token's own position to its prompt's
+    # positions, summed over them and averaged over heads, of the policy's forward under no_grad,
+    # in `TokenTensors.extra[PROMPT_ATTENTION]` (rlpost/model/prompt_attention.py)
+    prompt_attention: bool = False
 
     @property
     def logprobs_before_credit(self) -> bool:
@@ -348,7 +363,8 @@ class PairLoss(Algorithm):
     Flags, each with its method: `activation_masks` (m^u = m^d from the reference model's
     activations, `activation_mask`), `learned_masks` (networks trained with the policy on
     the reference's hidden states, `mask_networks`), `critical_weights` (cDPO's weights on
-    the rejected tokens come with the data, `REWARD_WEIGHT`)."""
+    the rejected tokens come with the data, `REWARD_WEIGHT`), `token_rewards` (T-REG's r_t of
+    every token, `token_reward` of the reference's log-probs under `revision_prompts`, `TOKEN_REWARD`)."""
 
     kind_name = "a pair loss"
     runs = "`rlpost dpo` runs pair losses"
@@ -356,6 +372,7 @@ class PairLoss(Algorithm):
     activation_masks: bool = False
     learned_masks: bool = False
     critical_weights: bool = False
+    token_rewards: bool = False
     pair_sums = staticmethod(pair_sums)
 
     def pair_loss(self, sums: PairSums) -> torch.Tensor:

@@ -38,7 +38,8 @@ class PairSums:
     """Per-pair sums over response tokens, float64 [P, 2] (column 0: y_w, column 1: y_l).
 
     u_t is the token's reward weight (SparsePO's m^u, cDPO's critical weight w_t; 1 when
-    none is given) and d_t its divergence weight (SparsePO's m^d; 1 when none)."""
+    none is given), d_t its divergence weight (SparsePO's m^d; 1 when none) and r_t its
+    token reward (T-REG's, a constant of the data)."""
 
     delta: torch.Tensor  # sum_t u_t (log pi_theta(y_t) - log pi_ref(y_t))
     logp: torch.Tensor  # sum_t log pi_theta(y_t) (metrics)
@@ -49,6 +50,8 @@ class PairSums:
     reward_zeros: torch.Tensor | None = None  # number of tokens with u_t = 0
     kl_l1: torch.Tensor | None = None  # sum_t |d_t|
     kl_zeros: torch.Tensor | None = None
+    reg: torch.Tensor | None = None  # sum_t r_t log pi_theta(y_t), with its gradient
+    token_reward: torch.Tensor | None = None  # sum_t r_t (metrics)
 
     def items(self) -> list[tuple[str, torch.Tensor]]:
         """The fields present, by name."""
@@ -63,7 +66,13 @@ class PairSums:
         that gives it when it is absent."""
         value = getattr(self, name)
         if value is None:
-            source = {"kl": "kl", "reward_l1": "reward_weight", "kl_l1": "kl_weight"}[name]
+            arguments = {
+                "kl": "kl",
+                "reward_l1": "reward_weight",
+                "kl_l1": "kl_weight",
+                "reg": "token_reward",
+            }
+            source = arguments[name]
             raise ValueError(f"{loss} needs PairSums.{name}: pass {source} to pair_sums")
         return value
 
@@ -83,6 +92,7 @@ def pair_sums(
     kl: torch.Tensor | None = None,
     reward_weight: torch.Tensor | None = None,
     kl_weight: torch.Tensor | None = None,
+    token_reward: torch.Tensor | None = None,
 ) -> PairSums:
     """Flat per-token tensors [T] -> PairSums over `num_pairs` pairs.
 
@@ -91,7 +101,8 @@ def pair_sums(
     full-vocabulary KL(pi_ref || pi_theta) per token (`token_ops.chunked_token_kl`), for
     TDPO and SparsePO. `reward_weight` (u_t) / `kl_weight` (d_t): per-token multipliers of
     the log-ratio / the KL; cDPO gives its critical weights on rejected tokens and 1 on
-    chosen ones. Gradients flow through logp, kl and both weights."""
+    chosen ones. `token_reward` (r_t): T-REG's constant per-token rewards, on both sides.
+    Gradients flow through logp, kl and both weights."""
     slot = pair_index * 2 + (~chosen.bool()).long()
 
     def total(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +122,9 @@ def pair_sums(
         sums.reward_l1, sums.reward_zeros = total(reward_weight.abs()), total((reward_weight == 0).double())
     if kl_weight is not None:
         sums.kl_l1, sums.kl_zeros = total(kl_weight.abs()), total((kl_weight == 0).double())
+    if token_reward is not None:
+        r = token_reward.detach()
+        sums.reg, sums.token_reward = total(r * logp), total(r)
     return sums
 
 

@@ -1,10 +1,11 @@
 """Preference optimisation on offline pairs (docs/algorithms.md section 2): the pair-loss registry.
 
-DPO, TDPO1, TDPO2, SparsePO and cDPO's token-weighted DPO, each a function of per-pair
+DPO, TDPO1, TDPO2, SparsePO, cDPO's token-weighted DPO and T-REG, each a function of per-pair
 sums over tokens (`PairSums`; algorithms/pairs.py says why a loss is taken only of
 complete sums). A new DPO variant is one function of `PairSums` and the config, and one
-line of `PAIR_LOSSES`. SparsePO's loss and masks are in algorithms/sparsepo.py; cDPO's
-critical weights (contrastive estimation, before training) are here.
+line of `PAIR_LOSSES`. SparsePO's loss and masks are in algorithms/sparsepo.py, T-REG's loss
+and token rewards in algorithms/treg.py; cDPO's critical weights (contrastive estimation,
+before training) are here.
 
 Metrics are computed from complete sums too (`preference_metrics`), so they do not
 depend on how pairs are cut into micro-batches either.
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from rlpost.algorithms.base import (
@@ -28,6 +29,15 @@ from rlpost.algorithms.base import (
 )
 from rlpost.algorithms.pairs import CHOSEN, REJECTED, PairSums
 from rlpost.algorithms.sparsepo import SparsePOMasks, activation_mask, sparsepo_loss
+from rlpost.algorithms.treg import (
+    BETTER_PROMPT,
+    PLACEHOLDER,
+    WORSE_PROMPT,
+    token_reward,
+    treg_loss,
+    treg_metrics,
+)
+from rlpost.errors import ConfigError
 
 
 def dpo_loss(s: PairSums, beta: float = 0.1) -> torch.Tensor:
@@ -58,6 +68,7 @@ PAIR_LOSSES: dict[str, PairLossEntry] = {
     "tdpo2": PairLossEntry(lambda s, c: tdpo_loss(s, c.beta, c.alpha, 2), token_kl=True),
     "sparsepo": PairLossEntry(lambda s, c: sparsepo_loss(s, c.beta, c.lambda_u, c.lambda_d), token_kl=True),
     "cdpo": PairLossEntry(lambda s, c: dpo_loss(s, c.beta)),  # critical weights in s.delta
+    "treg": PairLossEntry(lambda s, c: treg_loss(s, c.beta, c.treg_alpha)),  # r_t in s.reg
 }
 
 PreferenceLoss = Literal[tuple(PAIR_LOSSES)]
@@ -79,6 +90,13 @@ class PreferenceConfig(AlgoConfig):
         "learned with the policy, one network for m^u and m^d (common) or one each (independent)",
     )
     mask_dropout: float = Field(0.0, ge=0, lt=1, description="SparsePO: dropout in the learned mask networks")
+    # the paper searches alpha in {0.1, 0.25, 0.5} and names no default: the middle one
+    treg_alpha: float = Field(0.25, ge=0, description="T-REG: weight of the token-reward regulariser")
+    treg_better_prompt: str = Field(
+        BETTER_PROMPT,
+        description="T-REG: the revision prompt x_better, {prompt} standing for the pair's prompt",
+    )
+    treg_worse_prompt: str = Field(WORSE_PROMPT, description="T-REG: the revision prompt x_worse, likewise")
 
     conditionals = (
         *(
@@ -89,6 +107,9 @@ class PreferenceConfig(AlgoConfig):
                 ("lambda_d", ("sparsepo",)),
                 ("masks", ("sparsepo",)),
                 ("mask_dropout", ("sparsepo",)),
+                ("treg_alpha", ("treg",)),
+                ("treg_better_prompt", ("treg",)),
+                ("treg_worse_prompt", ("treg",)),
             )
         ),
         Conditional(
@@ -98,6 +119,15 @@ class PreferenceConfig(AlgoConfig):
             "it applies to the learned masks, common and independent",
         ),
     )
+
+    @field_validator("treg_better_prompt", "treg_worse_prompt")
+    @classmethod
+    def _has_placeholder(cls, value: str, info: ValidationInfo) -> str:
+        if PLACEHOLDER not in value:
+            raise ConfigError(
+                f"algorithm.{info.field_name} must contain {PLACEHOLDER}, where the pair's prompt goes"
+            )
+        return value
 
 
 def needs_token_kl(cfg: PreferenceConfig) -> bool:
@@ -113,7 +143,8 @@ def preference_loss(s: PairSums, cfg: PreferenceConfig) -> torch.Tensor:
 def preference_metrics(s: PairSums, cfg: PreferenceConfig) -> dict[str, float]:
     """Implicit rewards beta * Delta (the weighted sums the loss uses), their accuracy and
     margin, summed log-probs per sequence, mean per-token KL, mask mean and sparsity
-    (fraction of tokens with mask 0) and cDPO's mean critical weight on rejected tokens."""
+    (fraction of tokens with mask 0), cDPO's mean critical weight on rejected tokens and
+    T-REG's `treg_metrics`."""
     s = s.map(lambda x: x.detach().double())
     r_w, r_l = cfg.beta * s.delta[:, CHOSEN], cfg.beta * s.delta[:, REJECTED]
     out = {
@@ -131,6 +162,8 @@ def preference_metrics(s: PairSums, cfg: PreferenceConfig) -> dict[str, float]:
         out["kl/rejected_per_token"] = s.kl_raw[:, REJECTED].sum() / s.tokens[:, REJECTED].sum()
     if cfg.loss == "cdpo" and s.reward_l1 is not None:
         out["critical_weight/mean"] = s.reward_l1[:, REJECTED].sum() / s.tokens[:, REJECTED].sum()
+    if cfg.loss == "treg" and s.reg is not None:
+        out.update(treg_metrics(s, cfg.beta, cfg.treg_alpha))
     if cfg.loss == "sparsepo":
         for name, l1, zeros in (("mask_u", s.reward_l1, s.reward_zeros), ("mask_d", s.kl_l1, s.kl_zeros)):
             if l1 is not None:
@@ -146,7 +179,9 @@ class Preference(PairLoss):
     activations (section 2 (a)), computed by the learner next to the reference log-probs;
     or `learned_masks` (section 2 (b)), the networks of `mask_networks`, which the learner
     trains as part of the policy's module, on the reference model's hidden states. cDPO's
-    critical weights come with the data (`REWARD_WEIGHT`)."""
+    critical weights come with the data (`REWARD_WEIGHT`), and so do T-REG's token rewards
+    (`TOKEN_REWARD`), which the runtime computes before training with `token_reward` from
+    the reference's log-probs under the two `revision_prompts`."""
 
     name = "preference"
     Config = PreferenceConfig
@@ -158,12 +193,20 @@ class Preference(PairLoss):
         self.activation_masks = sparsepo and cfg.masks == "activation"
         self.learned_masks = sparsepo and cfg.masks != "activation"
         self.critical_weights = cfg.loss == "cdpo"
+        self.token_rewards = cfg.loss == "treg"
 
     def pair_loss(self, sums: PairSums) -> torch.Tensor:
         return preference_loss(sums, self.cfg)
 
     def metrics(self, sums: PairSums) -> dict[str, float]:
         return preference_metrics(sums, self.cfg)
+
+    def revision_prompts(self) -> tuple[str, str]:
+        """T-REG's (x_better, x_worse) templates, each with PLACEHOLDER for the pair's prompt."""
+        return self.cfg.treg_better_prompt, self.cfg.treg_worse_prompt
+
+    def token_reward(self, better_logp: torch.Tensor, worse_logp: torch.Tensor) -> torch.Tensor:
+        return token_reward(better_logp, worse_logp)
 
     def activation_mask(self, activations, valid: torch.Tensor) -> torch.Tensor:
         return activation_mask(activations, valid)

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from rlpost.algorithms import ALGORITHMS
 from rlpost.algorithms.base import PolicyGradient
 from rlpost.config.load import check_names, read_config, validate_config
 from rlpost.config.offline import JOBS, OfflineConfig, OfflineLearnerConfig, OfflineRayConfig
@@ -65,7 +66,7 @@ class CDPOSection(Section):
     baseline: bool = Field(
         True,
         description="also train plain DPO on the same pairs from the "
-        "same start (loss dpo, every other key the same) and evaluate it",
+        "same start (loss dpo, every other key DPO takes the same) and evaluate it",
     )
     view_pairs: int = Field(6, ge=0, description="pairs shown in the token-weight view")
 
@@ -102,6 +103,11 @@ class CDPOConfig(TrainConfig):
                     f"key '{key}' is for rlpost train; rlpost cdpo's training "
                     f"stages are set under cdpo.contrast and cdpo.dpo"
                 )
+        if self.reweighting.scheme != "none":
+            raise ValueError(
+                "key 'reweighting.scheme' is for rlpost train; rlpost cdpo's training stages "
+                "take it under cdpo.contrast.reweighting and cdpo.dpo.reweighting"
+            )
         if self.cdpo.problems > self.task.train_size:
             raise ValueError(
                 f"key 'cdpo.problems': {self.cdpo.problems} is more than the task's "
@@ -162,8 +168,9 @@ def stage_config(
     tree = _merge(
         _merge(tree, CONTRAST_DEFAULTS if job == "sft" else DPO_DEFAULTS), getattr(cfg.cdpo, section)
     )
-    if stage == "baseline":
-        tree["algorithm"]["loss"] = "dpo"
+    if stage == "baseline":  # plain DPO: the keys of the stage's own loss (treg_alpha, ...) do not apply
+        ignored = ALGORITHMS["preference"].Config(loss="dpo").ignored_keys()
+        tree["algorithm"] = {k: v for k, v in tree["algorithm"].items() if k not in ignored} | {"loss": "dpo"}
     return validate_config(JOBS[job], tree, f"{source}: section 'cdpo.{section}'")
 
 

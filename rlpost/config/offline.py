@@ -23,6 +23,7 @@ from pydantic import Field, SerializeAsAny, create_model, field_serializer, fiel
 from rlpost.algorithms.base import AlgoConfig, Algorithm, PairLoss, TokenLoss
 from rlpost.config.base import BestMode, keep_best_field, keep_last_field, retention_problem
 from rlpost.config.load import read_config, validate_config
+from rlpost.config.reweighting import ReweightingConfig
 from rlpost.config.sections import (
     LearnerConfig,
     ModelConfig,
@@ -88,6 +89,7 @@ class OfflineConfig(Section):
     learner: OfflineLearnerConfig = Field(default_factory=OfflineLearnerConfig)
     ray: OfflineRayConfig = Field(default_factory=OfflineRayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    reweighting: ReweightingConfig = Field(default_factory=ReweightingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> OfflineConfig:

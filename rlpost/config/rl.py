@@ -14,6 +14,7 @@ from rlpost.config.colocation import check_colocation
 from rlpost.config.credit import CriticConfig, PRMConfig, StepsConfig
 from rlpost.config.data import DataConfig, EvalConfig
 from rlpost.config.placement import placement_problem
+from rlpost.config.reweighting import ReweightingConfig
 from rlpost.config.sections import (
     LearnerConfig,
     ModelConfig,
@@ -51,6 +52,8 @@ class TrainConfig(Section):
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     off_policy: OffPolicyConfig = Field(default_factory=OffPolicyConfig)
+    # the policy's updates only: not the warm-up, the critic or the PRM
+    reweighting: ReweightingConfig = Field(default_factory=ReweightingConfig)
     # the chosen algorithm's Config with its `name` (`algorithm_section`); serialised as
     # that class, so config.yaml holds every default
     algorithm: SerializeAsAny[AlgoConfig] = Field(

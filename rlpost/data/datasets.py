@@ -63,6 +63,10 @@ class PreferencePair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     rejected_weights: list[float] | None = None  # cDPO's w_t, one per rejected token
+    # T-REG: the prompt under each revision template (`revisions`), and the token rewards r_t
+    # of (chosen, rejected) that the runtime computes from them before training
+    revised_prompt_ids: list[list[int]] | None = None
+    token_rewards: tuple[list[float], list[float]] | None = None
 
 
 @dataclass
@@ -223,16 +227,32 @@ class _Tokenize:
         ids = self.bos + self.encode(prompt + response)
         return ids if ids and ids[-1] == self.eos else ids + [self.eos]
 
-    def __call__(self, prompt, *responses) -> tuple[list[int], list[list[int]], bool]:
-        """prompt ids, the ids of each response, and whether the boundary moved."""
-        prompt_ids = (
+    def prompt(self, prompt: str | list) -> list[int]:
+        return (
             self.render(prompt, generation_prompt=True)
             if isinstance(prompt, list)
             else self.bos + self.encode(prompt)
         )
+
+    def __call__(self, prompt, *responses) -> tuple[list[int], list[list[int]], bool]:
+        """prompt ids, the ids of each response, and whether the boundary moved."""
+        prompt_ids = self.prompt(prompt)
         wholes = [self.whole(prompt, r) for r in responses]
         k = min(_common_prefix(prompt_ids, w) for w in wholes)
         return wholes[0][:k], [w[k:] for w in wholes], k < len(prompt_ids)
+
+
+def revise(prompt: str | list, template: str) -> str | list:
+    """`template` with "{prompt}" replaced by the prompt; of a conversation, the content of its
+    last user message is replaced by `template` around it (T-REG's revision prompts)."""
+    if isinstance(prompt, str):
+        return template.replace("{prompt}", prompt)
+    users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
+    if not users:
+        raise BadRow("malformed", "the prompt has no user message to put in the revision prompts")
+    out = [dict(m) for m in prompt]
+    out[users[-1]]["content"] = template.replace("{prompt}", out[users[-1]]["content"])
+    return out
 
 
 def _check_lengths(prompt_ids: list[int], responses: list[list[int]], max_length: int | None) -> None:
@@ -275,21 +295,26 @@ def load_preference_pairs(
     strict: bool = False,
     split: str | None = None,
     rejected_weights: bool = False,
+    revisions: tuple[str, ...] = (),
 ) -> tuple[list[PreferencePair], DataReport]:
     """Tokenized pairs of the valid rows of `path`, and the report of the rows skipped.
 
     `max_length`: a pair whose prompt + chosen or prompt + rejected has more tokens is
     skipped (never truncated). `split`: the split of a `DatasetDict` directory ("train"
     by default). `strict`: the first bad row raises PreferenceDataError.
-    `rejected_weights`: read cDPO's critical weights (every row must have them)."""
+    `rejected_weights`: read cDPO's critical weights (every row must have them).
+    `revisions`: templates (`revise`) whose prompts are tokenized as the prompt is, into
+    `revised_prompt_ids`; the responses keep the ids they have after the original prompt."""
     path = Path(path)
     tokenize = _Tokenize(tokenizer, path)
 
     def make(row: int, record: Any) -> tuple[PreferencePair, bool]:
-        prompt_ids, (chosen_ids, rejected_ids), moved = tokenize(*_fields(record))
+        prompt, chosen, rejected = _fields(record)
+        prompt_ids, (chosen_ids, rejected_ids), moved = tokenize(prompt, chosen, rejected)
         _check_lengths(prompt_ids, [chosen_ids, rejected_ids], max_length)
         weights = _weights(record, len(rejected_ids)) if rejected_weights else None
-        return PreferencePair(row, prompt_ids, chosen_ids, rejected_ids, weights), moved
+        revised = [tokenize.prompt(revise(prompt, t)) for t in revisions] or None
+        return PreferencePair(row, prompt_ids, chosen_ids, rejected_ids, weights, revised), moved
 
     return _load(path, split, strict, "pairs", make)
 

@@ -2,28 +2,31 @@
 
 A pair is two samples (prompt + chosen, prompt + rejected) whose tokens carry the pair's
 number within its mini-batch and their side (`algorithms.preference.PAIR_INDEX`,
-`CHOSEN_SIDE`), and with cDPO its critical weights (`REWARD_WEIGHT`). The preference losses
-are not linear in a pair's sums, so `shard_pairs` never separates the two sequences of a
-pair: it runs `batch.plan` over pairs, then expands each pair to its two samples.
+`CHOSEN_SIDE`), with cDPO its critical weights (`REWARD_WEIGHT`) and with T-REG its token
+rewards (`TOKEN_REWARD`). The preference losses are not linear in a pair's sums, so
+`shard_pairs` never separates the two sequences of a pair: it runs `batch.plan` over
+pairs, then expands each pair to its two samples.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlpost.algorithms.base import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
+from rlpost.algorithms.base import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT, TOKEN_REWARD
 from rlpost.data.batch import Sample, Shard, plan
 from rlpost.data.datasets import PreferencePair, SFTExample
 
 
-def pair_samples(pairs: list[PreferencePair], critical_weights: bool = False) -> list[tuple[Sample, Sample]]:
+def pair_samples(
+    pairs: list[PreferencePair], critical_weights: bool = False, token_rewards: bool = False
+) -> list[tuple[Sample, Sample]]:
     """(chosen, rejected) samples of each pair, numbered by its place in `pairs`.
     `critical_weights`: the rejected tokens carry the pair's `rejected_weights`, the
-    chosen ones 1."""
+    chosen ones 1. `token_rewards`: both carry the pair's `token_rewards`."""
     out = []
     for index, pair in enumerate(pairs):
         sides = []
-        for ids, chosen in ((pair.chosen_ids, True), (pair.rejected_ids, False)):
+        for side, (ids, chosen) in enumerate(((pair.chosen_ids, True), (pair.rejected_ids, False))):
             extra = {
                 PAIR_INDEX: torch.full((len(ids),), index, dtype=torch.long),
                 CHOSEN_SIDE: torch.full((len(ids),), chosen, dtype=torch.bool),
@@ -34,6 +37,8 @@ def pair_samples(pairs: list[PreferencePair], critical_weights: bool = False) ->
                     if chosen
                     else torch.tensor(pair.rejected_weights, dtype=torch.float32)
                 )
+            if token_rewards:
+                extra[TOKEN_REWARD] = torch.tensor(pair.token_rewards[side], dtype=torch.float32)
             sides.append(Sample(prompt_ids=pair.prompt_ids, response_ids=ids, extra=extra))
         out.append((sides[0], sides[1]))
     return out

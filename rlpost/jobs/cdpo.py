@@ -55,14 +55,25 @@ STAGES = ("start", "sample", "positive", "negative", "weights", "dpo", "baseline
 @dataclass
 class CDPOResult:
     run_dir: Path
-    accuracy: dict[str, dict[str, float]]  # model (start, cdpo, dpo) -> eval/accuracy_* metrics
+    accuracy: dict[str, dict[str, float]]  # model (start, `weighted_label`, dpo) -> eval/accuracy_*
+
+
+def weighted_label(cfg: CDPOConfig) -> str:
+    """The name of the `dpo` stage's model in the results: its loss (cdpo by default; treg when
+    `cdpo.dpo.algorithm.loss` says so), `dpo_stage` when that is plain DPO, the baseline's name."""
+    loss = stage_config(cfg, "dpo", ".", ".").algorithm.loss
+    return "dpo_stage" if loss == "dpo" else loss
 
 
 class CDPOTracker(Tracker):
     """The pipeline's own metrics (one row, step 0, when it ends: the training stages log
     theirs in their directories); the console line has no steps."""
 
-    console_metrics = [(f"accuracy/{m}_greedy", m, "{:.3f}") for m in ("start", "cdpo", "dpo")]
+    def __init__(self, run_dir: Path, cfg: CDPOConfig):
+        self.console_metrics = [
+            (f"accuracy/{m}_greedy", m, "{:.3f}") for m in ("start", weighted_label(cfg), "dpo")
+        ]
+        super().__init__(run_dir, cfg)
 
     def format_line(self, metrics: dict[str, Any], step: int) -> str:
         return "cdpo: greedy accuracy | " + super().format_line(metrics, step).split(" | ", 1)[-1]
@@ -128,7 +139,7 @@ class Pipeline:
         )
         pairs = self.run_dir / "stages" / "weights" / "pairs.jsonl"
         finals = {"start": str(start)}
-        finals["cdpo"] = self.stages.run(
+        finals[weighted_label(cfg)] = self.stages.run(
             "dpo", cfg.cdpo.dpo, ("weights",), lambda d: self.train("dpo", d, start, pairs)
         )["model"]
         if cfg.cdpo.baseline:

@@ -41,6 +41,7 @@ from rlpost.jobs.run_dir import (
     save_final_model,
 )
 from rlpost.jobs.session import init_ray
+from rlpost.jobs.treg import attach_token_rewards, revision_templates
 from rlpost.jobs.update import learner_split, train_minibatches
 from rlpost.model.load import char_tokenizer, load_tokenizer, materialise_initial_model, pretrained_dir
 from rlpost.tracking.metrics import MetricSums
@@ -76,6 +77,11 @@ class OfflineTrainer:
         None: a placement group of their own."""
         self.cfg, self.use_ray, self.slots = cfg, cfg.mode == "ray", slots
         self.algorithm = build_algorithm(*cfg.algorithm_spec())
+        if self.algorithm.needs.history_model == "ema" and cfg.learner.zero_stage == 3:
+            raise ConfigError(
+                "key 'learner.zero_stage': 3 shards the parameters that each learner's EMA "
+                "(algorithm.history_model: ema) averages; use stage 0, 1 or 2"
+            )
         self.tokenizer = (
             load_tokenizer(pretrained_dir(cfg.model))
             if cfg.model.kind != "tiny"
@@ -154,6 +160,7 @@ class OfflineTrainer:
             role=self.learner_role,
         )
         self.packed = self.learners.call("is_packed")[0]
+        attach_token_rewards(self)  # T-REG's constants of the data, before any step or evaluation
         first = 1
         if checkpoint:
             tag, state = checkpoint
@@ -296,7 +303,7 @@ class DPOTracker(Tracker):
 
 
 class DPOTrainer(OfflineTrainer):
-    """DPO, TDPO1/2, SparsePO (activation or learned masks) or cDPO's weighted DPO on
+    """DPO, TDPO1/2, SparsePO (activation or learned masks), cDPO's weighted DPO or T-REG on
     preference pairs, through `PairLearner.train_pairs`: pair-atomic micro-batches, loss
     sum_p L_p / P."""
 
@@ -315,12 +322,13 @@ class DPOTrainer(OfflineTrainer):
             d.strict,
             d.split,
             rejected_weights=self.algorithm.critical_weights,
+            revisions=revision_templates(self, TINY_ALPHABET),
         )
 
     def shard(self, pairs: list) -> list[list[list[Sample]]]:
         lc = self.cfg.learner
         return shard_pairs(
-            pair_samples(pairs, self.algorithm.critical_weights),
+            pair_samples(pairs, self.algorithm.critical_weights, self.algorithm.token_rewards),
             lc.num_learners,
             lc.micro_batch_tokens,
             lc.micro_batch_size,

@@ -15,14 +15,25 @@ import torch
 from torch import nn
 
 from rlpost.algorithms import Correction, behaviour_weights
-from rlpost.algorithms.base import TOKEN_KL, PolicyGradient, SamplingRule, TokenTensors, position_divergence
+from rlpost.algorithms.base import (
+    HISTORY_LOGP,
+    PROMPT_ATTENTION,
+    TOKEN_KL,
+    PolicyGradient,
+    SamplingRule,
+    TokenTensors,
+    position_divergence,
+)
 from rlpost.config.offline import OfflineConfig
 from rlpost.config.rl import TrainConfig
 from rlpost.data.batch import Sample, collate, per_sample
 from rlpost.model.attention import packed_kwargs
+from rlpost.model.ema import EMAPolicy
+from rlpost.model.prompt_attention import PromptAttention
 from rlpost.tracking.metrics import MetricSums
 from rlpost.workers.group import Slots, WorkerGroup
 from rlpost.workers.policy_rank import LRSchedule, PolicyRank
+from rlpost.workers.reweighting import StepReweighting
 
 
 def group_divergence(
@@ -53,9 +64,19 @@ def group_divergence(
     return torch.cat(divergence)
 
 
+EMA_FILE = "ema_policy.pt"  # in a checkpoint's directory: the history model's average (fp32)
+
+
 class Learner(PolicyRank):
     """The policy's updates by a token loss (`algorithm.token_loss`), and the log-probs and
     TW-GRPO divergences the controller asks for before them."""
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        super().setup(master_addr, master_port)
+        needs = self.algorithm.needs
+        # ssToken's history model and attention signal (`selection_signals`)
+        self.ema = EMAPolicy(self.engine.module, needs.ema_decay) if needs.history_model == "ema" else None
+        self.prompt_attention = PromptAttention(self.engine.module) if needs.prompt_attention else None
 
     @torch.no_grad()
     def logprobs(
@@ -152,6 +173,62 @@ class Learner(PolicyRank):
             )
         return batch["rollout_logp"].to(self.device)
 
+    @cached_property
+    def reweighting(self) -> StepReweighting | None:
+        return StepReweighting.of(self.cfg, self.algorithm, self.rank, self.world_size, self.device)
+
+    def _token_terms(self, mb: list[Sample]) -> tuple[torch.Tensor, dict, torch.Tensor | None, dict]:
+        """One micro-batch's per-token loss (fp64, the off-policy correction applied) with
+        its collated batch, entropies and the loss's token metrics: what the training pass
+        and the reweighting's scoring pass both take the loss from."""
+        batch = collate(mb, self.pad_id, self.packed)
+        inputs = self._inputs(batch)
+        get = lambda k: batch[k].to(self.device) if k in batch else None  # noqa: E731
+        extra = {k: v.to(self.device) for k, v in batch["extra"].items()}
+        ref_logp = get("ref_logp")
+        needs = self.algorithm.needs
+        with self.clock("update"):
+            if needs.token_kl:  # ASFT: the KL to the reference with its gradient
+                ref_hidden = self._reference(inputs)
+                logp, ref_logp, extra[TOKEN_KL] = self.engine(
+                    **inputs, reference=(ref_hidden, self.ref.lm.get_output_embeddings())
+                )
+                entropy = None
+            else:
+                logp, entropy = self.engine(**inputs)
+                if not needs.entropy_grad:
+                    entropy = entropy.detach()
+            extra.update(self.selection_signals(inputs, batch))
+            t = TokenTensors(
+                logp=logp,
+                old_logp=get("old_logp"),
+                advantages=get("advantages"),
+                entropy=entropy,
+                ref_logp=ref_logp,
+                seq_index=get("seq_index"),
+                extra=extra,
+            )
+            token_loss, token_metrics = self.algorithm.token_loss(t)
+            if self.correction is not None:  # under none the loss is not even multiplied by 1
+                w, off_metrics = behaviour_weights(
+                    t.old_logp, self._behaviour_logp(mb, batch), t.seq_index, self.correction, len(mb)
+                )
+                token_loss = token_loss.double() * w
+                token_metrics = {**token_metrics, **off_metrics}
+        return token_loss.double(), batch, entropy, token_metrics
+
+    @torch.no_grad()
+    def _sample_scales(self, micro_batches: list[list[Sample]], metrics: MetricSums) -> list[torch.Tensor]:
+        """The reweighting's scoring pass: `StepReweighting.token_scales` of the micro-batches."""
+        self.engine.eval()
+        scored = []
+        for mb in filter(None, micro_batches):
+            token_loss, batch, _, _ = self._token_terms(mb)
+            weights, seq_index = batch["weights"].to(self.device), batch["seq_index"].to(self.device)
+            scored.append((token_loss, weights, seq_index, len(mb)))
+        self.engine.train()
+        return self.reweighting.token_scales(scored, metrics)
+
     def train_minibatch(self, micro_batches: list[list[Sample]], apply: bool = True) -> MetricSums:
         """One optimizer step over this rank's share of a mini-batch.
 
@@ -159,45 +236,21 @@ class Learner(PolicyRank):
         over the whole mini-batch, so the sum over micro-batches and ranks is the
         mini-batch loss. DeepSpeed averages gradients over ranks; multiplying by
         the world size turns that average back into the sum. `apply=False` leaves
-        the summed gradients in place without stepping (tests read them).
+        the summed gradients in place without stepping (tests read them). With
+        reweighting (after its burn-in), a scoring pass first gives each sample's
+        weights a factor N w_i (`_sample_scales`).
         """
         metrics = MetricSums()
-        needs = self.algorithm.needs
+        reweighted = self.reweighting is not None and self.reweighting.active(self.weight_version)
+        scales = iter(self._sample_scales(micro_batches, metrics) if reweighted else ())
 
         def micro_loss(mb: list[Sample]) -> torch.Tensor:
-            batch = collate(mb, self.pad_id, self.packed)
-            inputs = self._inputs(batch)
-            get = lambda k: batch[k].to(self.device) if k in batch else None  # noqa: E731
-            extra = {k: v.to(self.device) for k, v in batch["extra"].items()}
-            ref_logp = get("ref_logp")
+            token_loss, batch, entropy, token_metrics = self._token_terms(mb)
+            weights = batch["weights"].to(self.device)
+            if reweighted:
+                weights = weights * next(scales)[batch["seq_index"].to(self.device)]
             with self.clock("update"):
-                if needs.token_kl:  # ASFT: the KL to the reference with its gradient
-                    ref_hidden = self._reference(inputs)
-                    logp, ref_logp, extra[TOKEN_KL] = self.engine(
-                        **inputs, reference=(ref_hidden, self.ref.lm.get_output_embeddings())
-                    )
-                    entropy = None
-                else:
-                    logp, entropy = self.engine(**inputs)
-                    if not needs.entropy_grad:
-                        entropy = entropy.detach()
-                t = TokenTensors(
-                    logp=logp,
-                    old_logp=get("old_logp"),
-                    advantages=get("advantages"),
-                    entropy=entropy,
-                    ref_logp=ref_logp,
-                    seq_index=get("seq_index"),
-                    extra=extra,
-                )
-                token_loss, token_metrics = self.algorithm.token_loss(t)
-                if self.correction is not None:  # under none the loss is not even multiplied by 1
-                    w, off_metrics = behaviour_weights(
-                        t.old_logp, self._behaviour_logp(mb, batch), t.seq_index, self.correction, len(mb)
-                    )
-                    token_loss = token_loss.double() * w
-                    token_metrics = {**token_metrics, **off_metrics}
-                loss = (token_loss.double() * get("weights")).sum()
+                loss = (token_loss * weights).sum()
             metrics.add_total("loss", loss)
             if entropy is not None:
                 metrics.add_tokens("entropy", entropy)
@@ -206,7 +259,30 @@ class Learner(PolicyRank):
             return loss
 
         self._accumulate(micro_batches, micro_loss, apply, metrics)
+        if apply and self.ema is not None:
+            self.ema.update(self.engine.module)
         return metrics
+
+    def selection_signals(self, inputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        """After the policy's forward of `batch`: its tokens' prompt attention and log-probs
+        under the history model, where `needs` asks (ssToken), for `TokenTensors.extra`."""
+        out, history = {}, self.algorithm.needs.history_model
+        if self.prompt_attention is not None:  # first: the reference may run the policy's LM (LoRA)
+            out[PROMPT_ATTENTION] = self.prompt_attention.scores(batch)
+        if history is not None:
+            with torch.no_grad():
+                out[HISTORY_LOGP] = (self.ref if history == "reference" else self.ema.model)(**inputs)[0]
+        return out
+
+    def save_checkpoint(self, ckpt_dir: str, tag: str) -> None:
+        super().save_checkpoint(ckpt_dir, tag)
+        if self.ema is not None and self.rank == 0:  # every rank's average is the same
+            torch.save(self.ema.state_dict(), Path(ckpt_dir) / tag / EMA_FILE)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str) -> None:
+        super().load_checkpoint(ckpt_dir, tag)
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(Path(ckpt_dir) / tag / EMA_FILE))
 
     def train_minibatches(self, minibatches: list[list[list[Sample]]]) -> list[MetricSums]:
         """`train_minibatch` of each of this rank's shares of mini-batches in turn, an

@@ -8,16 +8,19 @@ policy (a submodule of the PolicyModel, so one optimizer, schedule and checkpoin
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from rlpost.algorithms import PairSums
-from rlpost.algorithms.base import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT
+from rlpost.algorithms.base import CHOSEN_SIDE, PAIR_INDEX, REWARD_WEIGHT, TOKEN_REWARD
 from rlpost.data.batch import Sample, collate
 from rlpost.model.activations import activation_means
 from rlpost.model.policy import PolicyModel
 from rlpost.model.token_ops import chunked_logprobs
 from rlpost.tracking.metrics import MetricSums
 from rlpost.workers.policy_rank import PolicyRank
+from rlpost.workers.reweighting import StepReweighting
 
 
 def per_response(
@@ -126,7 +129,38 @@ class PairLearner(PolicyRank):
             kl=kl,
             reward_weight=reward_weight,
             kl_weight=kl_weight,
+            token_reward=extra[TOKEN_REWARD] if algorithm.token_rewards else None,
         )
+
+    @cached_property
+    def reweighting(self) -> StepReweighting | None:
+        return StepReweighting.of(self.cfg, self.algorithm, self.rank, self.world_size, self.device)
+
+    def _pair_losses(self, mb: list[Sample], num_pairs: int) -> tuple[PairSums, torch.Tensor, torch.Tensor]:
+        """A micro-batch's PairSums, the PAIR_INDEX of its pairs and their losses L_p: what
+        the training pass and the reweighting's scoring pass both take the loss from."""
+        sums = self._pair_sums(mb, num_pairs)
+        # pairs absent here have sums 0 and a loss of log 2: only the present count
+        present = torch.tensor(sorted({int(s.extra[PAIR_INDEX][0]) for s in mb}), device=self.device)
+        return sums, present, self.algorithm.pair_loss(sums).index_select(0, present)
+
+    @torch.no_grad()
+    def _pair_scales(
+        self, micro_batches: list[list[Sample]], num_pairs: int, metrics: MetricSums
+    ) -> torch.Tensor:
+        """The reweighting's scoring pass: N w_p of each pair of this rank's micro-batches from
+        its loss L_p, by PAIR_INDEX (1 at the other ranks' pairs); N is num_pairs."""
+        self.engine.eval()
+        with self.clock("update"):
+            scored = [self._pair_losses(mb, num_pairs)[1:] for mb in micro_batches if mb]
+        self.engine.train()
+        index = torch.cat([i for i, _ in scored]) if scored else torch.zeros(0, dtype=torch.long)
+        losses = torch.cat([loss for _, loss in scored]) if scored else torch.zeros(0)
+        index, losses = index.to(self.device), losses.to(self.device, torch.float64)
+        metrics.add_total("reweight/unweighted_loss", losses.sum() / num_pairs)
+        scales = torch.ones(num_pairs, dtype=torch.float64, device=self.device)
+        scales[index] = self.reweighting.multipliers(losses, metrics)
+        return scales
 
     def train_pairs(
         self, micro_batches: list[list[Sample]], num_pairs: int, apply: bool = True
@@ -142,13 +176,15 @@ class PairLearner(PolicyRank):
         rank's PairSums (zero for the pairs of other ranks; the caller adds them up and
         computes `preference_metrics`). `apply=False`: as in `Learner.train_minibatch`."""
         metrics, totals = MetricSums(), []
+        reweighted = self.reweighting is not None and self.reweighting.active(self.weight_version)
+        scales = self._pair_scales(micro_batches, num_pairs, metrics) if reweighted else None
 
         def micro_loss(mb: list[Sample]) -> torch.Tensor:
             with self.clock("update"):
-                sums = self._pair_sums(mb, num_pairs)
-                # pairs absent here have sums 0 and a loss of log 2: only the present count
-                present = torch.tensor(sorted({int(s.extra[PAIR_INDEX][0]) for s in mb}), device=self.device)
-                loss = self.algorithm.pair_loss(sums).index_select(0, present).sum() / num_pairs
+                sums, present, losses = self._pair_losses(mb, num_pairs)
+                if scales is not None:
+                    losses = losses * scales.index_select(0, present)
+                loss = losses.sum() / num_pairs
             metrics.add_total("loss", loss)
             totals.append(sums.map(lambda x: x.detach().cpu()))
             return loss
@@ -184,3 +220,24 @@ class PairLearner(PolicyRank):
                         out[int(s.extra[PAIR_INDEX][0])] = m
         self.engine.train()
         return out
+
+    @torch.no_grad()
+    def reference_logprobs(self, micro_batches: list[list[Sample]]) -> torch.Tensor | None:
+        """The reference's log-prob of every response token of `micro_batches`, flat in their
+        order (T-REG's token rewards: the responses after the revised prompts)."""
+        self.engine.eval()  # a LoRA policy's reference is its base model: no dropout, as score_pairs
+        out = []
+        for mb in micro_batches:
+            if mb:
+                inputs = self._inputs(collate(mb, self.pad_id, self.packed))
+                with self.clock("logprob"):
+                    logp, _ = chunked_logprobs(
+                        self._reference(inputs),
+                        self.ref.lm.get_output_embeddings(),
+                        inputs["targets"],
+                        self.cfg.learner.logprob_chunk_size,
+                        self.temperature,
+                    )
+                out.append(logp.float().cpu())
+        self.engine.train()
+        return torch.cat(out) if out else None

@@ -43,6 +43,7 @@ def test_every_algorithm_is_of_one_kind():
         "ceeh": PolicyGradient,
         "preference": PairLoss,
         "sft": TokenLoss,
+        "sstoken": TokenLoss,
     }
     # a method of another kind is absent, not a stub that raises
     assert not hasattr(build_algorithm("sft", {}), "advantages")
@@ -66,7 +67,7 @@ def test_every_algorithm_is_of_one_kind():
             "dapo",
             None,
             "unknown algorithm 'dapo'; known: ceeh, cispo, clip_cov, dppo, gmpo, grpo, gspo, gspo_token, "
-            "hapo, kl_cov, optimal_baseline, ppo, preference, prime, pure, sapo, sft, vineppo",
+            "hapo, kl_cov, optimal_baseline, ppo, preference, prime, pure, sapo, sft, sstoken, vineppo",
         ),
         ("rlpost.algorithms.nope:X", None, "no module 'rlpost.algorithms.nope'"),
         ("rlpost.algorithms.hapo:TemperatureRule", PolicyGradient, "is not an algorithm"),

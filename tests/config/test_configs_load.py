@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from rlpost.algorithms import build_algorithm
-from rlpost.jobs.preflight import load_cdpo_config, load_config
+from rlpost.jobs.preflight import load_cdpo_config, load_config, load_offline_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MAKE_DATA = CONFIGS.parent / "docs" / "own_data" / "make_data.py"
@@ -46,6 +46,12 @@ def test_config_loads_and_builds_its_algorithm(path, tmp_path):
     tree = yaml.safe_load(path.read_text())
     if "cdpo" in tree:  # an `rlpost cdpo` pipeline
         load_cdpo_config(path)  # builds and validates each of its stages' configs
+        return
+    if "seed_methods" in path.parts:  # an `rlpost sft` config; its data comes from a script
+        data = tmp_path / "data.jsonl"
+        data.write_text('{"prompt": "1+2=", "completion": "3"}\n')
+        cfg = load_offline_config("sft", path, [f"data.path={data}"])
+        build_algorithm(*cfg.algorithm_spec())
         return
     overrides = []
     if "data" in tree:  # its files are made by the script its header names

@@ -13,6 +13,7 @@ import torch
 from rlpost.config.cdpo import stage_config
 from rlpost.data.trajectories import make_pairs
 from rlpost.errors import ConfigError
+from rlpost.jobs.cdpo import weighted_label
 from rlpost.jobs.preflight import load_cdpo_config
 from rlpost.jobs.stages import Stages
 from rlpost.model.load import build_tiny_model, char_tokenizer
@@ -59,6 +60,14 @@ def test_config_errors_name_the_key_before_anything_starts(override, message):
     with pytest.raises(ConfigError) as e:
         load_cdpo_config(CONFIG, [override])
     assert str(e.value).startswith(f"{CONFIG} (with overrides): ") and message in str(e.value)
+
+
+def test_results_name_the_weighted_stage_by_its_loss():
+    base = ROOT / "configs" / "cdpo_quickstart.yaml"
+    assert weighted_label(load_cdpo_config(base)) == "cdpo"
+    assert weighted_label(load_cdpo_config(base, ["cdpo.dpo.algorithm.loss=treg"])) == "treg"
+    # plain DPO in the weighted stage must not take the baseline's name
+    assert weighted_label(load_cdpo_config(base, ["cdpo.dpo.algorithm.loss=dpo"])) == "dpo_stage"
 
 
 def test_no_rl_mini_batch_rule():
