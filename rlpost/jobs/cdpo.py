@@ -69,10 +69,9 @@ class CDPOTracker(Tracker):
     """The pipeline's own metrics (one row, step 0, when it ends: the training stages log
     theirs in their directories); the console line has no steps."""
 
-    def __init__(self, run_dir: Path, cfg: CDPOConfig):
-        self.console_metrics = [
-            (f"accuracy/{m}_greedy", m, "{:.3f}") for m in ("start", weighted_label(cfg), "dpo")
-        ]
+    def __init__(self, run_dir: Path, cfg: CDPOConfig, weighted: str):
+        """`weighted`: the name of the dpo stage's model (`weighted_label`)."""
+        self.console_metrics = [(f"accuracy/{m}_greedy", m, "{:.3f}") for m in ("start", weighted, "dpo")]
         super().__init__(run_dir, cfg)
 
     def format_line(self, metrics: dict[str, Any], step: int) -> str:
@@ -106,7 +105,10 @@ class Pipeline:
         cfg = self.cfg
         # the pipeline's W&B run in the group of its stages' runs (`stage_config`)
         group = cfg.tracking.model_copy(update={"group": cfg.tracking.group or cfg.name})
-        self.tracker = tracker = CDPOTracker(self.run_dir, cfg.model_copy(update={"tracking": group}))
+        weighted = weighted_label(cfg)
+        self.tracker = tracker = CDPOTracker(
+            self.run_dir, cfg.model_copy(update={"tracking": group}), weighted
+        )
         directory, record = self.stages.begin(
             "start", cfg.model_dump(mode="json", include={"seed", "model", "task", "warmup", "learner"}), ()
         )
@@ -139,7 +141,7 @@ class Pipeline:
         )
         pairs = self.run_dir / "stages" / "weights" / "pairs.jsonl"
         finals = {"start": str(start)}
-        finals[weighted_label(cfg)] = self.stages.run(
+        finals[weighted] = self.stages.run(
             "dpo", cfg.cdpo.dpo, ("weights",), lambda d: self.train("dpo", d, start, pairs)
         )["model"]
         if cfg.cdpo.baseline:
